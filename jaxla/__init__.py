@@ -1,0 +1,36 @@
+"""jaxla: the linear algebra at the heart of LLMs, as pure JAX functions.
+
+Flat public API. Subpackages with their own namespaces: ``jaxla.lora`` and ``jaxla.spectral``.
+"""
+
+from jaxla._linear import init_linear, init_mlp, linear, mlp
+from jaxla._norms import embed, init_embedding, init_layer_norm, layer_norm, rms_norm
+from jaxla._vectors import (
+    cosine_similarity,
+    dot,
+    normalize,
+    pairwise_cosine,
+    project,
+    top_k_similar,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "cosine_similarity",
+    "dot",
+    "embed",
+    "init_embedding",
+    "init_layer_norm",
+    "init_linear",
+    "init_mlp",
+    "layer_norm",
+    "linear",
+    "mlp",
+    "normalize",
+    "pairwise_cosine",
+    "project",
+    "rms_norm",
+    "top_k_similar",
+]
