@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 
+_STRS = tuple[str, ...]
+
+
 class ConfigError(ValueError):
     """A config file or override is missing, malformed or invalid (the CLI exits with status 2)."""
 
@@ -101,6 +104,7 @@ class LoraConfig:
 
     rank: int = field(default=8, metadata=_POS)
     alpha: float = field(default=8.0, metadata=_POS)
+    init: str = field(default="kaiming", metadata=_choice("kaiming", "gaussian"))
     targets: tuple[str, ...] = ("w",)
 
 
@@ -111,7 +115,7 @@ class LowRankConfig:
     d_in: int = field(default=768, metadata=_POS)
     d_out: int = field(default=3072, metadata=_POS)
     true_rank: int = field(default=8, metadata=_POS)
-    delta_scale: float = field(default=0.5, metadata=_POS)
+    delta_scale: float = field(default=2.0, metadata=_POS)
     noise: float = field(default=0.0, metadata=_NONNEG)
     eval_examples: int = field(default=1024, metadata=_POS)
 
@@ -173,7 +177,7 @@ _OPERATIONAL = {
 
 
 def _type_name(tp) -> str:
-    if tp is tuple[str, ...]:
+    if tp == _STRS:
         return "a list of strings"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
@@ -194,7 +198,7 @@ def _convert(section: str, key: str, value: Any, tp) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif tp is tuple[str, ...]:
+    elif tp == _STRS:
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
     raise ConfigError(
@@ -314,7 +318,7 @@ def _parse_override_value(text: str, tp, key: str) -> Any:
     where = f"--set {key}={text}"
     if tp is str:
         return text
-    if tp is tuple[str, ...]:
+    if tp == _STRS:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if tp is bool:
         lowered = text.strip().lower()

@@ -25,13 +25,17 @@ from jaxla.finetune import _mesh, _plots, _runner
 __all__ = ["low_rank_factors", "make_problem", "principal_angles", "run_lowrank"]
 
 
-def make_problem(key: jax.Array, d_in: int, d_out: int, true_rank: int, delta_scale: float):
-    """The frozen W ``(I, O)``, orthonormal U ``(I, k)``, V ``(O, k)`` and σ ``(k,)`` of ΔW*."""
-    k_w, k_u, k_v = jax.random.split(key, 3)
-    w = jax.random.normal(k_w, (d_in, d_out), jnp.float32) / jnp.sqrt(jnp.float32(d_in))
-    u, _ = jnp.linalg.qr(jax.random.normal(k_u, (d_in, true_rank), jnp.float32))
-    v, _ = jnp.linalg.qr(jax.random.normal(k_v, (d_out, true_rank), jnp.float32))
-    sigma = jnp.linspace(delta_scale, delta_scale / 2, true_rank, dtype=jnp.float32)
+def make_problem(seed: int, d_in: int, d_out: int, true_rank: int, delta_scale: float):
+    """The frozen W ``(I, O)``, orthonormal U ``(I, k)``, V ``(O, k)`` and σ ``(k,)`` of ΔW*.
+
+    Drawn with NumPy from ``seed``: a one-off setup that would otherwise compile a handful of tiny
+    XLA programs (QR included) for nothing.
+    """
+    rng = np.random.default_rng([seed, 0x10AA])
+    w = (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+    u, _ = np.linalg.qr(rng.standard_normal((d_in, true_rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((d_out, true_rank)))
+    sigma = np.linspace(delta_scale, delta_scale / 2, true_rank)
     return w, u, v, sigma
 
 
@@ -76,12 +80,13 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     cfg = ctx.config
     lc, bsz = cfg.lowrank, cfg.train.batch_size
     mesh = _mesh.make_mesh(cfg.mesh)
-    k_problem, k_data, k_eval, k_adapter = jax.random.split(jax.random.key(cfg.run.seed), 4)
-    w, u, v, sigma = make_problem(k_problem, lc.d_in, lc.d_out, lc.true_rank, lc.delta_scale)
-    teacher = w + (u * sigma) @ v.T
+    k_data, k_eval, k_adapter = jax.random.split(jax.random.key(cfg.run.seed), 3)
+    w, u64, v64, sig64 = make_problem(cfg.run.seed, lc.d_in, lc.d_out, lc.true_rank, lc.delta_scale)
+    teacher = (w + (u64 * sig64) @ v64.T).astype(np.float32)
     params = {"w": w}
     adapters = lora.init(
-        k_adapter, params, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=list(cfg.lora.targets)
+        k_adapter, params, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+        targets=list(cfg.lora.targets), init=cfg.lora.init,
     )
     optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
     state = {"params": adapters, "opt": optimizer.init(adapters)}
@@ -115,7 +120,6 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     eval_loss = float(jax.jit(_eval_loss(loss_fn, lc, k_eval))(adapters, frozen))
     adapter = adapters["w"]
     left, s_learned, right = low_rank_factors(adapter.a, adapter.b, adapter.scale)
-    u64, v64, sig64 = (np.asarray(t, np.float64) for t in (u, v, sigma))
     k = min(lc.true_rank, cfg.lora.rank)
     angles = np.degrees(principal_angles(left[:, :k], u64))
     angles_right = np.degrees(principal_angles(right[:, :k], v64))
