@@ -80,21 +80,25 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     cfg = ctx.config
     lc, bsz = cfg.lowrank, cfg.train.batch_size
     mesh = _mesh.make_mesh(cfg.mesh)
-    k_data, k_eval, k_adapter = jax.random.split(jax.random.key(cfg.run.seed), 3)
     w, u64, v64, sig64 = make_problem(cfg.run.seed, lc.d_in, lc.d_out, lc.true_rank, lc.delta_scale)
     teacher = (w + (u64 * sig64) @ v64.T).astype(np.float32)
     params = {"w": w}
-    adapters = lora.init(
-        k_adapter, params, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-        targets=list(cfg.lora.targets), init=cfg.lora.init,
-    )
     optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
-    state = {"params": adapters, "opt": optimizer.init(adapters)}
+
+    @jax.jit  # one compiled program instead of a dozen eager ones
+    def init_state(params):
+        adapters = lora.init(
+            _runner.stream_key(cfg.run.seed, "adapter"), params, rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha, targets=list(cfg.lora.targets), init=cfg.lora.init,
+        )
+        return {"params": adapters, "opt": optimizer.init(adapters)}
+
+    state = init_state(params)
     frozen = {"base": params, "teacher": {"w": teacher}}
     frozen = jax.device_put(frozen, _mesh.tree_shardings(frozen, mesh))
 
     def batch_fn(frozen, step):
-        kx, kn = jax.random.split(jax.random.fold_in(k_data, step))
+        kx, kn = jax.random.split(jax.random.fold_in(_runner.stream_key(cfg.run.seed, "data"), step))
         x = _mesh.constrain_batch(jax.random.normal(kx, (bsz, lc.d_in), jnp.float32), mesh)
         y = x @ frozen["teacher"]["w"]
         if lc.noise:
@@ -117,7 +121,7 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
     adapters = jax.device_get(res.state["params"])
-    eval_loss = float(jax.jit(_eval_loss(loss_fn, lc, k_eval))(adapters, frozen))
+    eval_loss = float(jax.jit(_eval_loss(loss_fn, lc, cfg.run.seed))(adapters, frozen))
     adapter = adapters["w"]
     left, s_learned, right = low_rank_factors(adapter.a, adapter.b, adapter.scale)
     k = min(lc.true_rank, cfg.lora.rank)
@@ -169,11 +173,11 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     return {"title": title, "rows": rows, "metrics": metrics, "interrupted": res.interrupted}
 
 
-def _eval_loss(loss_fn, lc, k_eval):
+def _eval_loss(loss_fn, lc, seed):
     """Held-out loss on fresh inputs from a key the training stream never uses."""
 
     def fn(adapters, frozen):
-        x = jax.random.normal(k_eval, (lc.eval_examples, lc.d_in), jnp.float32)
+        x = jax.random.normal(_runner.stream_key(seed, "eval"), (lc.eval_examples, lc.d_in), jnp.float32)
         return loss_fn(adapters, frozen, (x, x @ frozen["teacher"]["w"]))
 
     return fn

@@ -114,6 +114,18 @@ def make_optimizer(
     return opt, schedule
 
 
+_STREAMS = {"data": 1, "eval": 2, "adapter": 3, "model": 4, "pretrain": 5, "full_ft": 6}
+
+
+def stream_key(seed: int, stream: str) -> jax.Array:
+    """The PRNG key of one named random stream of a run (call inside jit: it is two cheap ops)."""
+    return jax.random.fold_in(jax.random.key(seed), _STREAMS[stream])
+
+
+# optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
 def make_step(
     loss_fn: Callable[[Any, Any, Any], jax.Array],
     optimizer: optax.GradientTransformation,
@@ -132,9 +144,13 @@ def make_step(
     def step_fn(state, frozen, step):
         batch = batch_fn(frozen, step)
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, batch)
-        updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        # Optax mixes int32 step counts with Python floats; keep it working for users who run
+        # with jax_numpy_dtype_promotion="strict".
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            lr = jnp.asarray(schedule(step), jnp.float32)
+        metrics = {"loss": loss, "grad_norm": _tree_norm(grads), "lr": lr}
         return {"params": params, "opt": opt_state}, metrics
 
     return step_fn
@@ -236,7 +252,8 @@ def train_phase(
     if state_sharding is not None:
         state = jax.device_put(state, state_sharding)
     if start >= steps:
-        return PhaseResult(state, False, start, start, 0.0, 0.0, float("nan"))
+        done = [r["loss"] for r in ctx.metrics.records() if r.get("phase") == phase]
+        return PhaseResult(state, False, start, start, 0.0, 0.0, done[-1] if done else float("nan"))
     ctx.metrics.rewind(phase, start)
 
     shard_kw = {}
@@ -256,6 +273,9 @@ def train_phase(
     interrupted = False
     loss = float("nan")
     done = start
+    # A periodic checkpoint of the state after step k is written once step k + 1 has shown that
+    # state's loss to be finite, so the newest checkpoint is always a good one.
+    pending = None
     t_run = time.perf_counter()
     try:
         for step in range(start, steps):
@@ -263,13 +283,19 @@ def train_phase(
             new_state, metrics = compiled(state, frozen, jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             loss = m["loss"]
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and math.isfinite(m["grad_norm"])):
                 last = _rundir.latest_checkpoint(ckpt_dir)
-                kept = f"the last good checkpoint is {str(last)!r}" if last else "no checkpoint"
+                kept = f"the last good checkpoint {str(last)!r} was kept" if last else (
+                    "no checkpoint had been written yet")
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise NonFiniteLossError(
-                    f"[{phase}] the loss became {loss} at step {step}: training stopped and {kept} "
-                    "was kept. Lower optim.learning_rate, enable optim.grad_clip, or check the data."
+                    f"[{phase}] the {what} became {m['loss' if what == 'loss' else 'grad_norm']} at "
+                    f"step {step}: training stopped and {kept}. Lower optim.learning_rate, set "
+                    "optim.grad_clip, or check the data."
                 )
+            if pending is not None:
+                save(*pending)
+                pending = None
             state = new_state
             m["rate"] = items_per_step / max(time.perf_counter() - t_step, 1e-9)
             ctx.metrics.append({"phase": phase, "step": step, **m})
@@ -279,8 +305,10 @@ def train_phase(
             stop = ctx.interrupt.is_set() or (
                 ctx.stop_after is not None and ctx.steps_done >= ctx.stop_after
             )
-            if done % every == 0 or done == steps or stop:
+            if stop or done == steps:
                 save(done, state)
+            elif done % every == 0:
+                pending = (done, state)
             if stop and done < steps:
                 interrupted = True
                 break
