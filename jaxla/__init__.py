@@ -15,6 +15,21 @@ from jaxla._vectors import (
     top_k_similar,
 )
 
+# ---- attention (issue 3) ----
+from jaxla.attention import (
+    ChunkedBlockSizes,
+    apply_rope,
+    attention_weights,
+    dot_product_attention,
+    init_kv_cache,
+    init_mha,
+    multi_head_attention,
+    multi_head_attention_decode,
+    rope_frequencies,
+)
+
+# ---- end attention ----
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,4 +50,17 @@ __all__ = [
     "project",
     "rms_norm",
     "top_k_similar",
+]
+
+# ---- attention (issue 3) ----
+__all__ += [
+    "ChunkedBlockSizes",
+    "apply_rope",
+    "attention_weights",
+    "dot_product_attention",
+    "init_kv_cache",
+    "init_mha",
+    "multi_head_attention",
+    "multi_head_attention_decode",
+    "rope_frequencies",
 ]

@@ -1,0 +1,380 @@
+"""The ``"chunked"`` implementation: tiled online-softmax ("flash") attention in plain JAX.
+
+Queries are cut into blocks of ``block_q`` positions and keys into blocks of ``block_k``. Every
+(query block, key block) pair that the static causal/window band does not rule out is visited once by
+a ``lax.scan`` over a list of pairs fixed at trace time; a running maximum and sum per query row (f32)
+rescale the output accumulator, so the T×S score matrix never exists. Pairs entirely outside the band
+are never computed; pairs entirely inside it skip the masking work (they run in a separate scan).
+
+The backward pass (``jax.custom_vjp``) recomputes each tile's probabilities from the saved
+logsumexp and accumulates dQ, dK, dV (and d bias) in one pass over the same pair list, so memory in the
+sequence length is O(T + S) (plus the bias and its gradient when a bias is given).
+
+Inside, all heads of a block are processed at once in the layout (B, K, T, G, H): a kv head's G query
+heads sit next to each other, so GQA needs no repeated K/V. Scores are kept in base-2 units
+(``log2(e)`` folded into the scale) so the inner loop uses ``exp2``.
+
+Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
+H query/key head dim, Hv value head dim, t = block_q, s = block_k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxla import _checks
+from jaxla.attention import _masks
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedBlockSizes:
+    """Tile sizes of the ``"chunked"`` implementation.
+
+    Any T and S work with any sizes: a length is cut into ``ceil(T / block_q)`` equal blocks (rounded
+    up to a multiple of 8), padded and masked at the end; a length up to ``block_q`` is one block.
+
+    Attributes:
+      block_q: query positions per tile (all heads of those positions are processed together).
+      block_k: key positions per tile.
+    """
+
+    block_q: int = 256
+    block_k: int = 256
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            _checks.check_positive_int(getattr(self, name), f"ChunkedBlockSizes.{name}")
+
+    @classmethod
+    def default(cls, platform: str | None = None) -> ChunkedBlockSizes:
+        """Defaults for ``platform`` ("cpu", "gpu", "tpu"; the default backend when None).
+
+        The CPU sizes were chosen by measuring (see ``benchmarks/attention.py``): 256×256 tiles of all
+        heads keep the working set of a step in the caches of a small CPU. GPU/TPU use larger tiles
+        to make fewer, bigger loop steps (not tuned: there the Pallas kernel is the fast path).
+        """
+        platform = platform or jax.default_backend()
+        return cls(256, 256) if platform == "cpu" else cls(512, 512)
+
+
+def split_length(length: int, block: int) -> int:
+    """Block size actually used for a length: equal blocks of at most ``block`` (multiple of 8)."""
+    if length <= block:
+        return length
+    num = -(-length // block)
+    return _round_up(-(-length // num), 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    scale: float
+    band: _masks.Band
+    softcap: float | None
+    block_q: int
+    block_k: int
+
+
+# ---- layout: (B, T, N, D) <-> (B, K, Tp, G, D), padded to whole blocks ------------------------------
+
+
+def _pad_axis(x, axis, size, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _q_layout(x, k, tp):
+    b, t, n, d = x.shape
+    x = _pad_axis(x.reshape(b, t, k, n // k, d), 1, tp)
+    return jnp.transpose(x, (0, 2, 1, 3, 4))
+
+
+def _q_unlayout(x, t):
+    b, k, _, g, d = x.shape
+    return jnp.transpose(x[:, :, :t], (0, 2, 1, 3, 4)).reshape(b, t, k * g, d)
+
+
+def _kv_layout(x, sp):
+    return jnp.transpose(_pad_axis(x, 1, sp), (0, 2, 1, 3))
+
+
+def _pair_layout(x, n, k, t, tp, s, sp, fill):
+    """A bias or mask (Bx, Nx, Tx, Sx), broadcastable to BNTS, → (Bx, Kx, Tx', Gx, Sx')."""
+    bx, nx, tx, sx = x.shape
+    kx, gx = (k, n // k) if nx == n and n > 1 else (1, 1)
+    x = jnp.transpose(x.reshape(bx, kx, gx, tx, sx), (0, 1, 3, 2, 4))
+    if tx != 1:
+        x = _pad_axis(x, 2, tp, fill)
+    if sx != 1:
+        x = _pad_axis(x, 4, sp, fill)
+    return x
+
+
+def _pair_unlayout(x, shape, t, s):
+    bx, nx, tx, sx = shape
+    x = x[:, :, : (t if tx != 1 else 1), :, : (s if sx != 1 else 1)]
+    return jnp.transpose(x, (0, 1, 3, 2, 4)).reshape(shape)
+
+
+def _tile(x, i, bq, j, bk):
+    """Block (i, j) of a pair-laid-out bias/mask, keeping broadcast (size 1) axes as they are."""
+    if x.shape[2] != 1:
+        x = lax.dynamic_slice_in_dim(x, i * bq, bq, 2)
+    if x.shape[4] != 1:
+        x = lax.dynamic_slice_in_dim(x, j * bk, bk, 4)
+    return x
+
+
+# ---- one tile -------------------------------------------------------------------------------------
+
+
+def _scores(cfg, ops, i, j, masked):
+    """Scores of tile (i, j) in base-2 units (B, K, t, G, s), and tanh of the softcap (or None)."""
+    bq, bk = cfg.block_q, cfg.block_k
+    acc = ops["acc"]
+    qb = lax.dynamic_slice_in_dim(ops["q"], i * bq, bq, 2)
+    kb = lax.dynamic_slice_in_dim(ops["k"], j * bk, bk, 2)
+    x = lax.dot_general(qb, kb, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=acc)
+    tanh = None
+    if ops["bias"] is None and cfg.softcap is None:
+        z = x * jnp.asarray(cfg.scale * _LOG2E, acc)
+    else:
+        x = x * jnp.asarray(cfg.scale, acc)
+        if ops["bias"] is not None:
+            x = x + _tile(ops["bias"], i, bq, j, bk).astype(acc)
+        if cfg.softcap is not None:
+            tanh = jnp.tanh(x / cfg.softcap)
+            x = cfg.softcap * tanh
+        z = x * jnp.asarray(_LOG2E, acc)
+    if masked:
+        z = jnp.where(_visible(cfg, ops, i, j), z, -jnp.inf)
+    return qb, kb, z, tanh
+
+
+def _visible(cfg, ops, i, j):
+    bq, bk = cfg.block_q, cfg.block_k
+    q_pos, k_pos = _masks.positions(i * bq, bq), _masks.positions(j * bk, bk)
+    vis = _masks.band_visible(q_pos, k_pos, cfg.band, ops["s"])[None, None, :, None, :]
+
+    def block(x, start, size):
+        return None if x is None else lax.dynamic_slice_in_dim(x, start, size, 1)
+
+    dyn = _masks.dynamic_visible(
+        q_pos, k_pos, q_len=ops["q_len"], kv_len=ops["kv_len"],
+        q_seg=block(ops["q_seg"], i * bq, bq), kv_seg=block(ops["kv_seg"], j * bk, bk),
+    )
+    if dyn is not None:
+        vis = vis & dyn[:, None, :, None, :]
+    if ops["mask"] is not None:
+        vis = vis & _tile(ops["mask"], i, bq, j, bk)
+    return vis
+
+
+def _forward_pairs(cfg, ops, pairs, masked, carry):
+    bq, bk = cfg.block_q, cfg.block_k
+
+    def step(carry, ij):
+        o, m, l = carry
+        i, j = ij[0], ij[1]
+        _, _, z, _ = _scores(cfg, ops, i, j, masked)
+        m_old = lax.dynamic_slice_in_dim(m, i * bq, bq, 2)
+        l_old = lax.dynamic_slice_in_dim(l, i * bq, bq, 2)
+        o_old = lax.dynamic_slice_in_dim(o, i * bq, bq, 2)
+        m_new = jnp.maximum(m_old, jnp.max(z, axis=-1))
+        # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_use = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
+        p = jnp.exp2(z - m_use[..., None])
+        alpha = jnp.exp2(m_old - m_use)
+        vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
+        pv = lax.dot_general(
+            p.astype(vb.dtype), vb, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=o.dtype
+        )
+        o = lax.dynamic_update_slice_in_dim(o, o_old * alpha[..., None] + pv, i * bq, 2)
+        m = lax.dynamic_update_slice_in_dim(m, m_new, i * bq, 2)
+        l = lax.dynamic_update_slice_in_dim(l, alpha * l_old + jnp.sum(p, axis=-1), i * bq, 2)
+        return (o, m, l), None
+
+    return lax.scan(step, carry, pairs)[0]
+
+
+def _backward_pairs(cfg, ops, pairs, masked, carry):
+    bq, bk = cfg.block_q, cfg.block_k
+
+    def step(carry, ij):
+        dq, dk, dv, dbias = carry
+        i, j = ij[0], ij[1]
+        qb, kb, z, tanh = _scores(cfg, ops, i, j, masked)
+        lse2 = lax.dynamic_slice_in_dim(ops["lse2"], i * bq, bq, 2)
+        p = jnp.exp2(z - lse2[..., None])
+        dob = lax.dynamic_slice_in_dim(ops["do"], i * bq, bq, 2)
+        vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
+        delta = lax.dynamic_slice_in_dim(ops["delta"], i * bq, bq, 2)
+        dp = lax.dot_general(dob, vb, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=p.dtype)
+        dx = p * (dp - delta[..., None])  # gradient w.r.t. the (soft-capped) logits
+        if tanh is not None:
+            dx = dx * (1 - tanh * tanh)
+        if dbias is not None:
+            dbias = _add_tile(dbias, dx, i * bq, j * bk)
+        ds = (dx * jnp.asarray(cfg.scale, dx.dtype)).astype(qb.dtype)
+        dq_b = lax.dot_general(ds, kb, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=dq.dtype)
+        dk_b = lax.dot_general(ds, qb, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
+                               preferred_element_type=dk.dtype)
+        dv_b = lax.dot_general(p.astype(dob.dtype), dob, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
+                               preferred_element_type=dv.dtype)
+        dq = _add_slice(dq, dq_b, 2, i * bq)
+        dk = _add_slice(dk, dk_b, 2, j * bk)
+        dv = _add_slice(dv, dv_b, 2, j * bk)
+        return (dq, dk, dv, dbias), None
+
+    return lax.scan(step, carry, pairs)[0]
+
+
+def _add_slice(x, update, axis, start):
+    old = lax.dynamic_slice_in_dim(x, start, update.shape[axis], axis)
+    return lax.dynamic_update_slice_in_dim(x, old + update, start, axis)
+
+
+def _add_tile(dbias, dx, q_start, k_start):
+    """Adds a tile's logit gradient into the (broadcast) bias gradient, summing broadcast axes."""
+    axes = tuple(a for a in range(5) if dbias.shape[a] == 1 and dx.shape[a] != 1)
+    dx = jnp.sum(dx, axis=axes, keepdims=True)
+    start = (0, 0, q_start if dbias.shape[2] != 1 else 0, 0, k_start if dbias.shape[4] != 1 else 0)
+    old = lax.dynamic_slice(dbias, start, dx.shape)
+    return lax.dynamic_update_slice(dbias, old + dx.astype(dbias.dtype), start)
+
+
+# ---- custom_vjp -----------------------------------------------------------------------------------
+
+
+def _plan(cfg, t, s, dynamic_mask):
+    nq, nk = -(-t // cfg.block_q), -(-s // cfg.block_k)
+    full, partial = _masks.classify_blocks(
+        nq, nk, cfg.block_q, cfg.block_k, t=t, s=s, band=cfg.band
+    )
+    if dynamic_mask:
+        full, partial = [], full + partial
+    as_array = lambda pairs: jnp.asarray(np.asarray(pairs, np.int32).reshape(-1, 2))  # noqa: E731
+    return [(as_array(p), masked) for p, masked in ((full, False), (partial, True)) if p]
+
+
+def _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+    b, t, n, _ = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    tp, sp = _round_up(t, cfg.block_q), _round_up(s, cfg.block_k)
+    lay = partial(_pair_layout, n=n, k=kh, t=t, tp=tp, s=s, sp=sp)
+    return {
+        "q": _q_layout(q, kh, tp),
+        "k": _kv_layout(k, sp),
+        "v": _kv_layout(v, sp),
+        "bias": None if bias is None else lay(bias, fill=0),
+        "mask": None if mask is None else lay(mask, fill=False),
+        "q_seg": None if q_seg is None else _pad_axis(q_seg, 1, tp),
+        "kv_seg": None if kv_seg is None else _pad_axis(kv_seg, 1, sp),
+        "q_len": q_len,
+        "kv_len": kv_len,
+        "s": s,
+        "acc": _checks.accum_dtype(q.dtype),
+    }
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+    ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
+    acc = _checks.accum_dtype(q.dtype)
+    b, kh, tp, g, _ = ops["q"].shape
+    o = jnp.zeros((b, kh, tp, g, v.shape[-1]), acc)
+    m = jnp.full((b, kh, tp, g), -jnp.inf, acc)
+    l = jnp.zeros((b, kh, tp, g), acc)
+    dynamic = any(ops[x] is not None for x in ("mask", "q_seg", "q_len", "kv_len"))
+    for pairs, masked in _plan(cfg, q.shape[1], k.shape[1], dynamic):
+        o, m, l = _forward_pairs(cfg, ops, pairs, masked, (o, m, l))
+    seen = l > 0
+    safe_l = jnp.where(seen, l, jnp.ones_like(l))
+    out = _q_unlayout(o / safe_l[..., None], q.shape[1]).astype(q.dtype)
+    # +inf for rows that see nothing: exp2(z - lse2) is then 0 in the backward pass, never NaN.
+    lse2 = jnp.where(seen, m + jnp.log2(safe_l), jnp.full_like(m, jnp.inf))
+    return out, lse2
+
+
+def _lse_natural(lse2, t):
+    from jaxla.attention._reference import EMPTY_ROW_LSE
+
+    lse = jnp.where(jnp.isfinite(lse2), lse2 * _LN2, jnp.asarray(EMPTY_ROW_LSE, lse2.dtype))
+    return _q_unlayout(lse[..., None], t)[..., 0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+    out, lse2 = _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
+    return out, _lse_natural(lse2, q.shape[1])
+
+
+def _flash_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+    out, lse2 = _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
+    res = (q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse2)
+    return (out, _lse_natural(lse2, q.shape[1])), res
+
+
+def _flash_bwd(cfg, res, cotangents):
+    q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse2 = res
+    d_out, d_lse = cotangents
+    ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
+    acc = lse2.dtype
+    t, kh, tp = q.shape[1], k.shape[2], ops["q"].shape[2]
+    ops["lse2"] = lse2
+    ops["do"] = _q_layout(d_out.astype(v.dtype), kh, tp)
+    # d lse / d logits is the probability row, so a residual cotangent just shifts delta.
+    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
+    ops["delta"] = _q_layout(delta[..., None], kh, tp)[..., 0]
+    dq = jnp.zeros(ops["q"].shape, acc)
+    dk = jnp.zeros(ops["k"].shape, acc)
+    dv = jnp.zeros(ops["v"].shape, acc)
+    dbias = None if bias is None else jnp.zeros(ops["bias"].shape, acc)
+    dynamic = any(ops[x] is not None for x in ("mask", "q_seg", "q_len", "kv_len"))
+    for pairs, masked in _plan(cfg, t, k.shape[1], dynamic):
+        dq, dk, dv, dbias = _backward_pairs(cfg, ops, pairs, masked, (dq, dk, dv, dbias))
+    s = k.shape[1]
+    dq = _q_unlayout(dq, t).astype(q.dtype)
+    dk = jnp.transpose(dk[:, :, :s], (0, 2, 1, 3)).astype(k.dtype)
+    dv = jnp.transpose(dv[:, :, :s], (0, 2, 1, 3)).astype(v.dtype)
+    if dbias is not None:
+        dbias = _pair_unlayout(dbias, bias.shape, t, s).astype(bias.dtype)
+    return dq, dk, dv, dbias, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def chunked_attention(
+    query, key, value, bias, mask, q_seg, kv_seg, q_len, kv_len, *, scale, band, softcap,
+    block_sizes: ChunkedBlockSizes,
+):
+    """Blockwise attention on canonical rank-4 arguments (see ``_reference.xla_attention``).
+
+    Returns:
+      ``(out, lse)``: out (B, T, N, Hv) in the query dtype; lse (B, T, N) in the accumulation dtype.
+    """
+    cfg = _Config(
+        scale=float(scale),
+        band=band,
+        softcap=None if softcap is None else float(softcap),
+        block_q=split_length(query.shape[1], block_sizes.block_q),
+        block_k=split_length(key.shape[1], block_sizes.block_k),
+    )
+    return _flash(cfg, query, key, value, bias, mask, q_seg, kv_seg, q_len, kv_len)
