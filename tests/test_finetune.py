@@ -6,22 +6,25 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from jaxla import finetune, lora
-from jaxla.finetune import _lowrank, _rundir
+from jaxla import cli, finetune, lora
+from jaxla.finetune import _lowrank, _rundir, _runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every run of this config compiles the same programs; the module shares one uninterrupted run.
 TINY_LOWRANK = [
     "lowrank.d_in=16", "lowrank.d_out=32", "lowrank.true_rank=2", "lora.rank=2",
-    "train.batch_size=8", "train.steps=6", "optim.warmup_steps=2", "run.checkpoint_every=2",
+    "train.batch_size=8", "train.steps=24", "optim.warmup_steps=2", "run.checkpoint_every=1",
     "lowrank.eval_examples=16", "run.plots=false",
 ]
+STEPS = 24
 
 
 def _cfg(*extra, base=None):
@@ -38,24 +41,31 @@ def _adapter_arrays(out):
     return {k: (np.asarray(v.a), np.asarray(v.b)) for k, v in adapters.items()}
 
 
-def test_lowrank_smoke(tmp_path):
-    out = tmp_path / "run"
-    summary = _run(_cfg(), out)
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, _run(_cfg(), out)
+
+
+def test_lowrank_smoke(full_run):
+    out, summary = full_run
     assert not summary["interrupted"]
     m = summary["metrics"]
-    assert m["steps"] == 6 and m["trainable_params"] == 2 * (16 + 32)
+    assert m["steps"] == STEPS and m["trainable_params"] == 2 * (16 + 32)
     assert m["frozen_params"] == 16 * 32
     assert math.isfinite(m["final_train_loss"]) and math.isfinite(m["relative_error"])
     assert len(m["singular_values_learned"]) == 2
     assert all(0 <= a <= 90 for a in m["principal_angles_deg"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(6))
+    assert [r["step"] for r in records] == list(range(STEPS))
     assert {"loss", "lr", "grad_norm", "rate", "phase"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["metrics"]["steps"] == 6
+    assert saved["metrics"]["steps"] == STEPS
     assert finetune.load_config(out / "config.toml") == _cfg()
     assert sorted(p.name for p in (out / "checkpoints" / "adapt").iterdir()) == [
-        "step_00000004.npz", "step_00000006.npz"]  # keep_checkpoints = 2
+        f"step_{STEPS - 1:08d}.npz", f"step_{STEPS:08d}.npz"]  # keep_checkpoints = 2
+    assert not list(out.rglob("*.tmp"))
     text = finetune.format_summary(summary)
     assert "trainable params" in text and "‖ΔW − ΔW*‖/‖ΔW*‖" in text
 
@@ -64,7 +74,7 @@ def test_default_demo_learns_the_update(tmp_path):
     """Scaled-down default demo: the learned update matches ΔW* in value, subspace and spectrum."""
     cfg = finetune.apply_overrides(finetune.Config(), [
         "lowrank.d_in=48", "lowrank.d_out=96", "lowrank.true_rank=3", "lora.rank=3",
-        "train.steps=250", "train.batch_size=32", "optim.learning_rate=0.03", "run.plots=false",
+        "train.steps=200", "train.batch_size=32", "optim.learning_rate=0.03", "run.plots=false",
         "lowrank.eval_examples=64"])
     m = _run(cfg, tmp_path / "run")["metrics"]
     assert m["relative_error"] < 0.05, m
@@ -72,30 +82,56 @@ def test_default_demo_learns_the_update(tmp_path):
     np.testing.assert_allclose(m["singular_values_learned"], m["singular_values_true"], rtol=0.05)
 
 
-def test_resume_is_bitwise(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    _run(_cfg(), full)
-    first = _run(_cfg(), part, stop_after=3)
-    assert first["interrupted"] and not (part / "adapter.safetensors").exists()
-    # Operational keys may change between the two halves.
-    _run(_cfg("run.log_every=1"), part, resume=True)
-    a, b = _adapter_arrays(full), _adapter_arrays(part)
+def _assert_same_adapter(out_a, out_b):
+    a, b = _adapter_arrays(out_a), _adapter_arrays(out_b)
     assert a.keys() == b.keys()
     for k in a:
         for x, y in zip(a[k], b[k], strict=True):
             assert x.tobytes() == y.tobytes()
-    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(6))
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_ctrl_c_saves_then_resume_is_bitwise(full_run, tmp_path):
     out = tmp_path / "run"
-    cfg = _cfg("optim.optimizer=sgd", "optim.learning_rate=40", "optim.schedule=constant",
-               "optim.warmup_steps=0", "train.steps=60", "run.checkpoint_every=1",
-               "run.keep_checkpoints=100")
-    with pytest.raises(finetune.NonFiniteLossError, match="last good checkpoint") as info:
-        _run(cfg, out)
-    assert "step" in str(info.value)
+    original = _runner._Progress.update
+
+    def update(self, step, m):  # Ctrl-C arrives while step 4 runs
+        original(self, step, m)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _runner._Progress.update = update
+    try:
+        summary = _run(_cfg(), out)
+    finally:
+        _runner._Progress.update = original
+    assert summary["interrupted"] and not (out / "adapter.safetensors").exists()
+    assert _rundir.latest_checkpoint(out / "checkpoints" / "adapt").name == "step_00000005.npz"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Operational keys may change between the two halves.
+    summary = _run(_cfg("run.log_every=1", "run.checkpoint_every=7"), out, resume=True)
+    assert not summary["interrupted"] and summary["metrics"]["steps"] == STEPS
+    _assert_same_adapter(full_run[0], out)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(STEPS))
+
+
+def test_stop_after_then_resume(full_run, tmp_path):
+    out = tmp_path / "run"
+    assert _run(_cfg(), out, stop_after=3)["interrupted"]
+    _run(_cfg(), out, resume=True)
+    _assert_same_adapter(full_run[0], out)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a for s in TINY_LOWRANK for a in ("--set", s)]
+    code = cli.main(["finetune", *args, "--no-progress", "--out", str(out),
+                     "--set", "optim.optimizer=sgd", "--set", "optim.learning_rate=40",
+                     "--set", "optim.schedule=constant", "--set", "optim.warmup_steps=0",
+                     "--set", "train.steps=60", "--set", "run.keep_checkpoints=100"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 3, err
+    assert "loss became" in err and "last good checkpoint" in err and "Traceback" not in err
     ckpts = sorted((out / "checkpoints" / "adapt").glob("step_*.npz"))
     assert ckpts
     # Every kept checkpoint is finite (the state whose loss blew up was never written).
@@ -105,50 +141,20 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (out / "adapter.safetensors").exists()
 
 
-def test_interrupt_saves_and_resumes(tmp_path):
-    out = tmp_path / "run"
-    cfg = _cfg()
-    echo = []
-
-    def interrupting_echo(line):
-        echo.append(line)
-
-    # Simulate Ctrl-C arriving during step 2: the handler only sets a flag the loop checks.
-    from jaxla.finetune import _runner
-
-    original = _runner._Progress.update
-
-    def update(self, step, m):
-        original(self, step, m)
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    _runner._Progress.update = update
-    try:
-        summary = finetune.run_finetune(cfg, out=out, progress=False, echo=interrupting_echo)
-    finally:
-        _runner._Progress.update = original
-    assert summary["interrupted"]
-    assert _rundir.latest_checkpoint(out / "checkpoints" / "adapt").name == "step_00000002.npz"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    summary = _run(cfg, out, resume=True)
-    assert not summary["interrupted"] and summary["metrics"]["steps"] == 6
-
-
 def _loss_trajectory(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_mesh_matches_single_device(tmp_path):
+def test_mesh_matches_single_device(full_run, tmp_path):
     assert jax.device_count() >= 8, "conftest simulates 8 CPU devices"
-    single = _run(_cfg(), tmp_path / "one")
-    meshed_cfg = _cfg("mesh.data=4", "mesh.model=2", base=ROOT / "configs" / "lowrank_mesh.toml")
+    meshed_cfg = _cfg(base=ROOT / "configs" / "lowrank_mesh.toml")
+    assert (meshed_cfg.mesh.data, meshed_cfg.mesh.model) == (4, 2)
     meshed = _run(meshed_cfg, tmp_path / "mesh")
     np.testing.assert_allclose(
-        _loss_trajectory(tmp_path / "mesh"), _loss_trajectory(tmp_path / "one"), rtol=1e-4)
+        _loss_trajectory(tmp_path / "mesh"), _loss_trajectory(full_run[0]), rtol=1e-4)
     np.testing.assert_allclose(
-        meshed["metrics"]["singular_values_learned"], single["metrics"]["singular_values_learned"],
-        rtol=1e-4)
+        meshed["metrics"]["singular_values_learned"],
+        full_run[1]["metrics"]["singular_values_learned"], rtol=1e-4)
 
 
 def test_mesh_shards_by_rule():
@@ -183,32 +189,25 @@ def test_low_rank_helpers_match_dense(rng):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise(tmp_path):
+def test_sigkill_then_resume_is_bitwise(full_run, tmp_path):
     """A real SIGKILL at an arbitrary moment after the first checkpoint, then --resume."""
-    args = ["finetune", "--no-progress", *[a for s in TINY_LOWRANK for a in ("--set", s)],
-            "--set", "train.steps=40", "--set", "run.checkpoint_every=1"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = ["finetune", "--no-progress", *[a for s in TINY_LOWRANK for a in ("--set", s)]]
+    # The environment (conftest's XLA_FLAGS) carries over, so the subprocess compiles the same
+    # program as the in-process full run.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "jaxla"]
-    full = subprocess.run([*cmd, *args, "--out", str(tmp_path / "full")], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert full.returncode == 0, full.stderr
     part = tmp_path / "part"
     proc = subprocess.Popen([*cmd, *args, "--out", str(part)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = part / "checkpoints" / "adapt"
-    import time
-
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if ckpts.is_dir() and any(ckpts.glob("step_*.npz")):
             break
-        time.sleep(0.005)
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = subprocess.run([*cmd, *args, "--out", str(part), "--resume"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _adapter_arrays(tmp_path / "full"), _adapter_arrays(part)
-    for k in a:
-        for x, y in zip(a[k], b[k], strict=True):
-            assert x.tobytes() == y.tobytes()
+    _assert_same_adapter(full_run[0], part)

@@ -64,9 +64,14 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
         logits = adapted_apply(frozen["base"], adapters, seqs[:, :-1])
         return tfm.loss_and_accuracy(logits, seqs, n)[0]
 
+    # Optimizer states do not depend on the learning rate: one compiled initialiser serves both
+    # full-parameter phases.
+    init_full = jax.jit(lambda p: {"params": p, "opt": _runner.make_optimizer(
+        cfg.optim, steps=1)[0].init(p)})
+
     def full_phase(phase, params, steps, lr, task, stream):
         optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=steps, learning_rate=lr)
-        state = jax.jit(lambda p: {"params": p, "opt": optimizer.init(p)})(params)
+        state = init_full(params)
         step_fn = _runner.make_step(full_loss, optimizer, schedule, batch_fn_for(task, stream))
         return _runner.train_phase(
             ctx, phase=phase, state=state, frozen={}, step_fn=step_fn, steps=steps,

@@ -138,8 +138,12 @@ def decode_greedy(params: Any, prompts: jax.Array, n_new: int, *, n_heads: int) 
         return jnp.argmax(logits[:, 0, :], axis=-1).astype(jnp.int32), new_caches
 
     token, caches = forward(prompts, caches)
-    out = [token]
-    for _ in range(n_new - 1):
-        token, caches = forward(token[:, None], caches)
-        out.append(token)
-    return jnp.stack(out, axis=1)
+
+    def body(carry, _):
+        token, caches = carry
+        nxt, caches = forward(token[:, None], caches)
+        return (nxt, caches), nxt
+
+    # A scan keeps the program (and its compile time) the size of one decode step.
+    _, rest = jax.lax.scan(body, (token, caches), None, length=n_new - 1)
+    return jnp.concatenate([token[:, None], rest.T], axis=1)
