@@ -115,13 +115,6 @@ def test_ctrl_c_saves_then_resume_is_bitwise(full_run, tmp_path):
     assert steps == list(range(STEPS))
 
 
-def test_stop_after_then_resume(full_run, tmp_path):
-    out = tmp_path / "run"
-    assert _run(_cfg(), out, stop_after=3)["interrupted"]
-    _run(_cfg(), out, resume=True)
-    _assert_same_adapter(full_run[0], out)
-
-
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     args = [a for s in TINY_LOWRANK for a in ("--set", s)]
@@ -131,7 +124,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
                      "--set", "train.steps=60", "--set", "run.keep_checkpoints=100"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 3, err
-    assert "loss became" in err and "last good checkpoint" in err and "Traceback" not in err
+    assert "became inf" in err or "became nan" in err, err
+    assert "last good checkpoint" in err and "Traceback" not in err
     ckpts = sorted((out / "checkpoints" / "adapt").glob("step_*.npz"))
     assert ckpts
     # Every kept checkpoint is finite (the state whose loss blew up was never written).

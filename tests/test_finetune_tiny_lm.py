@@ -38,8 +38,8 @@ def test_tasks(task):
 
 
 def test_kv_cache_decoding_matches_full_forward():
-    n_heads, length = 2, 4
-    params = tfm.init(jax.random.key(1), vocab=6, d_model=16, n_heads=n_heads, n_layers=2, d_ff=32)
+    n_heads, length = 2, 3
+    params = tfm.init(jax.random.key(1), vocab=6, d_model=16, n_heads=n_heads, n_layers=1, d_ff=32)
     prompts = jax.random.randint(jax.random.key(2), (3, 5), 0, 6, dtype=jnp.int32)
 
     generated = jax.jit(lambda p, x: tfm.decode_greedy(p, x, length, n_heads=n_heads))(
@@ -94,7 +94,7 @@ def test_tiny_lm_phases_resume_and_report(tmp_path):
 
 
 def test_tiny_lm_mesh_variant(tmp_path):
-    cfg = _cfg("tiny_lm_mesh.toml", "tiny_lm.full_ft_baseline=false")
+    cfg = _cfg("tiny_lm_mesh.toml", "tiny_lm.full_ft_baseline=false", "tiny_lm.generations=0")
     assert (cfg.mesh.data, cfg.mesh.model) == (4, 2)
     summary = _run(cfg, tmp_path / "run")
     m = summary["metrics"]

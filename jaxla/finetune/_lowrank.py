@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxla import lora
-from jaxla.finetune import _mesh, _plots, _runner
+from jaxla.finetune import _mesh, _plots, _rundir, _runner
 
 __all__ = ["low_rank_factors", "make_problem", "principal_angles", "run_lowrank"]
 
@@ -120,7 +120,7 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
              f"mesh {cfg.mesh.data}×{cfg.mesh.model}")
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
-    adapters = jax.device_get(res.state["params"])
+    adapters = _rundir.to_host(res.state["params"])
     eval_loss = float(jax.jit(_eval_loss(loss_fn, lc, cfg.run.seed))(adapters, frozen))
     adapter = adapters["w"]
     left, s_learned, right = low_rank_factors(adapter.a, adapter.b, adapter.scale)

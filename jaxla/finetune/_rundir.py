@@ -137,6 +137,19 @@ def prepare_run_dir(out: Path, cfg: _config.Config, *, resume: bool) -> None:
     atomic_write_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
 
 
+def to_host(tree: Any) -> Any:
+    """NumPy copies of every array in ``tree``, gathering shards held by other hosts if needed."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def _step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:08d}.npz"
 
@@ -147,7 +160,7 @@ def save_checkpoint(
     """Writes ``state`` (a pytree of arrays) at ``step`` atomically and prunes all but ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    arrays = {f"leaf_{i:05d}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)}
+    arrays = {f"leaf_{i:05d}": x for i, x in enumerate(to_host(leaves))}
     meta = {"step": step, "fingerprint": fingerprint, "treedef": str(treedef)}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()

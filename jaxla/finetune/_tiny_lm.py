@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxla import lora
-from jaxla.finetune import _mesh, _plots, _runner
+from jaxla.finetune import _mesh, _plots, _rundir, _runner
 from jaxla.finetune import _transformer as tfm
 
 __all__ = ["run_tiny_lm"]
@@ -86,7 +86,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
     phases["pretrain"] = res
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
-    base = jax.device_get(res.state["params"])
+    base = _rundir.to_host(res.state["params"])
 
     optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
 
@@ -109,7 +109,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
     phases["adapt"] = res
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
-    adapters = jax.device_get(res.state["params"])
+    adapters = _rundir.to_host(res.state["params"])
 
     full = None
     if tl.full_ft_baseline:
@@ -118,7 +118,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
         phases["full_ft"] = res
         if res.interrupted:
             return _runner.interrupted_summary(ctx, title, res)
-        full = jax.device_get(res.state["params"])
+        full = _rundir.to_host(res.state["params"])
 
     merged = jax.jit(lambda b, a: lora.merge(b, a)[0])(base, adapters)
     evaluate = jax.jit(
