@@ -3,12 +3,13 @@
 # --quick: the same demos at toy sizes so the whole suite validates in seconds.
 QUICK_LOWRANK = [
     "lowrank.d_in=64", "lowrank.d_out=256", "lowrank.true_rank=4", "lora.rank=4",
-    "train.steps=20", "train.batch_size=16", "lowrank.eval_examples=64",
+    "train.steps=20", "train.batch_size=16", "lowrank.eval_examples=64", "run.fast_compile=true",
 ]
 QUICK_TINY_LM = [
     "tiny_lm.n_layers=1", "tiny_lm.d_model=16", "tiny_lm.n_heads=2", "tiny_lm.d_ff=32",
     "tiny_lm.length=3", "tiny_lm.pretrain_steps=5", "train.steps=5", "train.batch_size=8",
-    "tiny_lm.eval_examples=16", "tiny_lm.generations=1", "lora.rank=2",
+    "tiny_lm.eval_examples=16", "tiny_lm.generations=1", "lora.rank=2", "run.fast_compile=true",
+    "tiny_lm.full_ft_baseline=false",
 ]
 
 # Full runs use the shipped configs unchanged (the README's demos).

@@ -13,7 +13,8 @@ from jaxla import cli
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "lowrank.d_in=16", "--set", "lowrank.d_out=32", "--set", "lowrank.true_rank=2",
         "--set", "lora.rank=2", "--set", "train.batch_size=8", "--set", "train.steps=3",
-        "--set", "lowrank.eval_examples=16", "--set", "run.plots=false", "--no-progress"]
+        "--set", "lowrank.eval_examples=16", "--set", "run.plots=false",
+        "--set", "run.fast_compile=true", "--no-progress"]
 
 
 def _main(capsys, *argv):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_LOWRANK = [
     "lowrank.d_in=16", "lowrank.d_out=32", "lowrank.true_rank=2", "lora.rank=2",
     "train.batch_size=8", "train.steps=24", "optim.warmup_steps=2", "run.checkpoint_every=1",
-    "lowrank.eval_examples=16", "run.plots=false",
+    "lowrank.eval_examples=16", "run.plots=false", "run.fast_compile=true",
 ]
 STEPS = 24
 
@@ -75,6 +75,7 @@ def test_default_demo_learns_the_update(tmp_path):
     cfg = finetune.apply_overrides(finetune.Config(), [
         "lowrank.d_in=48", "lowrank.d_out=96", "lowrank.true_rank=3", "lora.rank=3",
         "train.steps=200", "train.batch_size=32", "optim.learning_rate=0.03", "run.plots=false",
+        "run.fast_compile=true",
         "lowrank.eval_examples=64"])
     m = _run(cfg, tmp_path / "run")["metrics"]
     assert m["relative_error"] < 0.05, m

@@ -16,7 +16,10 @@ TINY = [
     "tiny_lm.n_layers=1", "tiny_lm.d_model=16", "tiny_lm.n_heads=2", "tiny_lm.d_ff=32",
     "tiny_lm.length=3", "tiny_lm.pretrain_steps=3", "train.steps=3", "train.batch_size=8",
     "tiny_lm.eval_examples=8", "tiny_lm.generations=2", "run.plots=false", "lora.rank=2",
+    "run.fast_compile=true",
 ]
+# Optimisation level 0: these toy programs compile several times faster.
+FAST = {"compiler_options": {"xla_backend_optimization_level": 0}}
 
 
 def _cfg(name, *extra):
@@ -42,13 +45,13 @@ def test_kv_cache_decoding_matches_full_forward():
     params = tfm.init(jax.random.key(1), vocab=6, d_model=16, n_heads=n_heads, n_layers=1, d_ff=32)
     prompts = jax.random.randint(jax.random.key(2), (3, 5), 0, 6, dtype=jnp.int32)
 
-    generated = jax.jit(lambda p, x: tfm.decode_greedy(p, x, length, n_heads=n_heads))(
+    generated = jax.jit(lambda p, x: tfm.decode_greedy(p, x, length, n_heads=n_heads), **FAST)(
         params, prompts)
     assert generated.shape == (3, length) and generated.dtype == jnp.int32
     # Without a cache: one causal forward over prompt + generated tokens must predict each
     # generated token greedily from the tokens before it.
     seq = jnp.concatenate([prompts, generated], axis=1)
-    logits = tfm.apply(params, seq, n_heads=n_heads)
+    logits = jax.jit(lambda p, t: tfm.apply(p, t, n_heads=n_heads), **FAST)(params, seq)
     p = prompts.shape[1]
     np.testing.assert_array_equal(jnp.argmax(logits[:, p - 1:-1], axis=-1), generated)
 
@@ -57,7 +60,7 @@ def test_model_is_causal():
     params = tfm.init(jax.random.key(3), vocab=6, d_model=16, n_heads=2, n_layers=1, d_ff=32)
     a = jnp.array([[1, 2, 3, 4]], jnp.int32)
     b = jnp.array([[1, 2, 5, 0]], jnp.int32)
-    apply = jax.jit(lambda p, t: tfm.apply(p, t, n_heads=2))
+    apply = jax.jit(lambda p, t: tfm.apply(p, t, n_heads=2), **FAST)
     la, lb = apply(params, a), apply(params, b)
     assert la.shape == (1, 4, 6) and la.dtype == jnp.float32
     np.testing.assert_allclose(la[:, :2], lb[:, :2], rtol=1e-6, atol=1e-6)

@@ -76,6 +76,9 @@ class RunConfig:
     checkpoint_every: int = field(default=100, metadata=_POS)
     keep_checkpoints: int = field(default=2, metadata=_POS)
     plots: bool = True
+    # XLA backend optimisation level 0: compiles several times faster, runs slower. For tests and
+    # toy sizes; part of the fingerprint since generated code may round differently.
+    fast_compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     params = {"w": w}
     optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
 
-    @jax.jit  # one compiled program instead of a dozen eager ones
+    # One compiled program instead of a dozen eager ones.
     def init_state(params):
         adapters = lora.init(
             _runner.stream_key(cfg.run.seed, "adapter"), params, rank=cfg.lora.rank,
@@ -93,7 +93,7 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
         )
         return {"params": adapters, "opt": optimizer.init(adapters)}
 
-    state = init_state(params)
+    state = ctx.jit(init_state)(params)
     frozen = {"base": params, "teacher": {"w": teacher}}
     frozen = jax.device_put(frozen, _mesh.tree_shardings(frozen, mesh))
 
@@ -121,7 +121,7 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
     adapters = _rundir.to_host(res.state["params"])
-    eval_loss = float(jax.jit(_eval_loss(loss_fn, lc, cfg.run.seed))(adapters, frozen))
+    eval_loss = float(ctx.jit(_eval_loss(loss_fn, lc, cfg.run.seed))(adapters, frozen))
     adapter = adapters["w"]
     left, s_learned, right = low_rank_factors(adapter.a, adapter.b, adapter.scale)
     k = min(lc.true_rank, cfg.lora.rank)

@@ -14,6 +14,7 @@ write a checkpoint and end the phase with ``interrupted=True``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import signal
 import sys
@@ -39,6 +40,10 @@ __all__ = [
     "make_step",
     "train_phase",
 ]
+
+
+# jax.jit's compiler_options appeared in 2024 releases; older ones simply compile normally.
+_JIT_TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,6 +72,12 @@ class RunContext:
         self.fingerprint = _config.config_fingerprint(self.config)
         if self.progress is None:
             self.progress = sys.stderr.isatty()
+
+    def jit(self, fn: Callable, **kwargs) -> Callable:
+        """``jax.jit`` honouring ``run.fast_compile`` (XLA backend optimisation level 0)."""
+        if self.config.run.fast_compile and _JIT_TAKES_OPTIONS:
+            kwargs["compiler_options"] = {"xla_backend_optimization_level": 0}
+        return jax.jit(fn, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -260,7 +271,7 @@ def train_phase(
     if state_sharding is not None:
         shard_kw = dict(in_shardings=(state_sharding, None, None), out_shardings=(state_sharding, None))
     t0 = time.perf_counter()
-    compiled = jax.jit(step_fn, **shard_kw).lower(state, frozen, jnp.int32(start)).compile()
+    compiled = ctx.jit(step_fn, **shard_kw).lower(state, frozen, jnp.int32(start)).compile()
     compile_s = time.perf_counter() - t0
 
     def save(step, st):

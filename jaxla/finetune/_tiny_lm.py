@@ -66,7 +66,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
 
     # Optimizer states do not depend on the learning rate: one compiled initialiser serves both
     # full-parameter phases.
-    init_full = jax.jit(lambda p: {"params": p, "opt": _runner.make_optimizer(
+    init_full = ctx.jit(lambda p: {"params": p, "opt": _runner.make_optimizer(
         cfg.optim, steps=1)[0].init(p)})
 
     def full_phase(phase, params, steps, lr, task, stream):
@@ -79,7 +79,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
             state_sharding=_mesh.tree_shardings(state, mesh),
         )
 
-    params0 = jax.jit(lambda: tfm.init(_runner.stream_key(seed, "model"), **arch))()
+    params0 = ctx.jit(lambda: tfm.init(_runner.stream_key(seed, "model"), **arch))()
     phases = {}
     res = full_phase("pretrain", params0, tl.pretrain_steps, tl.pretrain_learning_rate,
                      tl.pretrain_task, "pretrain")
@@ -90,14 +90,13 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
 
     optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
 
-    @jax.jit
     def init_adapters(base):
         adapters = lora.init(_runner.stream_key(seed, "adapter"), base, rank=cfg.lora.rank,
                              alpha=cfg.lora.alpha, targets=list(cfg.lora.targets),
                              init=cfg.lora.init)
         return {"params": adapters, "opt": optimizer.init(adapters)}
 
-    state = init_adapters(base)
+    state = ctx.jit(init_adapters)(base)
     frozen = jax.device_put({"base": base}, _mesh.tree_shardings({"base": base}, mesh))
     res = _runner.train_phase(
         ctx, phase="adapt", state=state, frozen=frozen,
@@ -120,8 +119,8 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
             return _runner.interrupted_summary(ctx, title, res)
         full = _rundir.to_host(res.state["params"])
 
-    merged = jax.jit(lambda b, a: lora.merge(b, a)[0])(base, adapters)
-    evaluate = jax.jit(
+    merged = ctx.jit(lambda b, a: lora.merge(b, a)[0])(base, adapters)
+    evaluate = ctx.jit(
         lambda p, s: tfm.loss_and_accuracy(tfm.apply(p, s[:, :-1], n_heads=tl.n_heads), s, n)[1:])
     sets = {t: _eval_set(seed, t, tl.eval_examples, n, tl.digits)
             for t in (tl.pretrain_task, tl.adapt_task)}
@@ -134,7 +133,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
     gens = []
     if tl.generations:
         prompts = sets[tl.adapt_task][: tl.generations]
-        out = jax.jit(lambda p, x: tfm.decode_greedy(p, x, n, n_heads=tl.n_heads))(
+        out = ctx.jit(lambda p, x: tfm.decode_greedy(p, x, n, n_heads=tl.n_heads))(
             merged, prompts[:, : n + 1])
         for prompt, got in zip(prompts, np.asarray(out), strict=True):
             want = prompt[n + 1:]
