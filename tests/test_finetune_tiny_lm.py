@@ -22,6 +22,11 @@ TINY = [
 FAST = {"compiler_options": {"xla_backend_optimization_level": 0}}
 
 
+def _init(seed, **arch):
+    # Jitted: eagerly, every small op of the initialisers would compile on its own.
+    return jax.jit(lambda k: tfm.init(k, **arch), **FAST)(jax.random.key(seed))
+
+
 def _cfg(name, *extra):
     return finetune.apply_overrides(finetune.load_config(ROOT / "configs" / name), [*TINY, *extra])
 
@@ -32,7 +37,8 @@ def _run(cfg, out, **kw):
 
 @pytest.mark.parametrize("task", ["copy", "reverse", "sort", "shift"])
 def test_tasks(task):
-    seqs = np.asarray(tfm.make_sequences(jax.random.key(0), task, batch=4, length=5, digits=7))
+    make = jax.jit(lambda k: tfm.make_sequences(k, task, batch=4, length=5, digits=7), **FAST)
+    seqs = np.asarray(make(jax.random.key(0)))
     x, sep, y = seqs[:, :5], seqs[:, 5], seqs[:, 6:]
     assert seqs.dtype == np.int32 and (sep == 7).all() and ((x >= 0) & (x < 7)).all()
     np.testing.assert_array_equal(y, tfm.task_answer(x, task, 7))
@@ -42,8 +48,8 @@ def test_tasks(task):
 
 def test_kv_cache_decoding_matches_full_forward():
     n_heads, length = 2, 3
-    params = tfm.init(jax.random.key(1), vocab=6, d_model=16, n_heads=n_heads, n_layers=1, d_ff=32)
-    prompts = jax.random.randint(jax.random.key(2), (3, 5), 0, 6, dtype=jnp.int32)
+    params = _init(1, vocab=6, d_model=16, n_heads=n_heads, n_layers=1, d_ff=32)
+    prompts = jnp.asarray(np.random.default_rng(2).integers(0, 6, (3, 5)), jnp.int32)
 
     generated = jax.jit(lambda p, x: tfm.decode_greedy(p, x, length, n_heads=n_heads), **FAST)(
         params, prompts)
@@ -57,7 +63,7 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_model_is_causal():
-    params = tfm.init(jax.random.key(3), vocab=6, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+    params = _init(3, vocab=6, d_model=16, n_heads=2, n_layers=1, d_ff=32)
     a = jnp.array([[1, 2, 3, 4]], jnp.int32)
     b = jnp.array([[1, 2, 5, 0]], jnp.int32)
     apply = jax.jit(lambda p, t: tfm.apply(p, t, n_heads=2), **FAST)

@@ -93,7 +93,6 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
         )
         return {"params": adapters, "opt": optimizer.init(adapters)}
 
-    state = ctx.jit(init_state)(params)
     frozen = {"base": params, "teacher": {"w": teacher}}
     frozen = jax.device_put(frozen, _mesh.tree_shardings(frozen, mesh))
 
@@ -112,9 +111,8 @@ def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
 
     step_fn = _runner.make_step(loss_fn, optimizer, schedule, batch_fn)
     res = _runner.train_phase(
-        ctx, phase="adapt", state=state, frozen=frozen, step_fn=step_fn,
-        steps=cfg.train.steps, items_per_step=bsz,
-        state_sharding=_mesh.tree_shardings(state, mesh),
+        ctx, phase="adapt", init_state=init_state, init_args=(params,), frozen=frozen,
+        step_fn=step_fn, steps=cfg.train.steps, items_per_step=bsz, mesh=mesh,
     )
     title = (f"lowrank: frozen W {lc.d_in}×{lc.d_out}, ΔW* of rank {lc.true_rank}, "
              f"mesh {cfg.mesh.data}×{cfg.mesh.model}")

@@ -181,6 +181,8 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_checkpoint(path: Path, template: Any, *, fingerprint: str) -> tuple[int, Any]:
     """Reads a checkpoint into the structure of ``template``; returns ``(step, state)``.
 
+    ``template`` is a pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+
     Raises :class:`RunError` when the file is unreadable, from another config, or does not match the
     template's structure, shapes or dtypes.
     """
@@ -204,10 +206,11 @@ def load_checkpoint(path: Path, template: Any, *, fingerprint: str) -> tuple[int
     restored = []
     for i, ref in enumerate(leaves):
         arr = arrays[f"leaf_{i:05d}"]
-        if arr.shape != tuple(np.shape(ref)) or arr.dtype != np.asarray(ref).dtype:
+        want = np.dtype(ref.dtype)
+        if arr.shape != tuple(np.shape(ref)) or arr.dtype != want:
             raise RunError(
                 f"checkpoint {str(path)!r} leaf {i} has shape {arr.shape} and dtype {arr.dtype}, "
-                f"expected {tuple(np.shape(ref))} and {np.asarray(ref).dtype}."
+                f"expected {tuple(np.shape(ref))} and {want}."
             )
         restored.append(arr)
     return int(meta["step"]), jax.tree_util.tree_unflatten(treedef, restored)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxla.finetune import _config, _rundir
+from jaxla.finetune import _config, _mesh, _rundir
 
 __all__ = [
     "NonFiniteLossError",
@@ -225,27 +225,31 @@ def train_phase(
     ctx: RunContext,
     *,
     phase: str,
-    state: Any,
+    init_state: Callable[..., Any],
+    init_args: tuple = (),
     frozen: Any,
     step_fn: Callable,
     steps: int,
     items_per_step: int,
     unit: str = "examples",
-    state_sharding: Any = None,
+    mesh: Any = None,
 ) -> PhaseResult:
     """Runs (or resumes) one phase and returns its final state.
 
     Args:
       ctx: the run context.
       phase: name used for the checkpoint folder, metrics records and progress.
-      state: initial trainable state pytree (used as the template when resuming).
+      init_state: ``init_state(*init_args) -> state``, the initial trainable state pytree; jitted
+        here, and not run when resuming from a checkpoint (its ``jax.eval_shape`` is the template
+        then).
+      init_args: arrays passed to ``init_state``.
       frozen: pytree of arrays the step reads but does not train (passed as an argument so large
         frozen weights are not baked into the compiled program as constants).
       step_fn: ``(state, frozen, step) -> (state, {"loss", "grad_norm", "lr"})``, jitted here.
       steps: total steps of the phase.
       items_per_step: examples (or tokens) per step, for the reported rate.
       unit: name of the items.
-      state_sharding: optional pytree of shardings for ``state`` (multi-device meshes).
+      mesh: the device mesh; the state is laid out on it by :func:`_mesh.tree_shardings`.
 
     Returns:
       A :class:`PhaseResult`.
@@ -256,10 +260,13 @@ def train_phase(
     """
     ckpt_dir = ctx.out / "checkpoints" / phase
     start = 0
-    if ctx.resume:
-        latest = _rundir.latest_checkpoint(ckpt_dir)
-        if latest is not None:
-            start, state = _rundir.load_checkpoint(latest, state, fingerprint=ctx.fingerprint)
+    latest = _rundir.latest_checkpoint(ckpt_dir) if ctx.resume else None
+    template = jax.eval_shape(init_state, *init_args)
+    if latest is not None:
+        start, state = _rundir.load_checkpoint(latest, template, fingerprint=ctx.fingerprint)
+    else:
+        state = ctx.jit(init_state)(*init_args)
+    state_sharding = None if mesh is None else _mesh.tree_shardings(template, mesh)
     if state_sharding is not None:
         state = jax.device_put(state, state_sharding)
     if start >= steps:

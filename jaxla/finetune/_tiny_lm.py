@@ -64,24 +64,23 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
         logits = adapted_apply(frozen["base"], adapters, seqs[:, :-1])
         return tfm.loss_and_accuracy(logits, seqs, n)[0]
 
-    # Optimizer states do not depend on the learning rate: one compiled initialiser serves both
-    # full-parameter phases.
-    init_full = ctx.jit(lambda p: {"params": p, "opt": _runner.make_optimizer(
-        cfg.optim, steps=1)[0].init(p)})
+    def init_full(params):
+        # The optimizer state's structure does not depend on the learning rate.
+        return {"params": params, "opt": _runner.make_optimizer(cfg.optim, steps=1)[0].init(params)}
 
-    def full_phase(phase, params, steps, lr, task, stream):
+    def full_phase(phase, init_state, init_args, steps, lr, task, stream):
         optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=steps, learning_rate=lr)
-        state = init_full(params)
         step_fn = _runner.make_step(full_loss, optimizer, schedule, batch_fn_for(task, stream))
         return _runner.train_phase(
-            ctx, phase=phase, state=state, frozen={}, step_fn=step_fn, steps=steps,
-            items_per_step=tokens_per_step, unit="tokens",
-            state_sharding=_mesh.tree_shardings(state, mesh),
+            ctx, phase=phase, init_state=init_state, init_args=init_args, frozen={},
+            step_fn=step_fn, steps=steps, items_per_step=tokens_per_step, unit="tokens", mesh=mesh,
         )
 
-    params0 = ctx.jit(lambda: tfm.init(_runner.stream_key(seed, "model"), **arch))()
+    def init_pretrain():
+        return init_full(tfm.init(_runner.stream_key(seed, "model"), **arch))
+
     phases = {}
-    res = full_phase("pretrain", params0, tl.pretrain_steps, tl.pretrain_learning_rate,
+    res = full_phase("pretrain", init_pretrain, (), tl.pretrain_steps, tl.pretrain_learning_rate,
                      tl.pretrain_task, "pretrain")
     phases["pretrain"] = res
     if res.interrupted:
@@ -96,14 +95,12 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
                              init=cfg.lora.init)
         return {"params": adapters, "opt": optimizer.init(adapters)}
 
-    state = ctx.jit(init_adapters)(base)
     frozen = jax.device_put({"base": base}, _mesh.tree_shardings({"base": base}, mesh))
     res = _runner.train_phase(
-        ctx, phase="adapt", state=state, frozen=frozen,
+        ctx, phase="adapt", init_state=init_adapters, init_args=(base,), frozen=frozen,
         step_fn=_runner.make_step(lora_loss, optimizer, schedule,
                                   batch_fn_for(tl.adapt_task, "data")),
-        steps=cfg.train.steps, items_per_step=tokens_per_step, unit="tokens",
-        state_sharding=_mesh.tree_shardings(state, mesh),
+        steps=cfg.train.steps, items_per_step=tokens_per_step, unit="tokens", mesh=mesh,
     )
     phases["adapt"] = res
     if res.interrupted:
@@ -112,7 +109,7 @@ def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
 
     full = None
     if tl.full_ft_baseline:
-        res = full_phase("full_ft", base, cfg.train.steps, tl.full_ft_learning_rate,
+        res = full_phase("full_ft", init_full, (base,), cfg.train.steps, tl.full_ft_learning_rate,
                          tl.adapt_task, "data")
         phases["full_ft"] = res
         if res.interrupted:
