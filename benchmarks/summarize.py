@@ -22,7 +22,7 @@ def summarize(paths: list[str]) -> str:
             blocks.append(f"# {path}: unreadable ({e})")
             continue
         info = payload.get("machine", {})
-        rows = [{k: v for k, v in r.items() if k in KEY_COLUMNS or k.endswith(("_ms", "speedup"))}
+        rows = [{k: v for k, v in r.items() if k in KEY_COLUMNS or k.endswith("_ms") or k.startswith("speedup")}
                 for r in payload.get("rows", [])]
         blocks.append(f"# {payload.get('suite', path)} — {info.get('device')} x{info.get('device_count')}, "
                       f"jax {info.get('jax')}, {info.get('date')}")
