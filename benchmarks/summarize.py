@@ -13,6 +13,10 @@ KEY_COLUMNS = ("name", "ok", "median_ms", "jaxla_ms", "anchor_ms", "speedup", "t
                "frac_of_matmul_ceiling", "compile_s", "max_abs_err")
 
 
+def _key_column(name: str) -> bool:
+    return name in KEY_COLUMNS or name.endswith("_ms") or name.startswith("speedup")
+
+
 def summarize(paths: list[str]) -> str:
     blocks = []
     for path in paths:
@@ -22,8 +26,7 @@ def summarize(paths: list[str]) -> str:
             blocks.append(f"# {path}: unreadable ({e})")
             continue
         info = payload.get("machine", {})
-        rows = [{k: v for k, v in r.items() if k in KEY_COLUMNS or k.endswith("_ms") or k.startswith("speedup")}
-                for r in payload.get("rows", [])]
+        rows = [{k: v for k, v in r.items() if _key_column(k)} for r in payload.get("rows", [])]
         blocks.append(f"# {payload.get('suite', path)} — {info.get('device')} x{info.get('device_count')}, "
                       f"jax {info.get('jax')}, {info.get('date')}")
         blocks.append(format_table(rows))
