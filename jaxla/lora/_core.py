@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,13 @@ def check_compatible(params: Any, adapters: Adapters) -> None:
 
 def _apply(params: Any, adapters: Adapters, sign: float, with_error: bool):
     check_compatible(params, adapters)
+    return _apply_jit(params, adapters, sign, with_error)
+
+
+# One compiled program per parameter structure: calling merge eagerly would otherwise compile
+# every small op separately, which costs far more than the arithmetic.
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool):
     errors = []
 
     def visit(key_path, w):
@@ -153,13 +161,15 @@ def linear(
       rounded once.
     """
     w, _ = _linear.check_linear_params(params)
-    check_pair("adapter", w, adapter)
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter must be a jaxla.lora.Adapter, got {type(adapter).__name__}")
     if adapter.stack_shape or adapter.out_in:
         raise ValueError(
             "linear takes one (I, O) weight and an unstacked, (I, O)-layout adapter; got an adapter "
             f"with stack axes {adapter.stack_shape} and out_in={adapter.out_in}. Index stacked "
             "adapters per layer first, e.g. jax.tree.map(lambda v: v[i], adapter)."
         )
+    check_pair("adapter", w, adapter)
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
     compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
