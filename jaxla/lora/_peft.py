@@ -142,6 +142,11 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
                              + _targets.describe_paths(list(leaves.items())))
         n = _n_placeholders(template) if isinstance(template, str) else 0
         shape = tuple(np.shape(leaves[path]))
+        if len(shape) != n + 2:
+            raise ValueError(
+                f"module_names[{path!r}] = {template!r} has {n} '{{}}' placeholders, but the weight "
+                f"has shape {shape}: a weight with k stacking axes needs k placeholders"
+            )
         a_list, b_list, alphas = [], [], set()
         for _idx, module in _modules(path, template, shape[:n]):
             ka, kb = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
