@@ -68,9 +68,12 @@ def _check_indices(indices: ArrayLike, batch: int, n_adapters: int) -> jax.Array
     _checks.check_integer(idx, "indices")
     _checks.check_rank(idx, "indices", 1, "(B,), one adapter index per example")
     _checks.check_axis_size(idx, "indices", 0, batch, "one index per example of x")
-    if not isinstance(idx, jax.core.Tracer):
-        bad = np.asarray(idx)
-        bad = bad[(bad < -1) | (bad >= n_adapters)]
+    try:
+        concrete = np.asarray(idx)
+    except jax.errors.TracerArrayConversionError:
+        concrete = None  # traced: out-of-range rows become NaN instead (see _gather)
+    if concrete is not None:
+        bad = concrete[(concrete < -1) | (concrete >= n_adapters)]
         if bad.size:
             raise ValueError(f"indices must lie in [-1, {n_adapters}) (-1 = base model), "
                              f"got {bad.tolist()}")
