@@ -6,6 +6,7 @@ function serves every choice of adapters; switching adapters never recompiles.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,8 +121,16 @@ def linear_batched(
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
     _checks.check_min_rank(x, "x", 2, "(B, ..., d_in)")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
+                         f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)}")
     idx = _check_indices(indices, x.shape[0], np.shape(adapters.a)[0])
     compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
+    return _linear_batched_jit(params, adapters, x, idx, precision, compute)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _linear_batched_jit(params, adapters, x, idx, precision, compute):
     acc = _checks.accum_dtype(compute)
     y = _linear.linear(params, x, precision=precision, preferred_element_type=acc, dtype=compute)
     a = _gather(jnp.asarray(adapters.a, acc), idx).astype(compute)  # (B, r, I)

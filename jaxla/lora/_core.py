@@ -172,8 +172,21 @@ def linear(
     check_pair("adapter", w, adapter)
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
+    _checks.check_min_rank(x, "x", 1, "(..., d_in)")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
+            f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)} (d_in, d_out)"
+        )
     compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
     out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else compute
+    return _linear_jit(params, adapter, x, precision, compute, out_dtype)
+
+
+# Eager calls compile one program per shape rather than one per primitive; under an outer jit this
+# is inlined.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _linear_jit(params, adapter, x, precision, compute, out_dtype):
     acc = _checks.accum_dtype(compute)
     y = _linear.linear(params, x, precision=precision, preferred_element_type=acc, dtype=compute)
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)

@@ -123,17 +123,24 @@ def init(
             for (name, _leaf, _r, al, flip, _i, _o), (a, b) in zip(plan, arrays, strict=True)}
 
 
+def _flat_draw(sampler, key, shape, dtype, *args):
+    # A 1-D draw reshaped: XLA:CPU compiles multi-dimensional threefry draws an order of magnitude
+    # more slowly (seconds per shape), and the values are just as random.
+    return sampler(key, (math.prod(shape),), dtype, *args).reshape(shape)
+
+
 # All adapters in one compiled program (eager random ops would each compile on their own).
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _init_arrays(key: jax.Array, specs: tuple, init: str) -> list[tuple[jax.Array, jax.Array]]:
     out = []
     for i, (lead, r, d_in, d_out, dt) in enumerate(specs):
         k = jax.random.fold_in(key, i)
+        shape = (*lead, r, d_in)
         if init == "gaussian":
-            a = jax.random.normal(k, (*lead, r, d_in), dt) * jnp.asarray(1.0 / r, dt)
+            a = _flat_draw(jax.random.normal, k, shape, dt) * jnp.asarray(1.0 / r, dt)
         else:
             bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, (*lead, r, d_in), dt, -bound, bound)
+            a = _flat_draw(jax.random.uniform, k, shape, dt, -bound, bound)
         out.append((a, jnp.zeros((*lead, d_out, r), dt)))
     return out
 
@@ -142,7 +149,7 @@ def _randomized_svd(key, w, r, *, oversample, niter):
     """Top-r SVD of ``(..., m, n)`` by a randomized range finder with power iterations (Halko et al.)."""
     m, n = w.shape[-2:]
     ell = min(r + oversample, m, n)
-    omega = jax.random.normal(key, (*w.shape[:-2], n, ell), w.dtype)
+    omega = _flat_draw(jax.random.normal, key, (*w.shape[:-2], n, ell), w.dtype)
     q, _ = jnp.linalg.qr(w @ omega)
     wt = jnp.swapaxes(w, -1, -2)
     for _ in range(niter):
