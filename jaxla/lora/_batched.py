@@ -28,6 +28,8 @@ def stack(adapter_sets: Sequence[Adapters]) -> Adapters:
     Sets may differ in rank and alpha: each ``b`` is multiplied by its own scale and zero-padded to
     the largest rank, and the result has scale 1 (``alpha = r_max``), so every update is unchanged.
 
+    Dimension legend: E adapter sets, ``...`` stacking axes, I ``d_in``, O ``d_out``, r rank.
+
     Args:
       adapter_sets: E dicts ``{path: Adapter}`` with the same keys, layouts and weight shapes.
 

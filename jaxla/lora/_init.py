@@ -35,7 +35,7 @@ def _plan(params, *, rank, alpha, targets, rank_pattern, alpha_pattern, stack_ax
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {rslora!r}")
     chosen = _targets.select_targets(params, targets)
-    out_in_pred = None if out_in is None else _targets._predicate(out_in, "out_in")
+    out_in_pred = None if out_in is None else _targets.predicate(out_in, "out_in")
     plan = []
     for name, leaf in chosen:
         shape = tuple(np.shape(leaf))

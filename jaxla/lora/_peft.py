@@ -133,7 +133,7 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
     config = _read_config(directory)
     tensors, _ = read_safetensors(os.path.join(directory, WEIGHTS))
     leaves = dict(_targets.flatten_with_paths(params))
-    flip = None if out_in is None else _targets._predicate(out_in, "out_in")
+    flip = None if out_in is None else _targets.predicate(out_in, "out_in")
     rslora = bool(config.get("use_rslora", False))
     used, adapters = set(), {}
     for path, template in module_names.items():

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["TargetSpec", "flatten_with_paths", "path_str", "resolve", "select_targets"]
+__all__ = ["TargetSpec", "flatten_with_paths", "path_str", "predicate", "resolve", "select_targets"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 T = TypeVar("T")
@@ -77,7 +77,8 @@ def _compile(pattern: str, what: str) -> re.Pattern:
         raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def _predicate(targets: TargetSpec, what: str) -> Callable[[str, Any], bool]:
+def predicate(targets: TargetSpec, what: str) -> Callable[[str, Any], bool]:
+    """``targets`` (regex, regexes or callable) as a callable ``(path, leaf) -> bool``."""
     if callable(targets):
         return targets
     if isinstance(targets, str):
@@ -98,7 +99,7 @@ def select_targets(params: Any, targets: TargetSpec) -> list[tuple[str, Any]]:
     Raises:
       ValueError: nothing matched; the message lists every available path with its shape.
     """
-    pred = _predicate(targets, "targets")
+    pred = predicate(targets, "targets")
     named = flatten_with_paths(params)
     chosen = [(name, leaf) for name, leaf in named if pred(name, leaf)]
     if not chosen:
