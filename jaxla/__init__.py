@@ -3,6 +3,7 @@
 Flat public API. Subpackages with their own namespaces: ``jaxla.lora`` and ``jaxla.spectral``.
 """
 
+from jaxla import spectral  # spectral (issue 5): subpackage namespace
 from jaxla._linear import init_linear, init_mlp, linear, mlp
 from jaxla._norms import embed, init_embedding, init_layer_norm, layer_norm, rms_norm
 from jaxla._vectors import (
@@ -32,5 +33,6 @@ __all__ = [
     "pairwise_cosine",
     "project",
     "rms_norm",
+    "spectral",  # spectral (issue 5)
     "top_k_similar",
 ]
