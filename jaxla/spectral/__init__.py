@@ -2,9 +2,9 @@
 
 Matrix-free iterative eigensolvers (power iteration, Lanczos) over matrices or matvec functions on
 pytrees; Hessian and Jacobian spectra through autodiff products; randomized and exact low-rank SVD;
-spectral matrix metrics and a per-layer weight report; scikit-learn compatible PCA; LoRA rank analysis;
-and optional matplotlib plots. Everything is a pure function, and results are pytrees that pass
-through ``jax.jit``.
+spectral matrix metrics and a per-layer weight report; scikit-learn compatible PCA; LoRA rank
+analysis; and optional matplotlib plots. Everything is a pure function, and results are pytrees that
+pass through ``jax.jit``.
 """
 
 from jaxla.spectral._hessian import (

@@ -1,14 +1,14 @@
-"""Curvature without forming matrices: Hessian eigenvalues, the edge-of-stability check, Jacobian spectra.
+"""Curvature without forming matrices: Hessian eigenvalues, edge-of-stability check, Jacobian SVD.
 
 Dimension legend used in the docstrings:
   P   number of scalar parameters in the ``params`` pytree
   D   number of scalars in the input ``x`` of a function, E in its output
   k   number of eigenvalues / singular values requested
 
-The Hessian is only touched through Hessian-vector products computed forward-over-reverse (``jvp`` of
-``grad``), which cost about two gradient evaluations and O(P) memory. Gradient descent with step size
-η is unstable along directions with curvature above 2/η (the "edge of stability", Cohen et al. 2021),
-so :func:`sharpness` compares λ_max(H) with 2/η.
+The Hessian is only touched through Hessian-vector products computed forward-over-reverse (``jvp``
+of ``grad``), which cost about two gradient evaluations and O(P) memory. Gradient descent with step
+size η is unstable along directions with curvature above 2/η (the "edge of stability", Cohen et al.
+2021), so :func:`sharpness` compares λ_max(H) with 2/η.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _check_loss(loss_fn: Callable, params: Any, batch: Any) -> None:
     for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
-                f"every params leaf must be floating to differentiate, got dtype {jnp.result_type(leaf)}"
+                "every params leaf must be floating to differentiate, got dtype "
+                f"{jnp.result_type(leaf)}"
             )
     out = jax.eval_shape(loss_fn, params, batch)
     if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
@@ -80,7 +81,7 @@ def hessian_top_eigenvalues(
     tol: float | None = None,
     which: str = "largest",
 ) -> _iterative.EigResult:
-    """Top-``k`` Hessian eigenpairs of ``loss_fn(·, batch)`` at ``params`` from Hessian-vector products.
+    """Top-``k`` eigenpairs of the Hessian of ``loss_fn(·, batch)`` via Hessian-vector products.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -95,8 +96,8 @@ def hessian_top_eigenvalues(
       which: ``"largest"`` (sharpness), ``"smallest"`` (most negative curvature) or ``"magnitude"``.
 
     Returns:
-      :class:`jaxla.spectral.EigResult` with eigenvectors shaped like ``params`` plus a leading ``k``
-      axis, and the ``converged`` flag (``False`` for NaN losses or gradients).
+      :class:`jaxla.spectral.EigResult` with eigenvectors shaped like ``params`` plus a leading
+      ``k`` axis, and the ``converged`` flag (``False`` for NaN losses or gradients).
     """
     _check_loss(loss_fn, params, batch)
 
@@ -110,8 +111,8 @@ def hessian_top_eigenvalues(
         if which != "largest":
             raise ValueError("method='power' finds eigenvalues of largest magnitude; use lanczos "
                              f"for which={which!r}")
-        return _iterative.power_iteration(op, k=k, key=key, like=params,
-                                          num_iters=100 if num_iters is None else num_iters, tol=tol)
+        rounds = 100 if num_iters is None else num_iters
+        return _iterative.power_iteration(op, k=k, key=key, like=params, num_iters=rounds, tol=tol)
     raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
 
 
@@ -177,7 +178,7 @@ def sharpness_callback(
     seed: int = 0,
     num_iters: int = 20,
 ) -> Callable[[int, Any, Any], SharpnessResult | None]:
-    """A fine-tune loop callback ``cb(step, params, batch)`` that measures sharpness every ``every`` steps.
+    """A fine-tune loop callback ``cb(step, params, batch)`` measuring sharpness every few steps.
 
     The returned function is pure: it returns a :class:`SharpnessResult` on steps divisible by
     ``every`` (``None`` otherwise) and keeps no history; the loop logs or collects the results. The

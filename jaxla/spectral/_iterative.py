@@ -1,4 +1,4 @@
-"""Matrix-free symmetric eigensolvers: block power iteration and Lanczos with full reorthogonalisation.
+"""Matrix-free symmetric eigensolvers: block power iteration, Lanczos with full reorthogonalisation.
 
 Dimension legend used in the docstrings:
   n   the operator dimension (number of scalars in a vector pytree)
@@ -6,11 +6,12 @@ Dimension legend used in the docstrings:
   m   the Krylov subspace size (Lanczos steps)
 
 Both solvers run as one ``lax.while_loop`` (no Python loop per step), so they trace once and can be
-wrapped in ``jax.jit``. The operator is a symmetric ``(n, n)`` matrix or a matvec function over pytrees
-(e.g. a Hessian-vector product). Every result carries the true residual norms ``‖A v − λ v‖`` and a
-``converged`` flag that is ``False`` whenever the residuals exceed ``tol · ‖A‖`` or anything was
-non-finite, so NaN input under ``jit`` gives a flagged result rather than a silently wrong one. Eagerly,
-non-finite or non-symmetric matrices raise ``ValueError``.
+wrapped in ``jax.jit``. The operator is a symmetric ``(n, n)`` matrix or a matvec function over
+pytrees (e.g. a Hessian-vector product). Every result carries the true residual norms
+``‖A v − λ v‖`` and a ``converged`` flag that is ``False`` whenever the residuals exceed
+``tol · ‖A‖`` or anything was non-finite, so NaN input under ``jit`` gives a flagged result
+rather than a silently wrong one. Eagerly, non-finite or non-symmetric matrices raise
+``ValueError``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class EigResult(NamedTuple):
 
     Attributes:
       eigenvalues: ``(k,)`` in the solver's order (see ``which``), in the accumulation dtype.
-      eigenvectors: unit eigenvectors; ``(k, n)`` rows for a matrix operator, else a pytree shaped like
-        the vectors with a leading ``k`` axis (``eigenvectors[i]`` is the i-th vector either way).
+      eigenvectors: unit eigenvectors; ``(k, n)`` rows for a matrix operator, else a pytree shaped
+        like the vectors with a leading ``k`` axis (``eigenvectors[i]`` is the i-th vector either
+        way).
       residuals: ``(k,)`` true residual norms ``‖A v_i − λ_i v_i‖``.
       iterations: scalar int32, the matvec rounds (power) or Krylov steps (Lanczos) used.
       converged: scalar bool, all residuals ``<= tol · ‖A‖`` (``‖A‖`` estimated by the largest
@@ -51,7 +53,7 @@ class EigResult(NamedTuple):
 
 
 def default_tol(dtype) -> float:
-    """Relative residual tolerance near what the dtype can reach: 1e-4 for float32, 1e-8 for float64."""
+    """Relative residual tolerance the dtype can reach: 1e-4 for float32, 1e-8 for float64."""
     return 1e-8 if jnp.dtype(dtype) == jnp.float64 else 1e-4
 
 
@@ -147,8 +149,8 @@ def _tridiag_ritz(alpha, beta, j, m):
     """Eigenpairs of the leading ``(j+1) × (j+1)`` block of the ``m × m`` Lanczos matrix.
 
     The unused trailing block gets a diagonal sentinel strictly below the Gershgorin interval of the
-    used block, so ``eigh`` of the fixed-size matrix decouples the two; ``real`` marks the Ritz pairs of
-    the used block (their eigenvectors live on its rows).
+    used block, so ``eigh`` of the fixed-size matrix decouples the two; ``real`` marks the Ritz
+    pairs of the used block (their eigenvectors live on its rows).
     """
     idx = jnp.arange(m, dtype=jnp.int32)
     used = idx <= j
@@ -186,12 +188,12 @@ def lanczos(
 ) -> EigResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
-    Builds an orthonormal Krylov basis ``Q`` (``m × n``, each new vector orthogonalised twice against
-    all previous ones so no spurious copies of converged eigenvalues appear) and the tridiagonal
-    ``T = Q A Qᵀ``. After every step the Ritz pairs of ``T`` are checked; the loop stops when the
-    wanted ``k`` have residual estimates ``β_j |s_{j,i}| <= tol · ‖A‖``, when an invariant subspace is
-    found (``β_j ≈ 0``: the Ritz values are then exact), or after ``num_iters`` steps. Memory is
-    ``(m + 1) · n`` scalars for the basis.
+    Builds an orthonormal Krylov basis ``Q`` (``m × n``, each new vector orthogonalised twice
+    against all previous ones so no spurious copies of converged eigenvalues appear) and the
+    tridiagonal ``T = Q A Qᵀ``. After every step the Ritz pairs of ``T`` are checked; the loop stops
+    when the wanted ``k`` have residual estimates ``β_j |s_{j,i}| <= tol · ‖A‖``, when an invariant
+    subspace is found (``β_j ≈ 0``: the Ritz values are then exact), or after ``num_iters`` steps.
+    Memory is ``(m + 1) · n`` scalars for the basis.
 
     Args:
       op: a symmetric ``(n, n)`` matrix or a function ``v -> A v`` over pytrees.
@@ -215,8 +217,8 @@ def lanczos(
     m = _checks.check_positive_int(m, "num_iters")
     if m < k or m > fop.dim:
         raise ValueError(
-            f"num_iters={m} must be between k={k} and the operator dimension n={fop.dim} (Lanczos can "
-            "build at most n orthogonal vectors)"
+            f"num_iters={m} must be between k={k} and the operator dimension n={fop.dim} "
+            "(Lanczos can build at most n orthogonal vectors)"
         )
     tol = _check_tol(tol, fop.dtype)
     q0 = _operator.start_block(fop, 1, key=key, v0=v0)[0]
@@ -226,7 +228,7 @@ def lanczos(
     zeros = jnp.zeros((m,), fop.dtype)
 
     def cond(state):
-        j, *_, done = state
+        *_, done = state
         return ~done
 
     def body(state):
@@ -234,7 +236,8 @@ def lanczos(
         q = basis[j]
         w = fop.matvec(q)
         a = jnp.dot(q, w, precision=HIGHEST)
-        # Classical Gram–Schmidt against the whole basis, twice ("twice is enough"); rows past j are 0.
+        # Classical Gram–Schmidt against the whole basis, twice ("twice is enough"); the rows
+        # past j are still zero.
         for _ in range(2):
             w = w - jnp.matmul(jnp.matmul(basis, w, precision=HIGHEST), basis, precision=HIGHEST)
         b = jnp.linalg.norm(w)

@@ -1,4 +1,4 @@
-"""LoRA rank analysis: how much rank an update needs, and how a learned adapter relates to its weight.
+"""LoRA rank analysis: the rank an update needs, and how a learned adapter relates to its weight.
 
 Dimension legend used in the docstrings:
   d_in, d_out  the weight's input and output widths; weights are stored ``(d_in, d_out)``
@@ -7,13 +7,15 @@ Dimension legend used in the docstrings:
 
 Adapter convention (that of ``jaxla.lora``, restated so this module stands alone): ``a`` is
 ``(r, d_in)``, ``b`` is ``(d_out, r)`` and the update in the weight's layout is
-``ΔW = scale · (b @ a)ᵀ`` ``(d_in, d_out)``. The report takes either ``ΔW`` itself or ``(a, b, scale)``;
-from factors it never forms ``ΔW`` for the SVD (QR of both factors, then an ``r × r`` SVD).
+``ΔW = scale · (b @ a)ᵀ`` ``(d_in, d_out)``. The report takes either ``ΔW`` itself or ``(a, b,
+scale)``; from factors it never forms ``ΔW`` for the SVD (QR of both factors, then an ``r × r``
+SVD).
 
 Alignment follows Hu et al. 2021 (LoRA, §7): the cosines of the principal angles between ΔW's top-q
-left (input-side) and right (output-side) singular subspaces and W's top-q ones; random q-dimensional
-subspaces of R^d have cosines around √(q/d). The amplification factor is ``‖ΔW‖_F / ‖U_qᵀ W V_q‖_F``
-with U_q, V_q ΔW's top singular vectors: large values mean ΔW boosts directions W barely uses.
+left (input-side) and right (output-side) singular subspaces and W's top-q ones; random
+q-dimensional subspaces of R^d have cosines around √(q/d). The amplification factor is ``‖ΔW‖_F /
+‖U_qᵀ W V_q‖_F`` with U_q, V_q ΔW's top singular vectors: large values mean ΔW boosts directions W
+barely uses.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def _rank_for_energy(s: jax.Array, energy: float) -> jax.Array:
 def suggest_rank(delta_w: Any, *, energy: float = 0.9) -> jax.Array:
     """Smallest rank whose truncated SVD keeps ``energy`` of ``‖ΔW‖_F²``.
 
-    ``r* = min{r : Σ_{i<=r} σ_i² >= energy · Σ_i σ_i²}``, i.e. the rank-r* approximation has relative
-    Frobenius error at most ``√(1 − energy)``.
+    ``r* = min{r : Σ_{i<=r} σ_i² >= energy · Σ_i σ_i²}``, i.e. the rank-r* approximation has
+    relative Frobenius error at most ``√(1 − energy)``.
 
     Args:
       delta_w: ``(..., d_in, d_out)`` update (or any matrix); leading dimensions are batched.
@@ -110,7 +112,7 @@ def _update_svd(w, delta_w, a, b, scale):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AdapterReport:
-    """Spectral summary of a LoRA update ΔW against its frozen weight W (a pytree; prints a summary).
+    """Spectral summary of a LoRA update ΔW against its frozen weight W (a pytree; printable).
 
     Attributes:
       singular_values: ``(p,)`` singular values of ΔW, ``p = min(r, d_in, d_out)`` from factors or
@@ -143,8 +145,10 @@ class AdapterReport:
         cos_out = ", ".join(f"{v:.3f}" for v in np.asarray(self.output_cosines))
         return "\n".join([
             f"singular values of ΔW : {shown}",
-            f"suggested rank        : {int(self.suggested_rank)} (keeps {self.energy:.0%} of ‖ΔW‖_F²)",
-            f"stable / effective    : {float(self.stable_rank):.3f} / {float(self.effective_rank):.3f}",
+            f"suggested rank        : {int(self.suggested_rank)} "
+            f"(keeps {self.energy:.0%} of ‖ΔW‖_F²)",
+            f"stable / effective    : {float(self.stable_rank):.3f} / "
+            f"{float(self.effective_rank):.3f}",
             f"‖ΔW‖_F / ‖W‖_F        : {float(self.relative_norm):.4g}",
             f"cosines with W, input : {cos_in}",
             f"cosines with W, output: {cos_out}",
@@ -185,7 +189,8 @@ def adapter_report(
     uw, _, vwt = jnp.linalg.svd(w, full_matrices=False)
     cos_in = jnp.linalg.svd(jnp.matmul(u[:, :q].T, uw[:, :q], precision=HIGHEST), compute_uv=False)
     cos_out = jnp.linalg.svd(jnp.matmul(vt[:q], vwt[:q].T, precision=HIGHEST), compute_uv=False)
-    projected = jnp.matmul(jnp.matmul(u[:, :q].T, w, precision=HIGHEST), vt[:q].T, precision=HIGHEST)
+    uw_proj = jnp.matmul(u[:, :q].T, w, precision=HIGHEST)
+    projected = jnp.matmul(uw_proj, vt[:q].T, precision=HIGHEST)
     dw_norm = jnp.sqrt(jnp.sum(s * s))
     proj_norm = jnp.linalg.norm(projected)
     amplification = jnp.where(proj_norm > 0, dw_norm / jnp.where(proj_norm > 0, proj_norm, 1.0),

@@ -141,8 +141,9 @@ _COLUMNS = (
 class WeightReport:
     """Metrics of every matrix in a parameter pytree, one row per matrix (per layer when stacked).
 
-    Array fields have shape ``(R,)`` for ``R`` rows; ``names`` and ``shapes`` are static metadata, so
-    the report passes through ``jit``. ``str(report)`` (or :meth:`table`) gives a printable table.
+    Array fields have shape ``(R,)`` for ``R`` rows; ``names`` and ``shapes`` are static metadata,
+    so the report passes through ``jit``. ``str(report)`` (or :meth:`table`) gives a printable
+    table.
     """
 
     spectral_norm: jax.Array

@@ -4,8 +4,8 @@ An operator is either an explicit square matrix ``(n, n)`` or a function ``matve
 pytree ``v``. Both are reduced to a function on flat vectors so the iterative solvers only ever see
 ``(n,)`` and ``(k, n)`` arrays; the pytree structure is restored on the way out.
 
-Value checks (symmetry, finiteness) can only run on concrete arrays. They raise eagerly and are skipped
-under ``jit``, where the solvers' ``converged`` flag reports non-finite input instead.
+Value checks (symmetry, finiteness) can only run on concrete arrays. They raise eagerly and are
+skipped under ``jit``, where the solvers' ``converged`` flag reports non-finite input instead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def concrete(x: Any) -> np.ndarray | None:
-    """``x`` as a NumPy array when its values are known now, ``None`` when traced under a transform."""
+    """``x`` as a NumPy array when its values are known, ``None`` when traced under a transform."""
     try:
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -44,7 +44,7 @@ def check_finite(x: jax.Array, name: str) -> None:
 
 
 def check_matrix(w: Any, name: str, *, batched: bool = False) -> jax.Array:
-    """Converts ``w`` to a floating array of rank 2 (or >= 2 when ``batched``) with finite values."""
+    """Converts ``w`` to a floating array of rank 2 (>= 2 when ``batched``) with finite values."""
     w = _checks.as_array(w, name)
     _checks.check_floating(w, name)
     if batched:
@@ -67,7 +67,7 @@ def check_k(k: Any, dim: int, name: str = "k", what: str = "the operator dimensi
 
 @dataclass(frozen=True)
 class FlatOperator:
-    """A symmetric operator on flat vectors, with the maps to and from the caller's pytree layout."""
+    """A symmetric operator on flat vectors, with maps to and from the caller's pytree layout."""
 
     matvec: Callable[[jax.Array], jax.Array]
     dim: int
@@ -80,7 +80,7 @@ class FlatOperator:
         return jax.vmap(self.matvec)(vs)
 
     def unravel_rows(self, vs: jax.Array) -> Any:
-        """Rows ``(k, n)`` back to the caller's layout: a ``(k, n)`` array or a pytree of ``(k, ...)``."""
+        """Rows ``(k, n)`` in the caller's layout: an array, or a pytree with leading ``k`` axes."""
         if self.is_matrix:
             return vs
         return jax.vmap(self.unravel)(vs)
@@ -92,8 +92,8 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
     Args:
       op: a symmetric ``(n, n)`` floating matrix, or a function mapping a pytree like ``like`` to a
         pytree of the same structure.
-      like: an example vector (pytree) fixing the structure, shapes and dtype; required for functions,
-        ignored for matrices.
+      like: an example vector (pytree) fixing the structure, shapes and dtype; required for
+        functions, ignored for matrices.
       name: the argument name used in error messages.
       check_symmetric: whether to check a concrete matrix for symmetry.
 
@@ -103,8 +103,8 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
     if callable(op) and not isinstance(op, jax.Array | np.ndarray):
         if like is None:
             raise ValueError(
-                f"{name} is a function, so `like` (an example vector pytree) or `v0` is needed to know "
-                "the shape of the vectors it acts on"
+                f"{name} is a function, so `like` (an example vector pytree) or `v0` is needed "
+                "to know the shape of the vectors it acts on"
             )
         flat_like, unravel = ravel_pytree(like)
         if flat_like.size == 0:
@@ -113,7 +113,8 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
             raise TypeError(f"`like` must hold floating arrays, got dtype {flat_like.dtype}")
         dtype = _checks.accum_dtype(flat_like.dtype)
         out_struct = jax.eval_shape(op, like)
-        in_def, out_def = jax.tree_util.tree_structure(like), jax.tree_util.tree_structure(out_struct)
+        in_def = jax.tree_util.tree_structure(like)
+        out_def = jax.tree_util.tree_structure(out_struct)
         in_shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(like)]
         out_shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(out_struct)]
         if in_def != out_def or in_shapes != out_shapes:
@@ -131,8 +132,9 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
     a = check_matrix(op, name)
     if a.shape[0] != a.shape[1]:
         raise ValueError(
-            f"{name} must be a square symmetric matrix (n, n) for an eigenvalue problem, got shape "
-            f"{tuple(a.shape)}; use randomized_svd or the singular value tools for rectangular matrices"
+            f"{name} must be a square symmetric matrix (n, n) for an eigenvalue problem, got "
+            f"shape {tuple(a.shape)}; use randomized_svd or the singular value tools for "
+            "rectangular matrices"
         )
     values = concrete(a) if check_symmetric else None
     if values is not None:
@@ -141,8 +143,9 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
         scale = float(np.max(np.abs(values)))
         if asym > 1e3 * np.finfo(np.dtype(a.dtype)).eps * max(scale, 1e-30) * a.shape[0] ** 0.5:
             raise ValueError(
-                f"{name} must be symmetric (these solvers assume A = Aᵀ), but max |A - Aᵀ| = {asym:.3g} "
-                f"for max |A| = {scale:.3g}; use (A + A.T) / 2 or an SVD tool for non-symmetric input"
+                f"{name} must be symmetric (these solvers assume A = Aᵀ), but max |A - Aᵀ| = "
+                f"{asym:.3g} for max |A| = {scale:.3g}; use (A + A.T) / 2 or an SVD tool for "
+                "non-symmetric input"
             )
     dtype = _checks.accum_dtype(a.dtype)
     a = a.astype(dtype)
@@ -154,7 +157,7 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
 
 
 def start_block(fop: FlatOperator, k: int, *, key: Any, v0: Any, name: str = "v0") -> jax.Array:
-    """The ``(k, n)`` starting block: ``v0`` (a vector or ``k`` stacked vectors) or Gaussian rows."""
+    """The ``(k, n)`` start block: ``v0`` (a vector or ``k`` stacked vectors) or Gaussian rows."""
     if v0 is not None:
         if fop.is_matrix:
             v = _checks.as_array(v0, name)
@@ -167,8 +170,8 @@ def start_block(fop: FlatOperator, k: int, *, key: Any, v0: Any, name: str = "v0
             v = flat(v0) if stacked else ravel_pytree(v0)[0].reshape(1, -1)
         if v.shape[-1] != fop.dim or v.shape[0] not in (1, k):
             raise ValueError(
-                f"{name} must hold one start vector or k={k} of them, each with {fop.dim} elements; "
-                f"got {v.shape[0]} vector(s) of {v.shape[-1]} elements"
+                f"{name} must hold one start vector or k={k} of them, each with {fop.dim} "
+                f"elements; got {v.shape[0]} vector(s) of {v.shape[-1]} elements"
             )
         check_finite(v, name)
         v = v.astype(fop.dtype)

@@ -1,4 +1,4 @@
-"""Principal component analysis with scikit-learn's definitions, as pure functions over a fitted pytree.
+"""Principal component analysis with scikit-learn's definitions, as pure functions on a pytree.
 
 Dimension legend used in the docstrings:
   N  number of samples (e.g. embeddings), D number of features (embedding width)
@@ -74,7 +74,9 @@ def _resolve_n_components(n_components: Any, limit: int) -> tuple[int | None, fl
     if n_components is None:
         return limit, None
     if isinstance(n_components, bool):
-        raise TypeError(f"n_components must be an int, a float in (0, 1) or None, got {n_components}")
+        raise TypeError(
+            f"n_components must be an int, a float in (0, 1) or None, got {n_components}"
+        )
     if isinstance(n_components, int | np.integer):
         if not 1 <= n_components <= limit:
             raise ValueError(
@@ -107,9 +109,9 @@ def pca(
     Args:
       x: ``(N, D)`` floating data, ``N >= 2``.
       n_components: ``None`` (all ``min(N, D)``), an int ``C`` in ``[1, min(N, D)]``, or a float in
-        ``(0, 1)``: the smallest ``C`` whose cumulative explained variance ratio exceeds it (strictly,
-        as scikit-learn). A fraction makes ``C`` depend on the data, so ``x`` must be concrete (not
-        traced under ``jit``) and the ``"full"`` solver is used.
+        ``(0, 1)``: the smallest ``C`` whose cumulative explained variance ratio exceeds it
+        (strictly, as scikit-learn). A fraction makes ``C`` depend on the data, so ``x`` must be
+        concrete (not traced under ``jit``) and the ``"full"`` solver is used.
       whiten: store that :func:`pca_transform` divides by √explained_variance.
       solver: ``"full"`` (exact SVD), ``"randomized"`` (:func:`randomized_svd`, needs ``key``) or
         ``"auto"``: randomized when ``max(N, D) > 500`` and ``C < 0.8 · min(N, D)`` and a key is
@@ -124,7 +126,9 @@ def pca(
     x = _operator.check_matrix(x, "x")
     n, d = x.shape
     if n < 2:
-        raise ValueError(f"pca needs at least 2 samples to estimate variance, got x of shape {(n, d)}")
+        raise ValueError(
+            f"pca needs at least 2 samples to estimate variance, got x of shape {(n, d)}"
+        )
     if solver not in _SOLVERS:
         raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
     limit = min(n, d)
@@ -167,7 +171,9 @@ def pca(
 
 def _check_fit(fit: Any) -> None:
     if not isinstance(fit, PCAResult):
-        raise TypeError(f"fit must be a PCAResult from jaxla.spectral.pca, got {type(fit).__name__}")
+        raise TypeError(
+            f"fit must be a PCAResult from jaxla.spectral.pca, got {type(fit).__name__}"
+        )
 
 
 def pca_transform(fit: PCAResult, x: Any) -> jax.Array:

@@ -1,8 +1,8 @@
 """Optional matplotlib plots: singular value spectra, 2-D PCA scatter, sharpness over training.
 
-matplotlib is imported only when a plot is requested (install the ``jaxla[plot]`` extra). Figures are
-built with the object-oriented API (no pyplot global state) and, when ``path`` is given, written as
-PNG atomically: rendered to a temporary file in the same directory, then renamed over ``path``.
+matplotlib is imported only when a plot is requested (install the ``jaxla[plot]`` extra). Figures
+are built with the object-oriented API (no pyplot global state) and, when ``path`` is given, written
+as PNG atomically: rendered to a temporary file in the same directory, then renamed over ``path``.
 
 Dimension legend used in the docstrings:
   K  number of singular values, N number of points, C number of PCA components (>= 2)
@@ -164,11 +164,12 @@ def plot_sharpness(
     title: str = "Top Hessian eigenvalue during training",
     dpi: int = 120,
 ):
-    """Plots λ_max(H) over training steps, with the edge of stability 2/η if ``learning_rate`` given.
+    """Plots λ_max(H) over training steps, with the edge of stability 2/η when η is given.
 
     Args:
       steps: ``(M,)`` training steps.
-      sharpness: ``(M,)`` top Hessian eigenvalues (e.g. from :func:`jaxla.spectral.sharpness_callback`).
+      sharpness: ``(M,)`` top Hessian eigenvalues (e.g. from
+        :func:`jaxla.spectral.sharpness_callback`).
       learning_rate: step size η; draws the horizontal line 2/η.
       path: if given, the PNG is written there atomically.
       title: axes title.

@@ -118,9 +118,10 @@ def randomized_svd(
 
     With ``l = rank + oversample`` and ``q = n_iter`` the expected spectral error of the sketch
     satisfies (HMT Corollary 10.10)
-    ``E‖w − QQᵀw‖ ≤ [(1 + √(r/(p−1))) σ_{r+1}^{2q+1} + e√(r+p)/p · (Σ_{j>r} σ_j^{2(2q+1)})^{1/2}]^{1/(2q+1)}``
-    and the returned rank-``r`` truncation adds at most ``σ_{r+1}`` (HMT §9.3). Signs are fixed so
-    the largest-magnitude entry of each column of ``u`` is positive.
+    ``E‖w − QQᵀw‖ ≤ [(1 + √(r/(p−1))) σ_{r+1}^{2q+1} + e√(r+p)/p · (Σ_{j>r}
+    σ_j^{2(2q+1)})^{1/2}]^{1/(2q+1)}`` and the returned rank-``r`` truncation adds at most
+    ``σ_{r+1}`` (HMT §9.3). Signs are fixed so the largest-magnitude entry of each column of ``u``
+    is positive.
 
     Args:
       w: ``(..., m, n)`` floating matrix (leading dimensions are batched).
@@ -131,8 +132,8 @@ def randomized_svd(
         scikit-learn heuristic).
 
     Returns:
-      :class:`SVDResult` with ``u (..., m, r)``, ``s (..., r)``, ``vt (..., r, n)`` in f32 (f64 for f64
-      input).
+      :class:`SVDResult` with ``u (..., m, r)``, ``s (..., r)``, ``vt (..., r, n)`` in f32 (f64 for
+      f64 input).
     """
     w = _operator.check_matrix(w, "w", batched=True)
     rank = _check_rank_arg(rank, w)
@@ -154,16 +155,16 @@ def randomized_svd(
 def low_rank_approx(w: Any, rank: int) -> LowRankResult:
     """Best rank-``rank`` approximation of ``w`` in spectral and Frobenius norm (Eckart–Young).
 
-    Uses a full SVD, so the reported errors are exact: ``σ_{r+1}`` and ``√(Σ_{i>r} σ_i²)``. For large
-    matrices where only the factors matter use :func:`randomized_svd`.
+    Uses a full SVD, so the reported errors are exact: ``σ_{r+1}`` and ``√(Σ_{i>r} σ_i²)``. For
+    large matrices where only the factors matter use :func:`randomized_svd`.
 
     Args:
       w: ``(..., m, n)`` floating matrix.
       rank: ``1 <= r <= min(m, n)``.
 
     Returns:
-      :class:`LowRankResult`; signs follow :func:`randomized_svd` (largest entry of each ``u`` column
-      positive).
+      :class:`LowRankResult`; signs follow :func:`randomized_svd` (largest entry of each ``u``
+      column positive).
     """
     w = _operator.check_matrix(w, "w", batched=True)
     rank = _check_rank_arg(rank, w)
