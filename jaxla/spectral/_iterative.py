@@ -16,6 +16,7 @@ rather than a silently wrong one. Eagerly, non-finite or non-symmetric matrices 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -116,7 +117,15 @@ def power_iteration(
     k = _operator.check_k(k, fop.dim)
     num_iters = _checks.check_positive_int(num_iters, "num_iters")
     tol = _check_tol(tol, fop.dtype)
-    v = _orthonormal_rows(_operator.start_block(fop, k, key=key, v0=v0))
+    v0_block = _operator.start_block(fop, k, key=key, v0=v0)
+    if fop.is_matrix:
+        return _power_dense(fop.matrix, v0_block, num_iters=num_iters, tol=tol)
+    return _power_core(fop, v0_block, num_iters, tol)
+
+
+def _power_core(fop, v, num_iters, tol):
+    k = v.shape[0]
+    v = _orthonormal_rows(v)
 
     def ritz(v):
         w = fop.matmat(v)
@@ -143,6 +152,12 @@ def power_iteration(
     init = (jnp.int32(0), jnp.zeros((k,), fop.dtype), v, v, jnp.bool_(False))
     iters, theta, vr, _, done = lax.while_loop(cond, body, init)
     return _finish(fop, theta, vr, tol, iters, done)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters", "tol"))
+def _power_dense(a, v, *, num_iters, tol):
+    # One compiled program per shape and option set, reused across calls on explicit matrices.
+    return _power_core(_operator.dense_operator(a), v, num_iters, tol)
 
 
 def _tridiag_ritz(alpha, beta, j, m):
@@ -222,6 +237,17 @@ def lanczos(
         )
     tol = _check_tol(tol, fop.dtype)
     q0 = _operator.start_block(fop, 1, key=key, v0=v0)[0]
+    if fop.is_matrix:
+        return _lanczos_dense(fop.matrix, q0, k=k, m=m, tol=tol, which=which)
+    return _lanczos_core(fop, q0, k, m, tol, which)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "m", "tol", "which"))
+def _lanczos_dense(a, q0, *, k, m, tol, which):
+    return _lanczos_core(_operator.dense_operator(a), q0, k, m, tol, which)
+
+
+def _lanczos_core(fop, q0, k, m, tol, which):
     q0 = q0 / jnp.linalg.norm(q0)
     eps = jnp.finfo(fop.dtype).eps
     basis = jnp.zeros((m + 1, fop.dim), fop.dtype).at[0].set(q0)

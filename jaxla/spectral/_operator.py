@@ -73,7 +73,11 @@ class FlatOperator:
     dim: int
     dtype: Any
     unravel: Callable[[jax.Array], Any]
-    is_matrix: bool
+    matrix: jax.Array | None = None
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.matrix is not None
 
     def matmat(self, vs: jax.Array) -> jax.Array:
         """Applies the operator to each row of ``vs`` ``(k, n)``."""
@@ -127,7 +131,7 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
             out, _ = ravel_pytree(op(unravel(v.astype(flat_like.dtype))))
             return out.astype(dtype)
 
-        return FlatOperator(matvec, int(flat_like.size), dtype, unravel, False)
+        return FlatOperator(matvec, int(flat_like.size), dtype, unravel)
 
     a = check_matrix(op, name)
     if a.shape[0] != a.shape[1]:
@@ -147,13 +151,18 @@ def make_operator(op: Any, like: Any, *, name: str = "op", check_symmetric: bool
                 f"{asym:.3g} for max |A| = {scale:.3g}; use (A + A.T) / 2 or an SVD tool for "
                 "non-symmetric input"
             )
+    return dense_operator(a)
+
+
+def dense_operator(a: jax.Array) -> FlatOperator:
+    """The operator of a square matrix, without value checks (usable on traced arrays)."""
     dtype = _checks.accum_dtype(a.dtype)
     a = a.astype(dtype)
 
     def matvec(v: jax.Array) -> jax.Array:
         return jnp.matmul(a, v, precision=HIGHEST)
 
-    return FlatOperator(matvec, int(a.shape[0]), dtype, lambda v: v, True)
+    return FlatOperator(matvec, int(a.shape[0]), dtype, lambda v: v, a)
 
 
 def start_block(fop: FlatOperator, k: int, *, key: Any, v0: Any, name: str = "v0") -> jax.Array:
