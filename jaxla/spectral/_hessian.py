@@ -13,6 +13,7 @@ size η is unstable along directions with curvature above 2/η (the "edge of sta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -100,20 +101,28 @@ def hessian_top_eigenvalues(
       ``k`` axis, and the ``converged`` flag (``False`` for NaN losses or gradients).
     """
     _check_loss(loss_fn, params, batch)
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if method == "power" and which != "largest":
+        raise ValueError("method='power' finds eigenvalues of largest magnitude; use lanczos "
+                         f"for which={which!r}")
+    # One compiled program per loss function, shapes and options (argument checks run while it
+    # traces and raise as usual); params and batch are arguments, never baked-in constants.
+    return _hessian_eigs(params, batch, key, loss_fn=loss_fn, k=k, method=method,
+                         num_iters=num_iters, tol=tol, which=which)
 
+
+@functools.partial(jax.jit,
+                   static_argnames=("loss_fn", "k", "method", "num_iters", "tol", "which"))
+def _hessian_eigs(params, batch, key, *, loss_fn, k, method, num_iters, tol, which):
     def op(v):
         return hvp(loss_fn, params, batch, v)
 
     if method == "lanczos":
         return _iterative.lanczos(op, k=k, key=key, like=params, num_iters=num_iters, tol=tol,
                                   which=which)
-    if method == "power":
-        if which != "largest":
-            raise ValueError("method='power' finds eigenvalues of largest magnitude; use lanczos "
-                             f"for which={which!r}")
-        rounds = 100 if num_iters is None else num_iters
-        return _iterative.power_iteration(op, k=k, key=key, like=params, num_iters=rounds, tol=tol)
-    raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    rounds = 100 if num_iters is None else num_iters
+    return _iterative.power_iteration(op, k=k, key=key, like=params, num_iters=rounds, tol=tol)
 
 
 class SharpnessResult(NamedTuple):
@@ -259,6 +268,11 @@ def jacobian_singular_values(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn)}")
+    return _jacobian_svd(x, key, fn=fn, k=k, num_iters=num_iters, tol=tol)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "k", "num_iters", "tol"))
+def _jacobian_svd(x, key, *, fn, k, num_iters, tol):
     out, vjp_fn = jax.vjp(fn, x)
 
     def gram(v):
