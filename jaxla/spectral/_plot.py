@@ -23,7 +23,7 @@ __all__ = ["plot_pca_scatter", "plot_sharpness", "plot_singular_values"]
 def _figure(figsize):
     try:
         from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - exercised by monkeypatching in tests
+    except ImportError as e:
         raise ImportError(
             "jaxla.spectral plots need matplotlib; install it with `pip install 'jaxla[plot]'` "
             "(or `pip install matplotlib`)"

@@ -15,6 +15,7 @@ for f64 input).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -76,6 +77,7 @@ def _orth(x: jax.Array) -> jax.Array:
     return jnp.linalg.qr(x)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("size", "n_iter"))
 def _range_finder(w: jax.Array, size: int, *, key: Any, n_iter: int) -> jax.Array:
     """Orthonormal ``(..., m, size)`` basis ``Q`` with ``Q Qᵀ w ≈ w`` (HMT Algorithm 4.4)."""
     omega = jax.random.normal(key, (*w.shape[:-2], w.shape[-1], size), w.dtype)
@@ -143,7 +145,12 @@ def randomized_svd(
         n_iter = 7 if rank < 0.1 * limit else 4
     n_iter = _checks.check_positive_int(n_iter, "n_iter", allow_zero=True)
     size = min(rank + oversample, limit)
-    w = w.astype(_checks.accum_dtype(w.dtype))
+    return _randomized_svd(w.astype(_checks.accum_dtype(w.dtype)), key, rank=rank, size=size,
+                           n_iter=n_iter)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "size", "n_iter"))
+def _randomized_svd(w, key, *, rank, size, n_iter):
     q = _range_finder(w, size, key=key, n_iter=n_iter)
     b = jnp.matmul(_mT(q), w, precision=HIGHEST)
     ub, s, vt = jnp.linalg.svd(b, full_matrices=False)
@@ -168,7 +175,11 @@ def low_rank_approx(w: Any, rank: int) -> LowRankResult:
     """
     w = _operator.check_matrix(w, "w", batched=True)
     rank = _check_rank_arg(rank, w)
-    w = w.astype(_checks.accum_dtype(w.dtype))
+    return _low_rank(w.astype(_checks.accum_dtype(w.dtype)), rank=rank)
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _low_rank(w, *, rank):
     u, s, vt = jnp.linalg.svd(w, full_matrices=False)
     tail = s[..., rank:]
     spectral = tail[..., 0] if tail.shape[-1] else jnp.zeros(s.shape[:-1], s.dtype)
