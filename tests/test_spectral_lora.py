@@ -60,7 +60,9 @@ def test_alignment_cosines(x64, rng):
     weak = 0.1 * np.outer(uw[:, 4], vw[:, 4]) + 0.05 * np.outer(uw[:, 3], vw[:, 3])
     rep = spectral.adapter_report(w, delta_w=weak, top_k=2)
     np.testing.assert_allclose(rep.input_cosines, [0.0, 0.0], atol=1e-8)
-    assert float(rep.amplification) > 0.1 / 0.2 - 1e-9
+    # U_qᵀ W V_q = diag(0.2, 0.5) on those directions.
+    expected = np.hypot(0.1, 0.05) / np.hypot(0.2, 0.5)
+    assert float(rep.amplification) == pytest.approx(expected, rel=1e-8)
 
 
 def test_report_jit_and_float32(rng):
