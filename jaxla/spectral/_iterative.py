@@ -118,9 +118,11 @@ def power_iteration(
     num_iters = _checks.check_positive_int(num_iters, "num_iters")
     tol = _check_tol(tol, fop.dtype)
     v0_block = _operator.start_block(fop, k, key=key, v0=v0)
+    # Iteration count and tolerance are traced, so one compiled program serves every setting.
+    limits = (jnp.asarray(num_iters, jnp.int32), jnp.asarray(tol, fop.dtype))
     if fop.is_matrix:
-        return _power_dense(fop.matrix, v0_block, num_iters=num_iters, tol=tol)
-    return _power_core(fop, v0_block, num_iters, tol)
+        return _power_dense(fop.matrix, v0_block, *limits)
+    return jax.jit(functools.partial(_power_core, fop))(v0_block, *limits)
 
 
 def _power_core(fop, v, num_iters, tol):
@@ -154,8 +156,8 @@ def _power_core(fop, v, num_iters, tol):
     return _finish(fop, theta, vr, tol, iters, done)
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters", "tol"))
-def _power_dense(a, v, *, num_iters, tol):
+@jax.jit
+def _power_dense(a, v, num_iters, tol):
     # One compiled program per shape and option set, reused across calls on explicit matrices.
     return _power_core(_operator.dense_operator(a), v, num_iters, tol)
 
@@ -183,8 +185,9 @@ def _tridiag_ritz(alpha, beta, j, m):
     return theta, s, mass > 0.5
 
 
-def _select(theta, real, which, k):
-    score = {"largest": theta, "smallest": -theta, "magnitude": jnp.abs(theta)}[which]
+def _select(theta, real, which_id, k):
+    """Indices of the ``k`` wanted Ritz values; ``which_id`` indexes ``_WHICH`` (may be traced)."""
+    score = jnp.where(which_id == 0, theta, jnp.where(which_id == 1, -theta, jnp.abs(theta)))
     score = jnp.where(real, score, -jnp.inf)
     _, top = lax.top_k(score, k)
     return top
@@ -237,17 +240,19 @@ def lanczos(
         )
     tol = _check_tol(tol, fop.dtype)
     q0 = _operator.start_block(fop, 1, key=key, v0=v0)[0]
+    # Only k and m fix shapes; tolerance and `which` are traced so compiled programs are shared.
+    opts = (jnp.asarray(tol, fop.dtype), jnp.asarray(_WHICH.index(which), jnp.int32))
     if fop.is_matrix:
-        return _lanczos_dense(fop.matrix, q0, k=k, m=m, tol=tol, which=which)
-    return _lanczos_core(fop, q0, k, m, tol, which)
+        return _lanczos_dense(fop.matrix, q0, *opts, k=k, m=m)
+    return jax.jit(functools.partial(_lanczos_core, fop, k=k, m=m))(q0, *opts)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "m", "tol", "which"))
-def _lanczos_dense(a, q0, *, k, m, tol, which):
-    return _lanczos_core(_operator.dense_operator(a), q0, k, m, tol, which)
+@functools.partial(jax.jit, static_argnames=("k", "m"))
+def _lanczos_dense(a, q0, tol, which_id, *, k, m):
+    return _lanczos_core(_operator.dense_operator(a), q0, tol, which_id, k=k, m=m)
 
 
-def _lanczos_core(fop, q0, k, m, tol, which):
+def _lanczos_core(fop, q0, tol, which_id, *, k, m):
     q0 = q0 / jnp.linalg.norm(q0)
     eps = jnp.finfo(fop.dtype).eps
     basis = jnp.zeros((m + 1, fop.dim), fop.dtype).at[0].set(q0)
@@ -272,7 +277,7 @@ def _lanczos_core(fop, q0, k, m, tol, which):
         breakdown = b <= 100.0 * eps * anorm
         basis = basis.at[j + 1].set(jnp.where(breakdown, 0.0, w / jnp.where(breakdown, 1.0, b)))
         theta, s, real = _tridiag_ritz(alpha, beta, j, m)
-        top = _select(theta, real, which, k)
+        top = _select(theta, real, which_id, k)
         est = b * jnp.abs(s[j, top])
         scale = jnp.max(jnp.where(real, jnp.abs(theta), 0.0))
         conv = (j + 1 >= k) & jnp.all(est <= tol * scale)
@@ -283,7 +288,7 @@ def _lanczos_core(fop, q0, k, m, tol, which):
     init = (jnp.int32(0), basis, zeros, zeros, jnp.zeros((), fop.dtype), jnp.bool_(False))
     steps, basis, alpha, beta, _, _ = lax.while_loop(cond, body, init)
     theta, s, real = _tridiag_ritz(alpha, beta, steps - 1, m)
-    top = _select(theta, real, which, k)
+    top = _select(theta, real, which_id, k)
     vectors = jnp.matmul(s[:, top].T, basis[:m], precision=HIGHEST)
     enough = jnp.all(real[top])
     return _finish(fop, theta[top], vectors, tol, steps, enough)
