@@ -94,8 +94,8 @@ def _mlp(widths, key):
 def _mlp_loss(params, batch):
     x, y = batch
     for layer in params[:-1]:
-        x = jnp.tanh(x @ layer["w"] + layer["b"])
-    out = x @ params[-1]["w"] + params[-1]["b"]
+        x = jnp.tanh(x @ layer["w"] + layer["b"][None, :])
+    out = x @ params[-1]["w"] + params[-1]["b"][None, :]
     return jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
 
 

@@ -72,6 +72,8 @@ def test_report_jit_and_float32(rng):
     rep = jax.jit(lambda w, a, b: spectral.adapter_report(w, a=a, b=b, scale=2.0))(w, a, b)
     assert rep.singular_values.shape == (2,) and rep.singular_values.dtype == jnp.float32
     assert rep.energy == 0.9
+    zero = spectral.adapter_report(w, delta_w=jnp.zeros((6, 5)))
+    assert float(zero.amplification) == 0.0 and int(zero.suggested_rank) == 0
 
 
 def test_bad_input(rng):

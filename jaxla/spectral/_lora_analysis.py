@@ -124,7 +124,8 @@ class AdapterReport:
       input_cosines: ``(q,)`` cosines of principal angles between ΔW's and W's top-q left singular
         subspaces (input side, ``R^{d_in}``), descending.
       output_cosines: ``(q,)`` the same on the output side ``R^{d_out}``.
-      amplification: ``‖ΔW‖_F / ‖U_qᵀ W V_q‖_F`` (Hu et al. 2021); inf if W has no energy there.
+      amplification: ``‖ΔW‖_F / ‖U_qᵀ W V_q‖_F`` (Hu et al. 2021); inf if W has no energy there,
+        0 for ΔW = 0.
       energy: the energy fraction used (static).
     """
 
@@ -193,8 +194,8 @@ def adapter_report(
     projected = jnp.matmul(uw_proj, vt[:q].T, precision=HIGHEST)
     dw_norm = jnp.sqrt(jnp.sum(s * s))
     proj_norm = jnp.linalg.norm(projected)
-    amplification = jnp.where(proj_norm > 0, dw_norm / jnp.where(proj_norm > 0, proj_norm, 1.0),
-                              jnp.inf)
+    ratio = dw_norm / jnp.where(proj_norm > 0, proj_norm, 1.0)
+    amplification = jnp.where(dw_norm == 0, 0.0, jnp.where(proj_norm > 0, ratio, jnp.inf))
     w_norm = jnp.linalg.norm(w)
     rel = jnp.where(w_norm > 0, dw_norm / jnp.where(w_norm > 0, w_norm, 1.0), jnp.inf)
     return AdapterReport(
