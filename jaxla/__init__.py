@@ -3,7 +3,7 @@
 Flat public API. Subpackages with their own namespaces: ``jaxla.lora`` and ``jaxla.spectral``.
 """
 
-from jaxla import lora  # LoRA (issue 4): the jaxla.lora namespace
+from jaxla import lora, spectral
 from jaxla._linear import init_linear, init_mlp, linear, mlp
 from jaxla._norms import embed, init_embedding, init_layer_norm, layer_norm, rms_norm
 from jaxla._vectors import (
@@ -49,6 +49,7 @@ __all__ = [
     "pairwise_cosine",
     "project",
     "rms_norm",
+    "spectral",
     "top_k_similar",
 ]
 

@@ -23,3 +23,22 @@ def test_ci_runs_the_readme_test_command():
     test_command = _readme_commands()[1]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+
+
+def test_readme_python_snippets_run():
+    """Every ```python block in the README runs, in order, in one namespace (as a reader would)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = []
+    inside = False
+    for line in text.splitlines():
+        if line.strip() == "```python":
+            inside, current = True, []
+        elif inside and line.strip() == "```":
+            inside = False
+            blocks.append("\n".join(current))
+        elif inside:
+            current.append(line)
+    assert blocks, "the README has no python snippets"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)

@@ -108,6 +108,8 @@ def check_pair(name: str, w: Any, adapter: Any) -> None:
 def delta(adapter: Adapter, dtype: Any = None) -> jax.Array:
     """The update ``adapter`` adds to its weight, in the weight's layout.
 
+    Dimension legend: ``...`` stacking axes, I ``d_in``, O ``d_out``, r rank.
+
     ``scale · (b @ a)ᵀ`` of shape ``(..., d_in, d_out)`` (or ``scale · b @ a``, ``(..., d_out, d_in)``,
     for ``out_in`` weights), computed and returned in ``dtype`` (float32 by default; float64 when the
     adapter is float64).

@@ -6,6 +6,7 @@ function serves every choice of adapters; switching adapters never recompiles.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,8 @@ def stack(adapter_sets: Sequence[Adapters]) -> Adapters:
 
     Sets may differ in rank and alpha: each ``b`` is multiplied by its own scale and zero-padded to
     the largest rank, and the result has scale 1 (``alpha = r_max``), so every update is unchanged.
+
+    Dimension legend: E adapter sets, ``...`` stacking axes, I ``d_in``, O ``d_out``, r rank.
 
     Args:
       adapter_sets: E dicts ``{path: Adapter}`` with the same keys, layouts and weight shapes.
@@ -68,9 +71,12 @@ def _check_indices(indices: ArrayLike, batch: int, n_adapters: int) -> jax.Array
     _checks.check_integer(idx, "indices")
     _checks.check_rank(idx, "indices", 1, "(B,), one adapter index per example")
     _checks.check_axis_size(idx, "indices", 0, batch, "one index per example of x")
-    if not isinstance(idx, jax.core.Tracer):
-        bad = np.asarray(idx)
-        bad = bad[(bad < -1) | (bad >= n_adapters)]
+    try:
+        concrete = np.asarray(idx)
+    except jax.errors.TracerArrayConversionError:
+        concrete = None  # traced: out-of-range rows become NaN instead (see _gather)
+    if concrete is not None:
+        bad = concrete[(concrete < -1) | (concrete >= n_adapters)]
         if bad.size:
             raise ValueError(f"indices must lie in [-1, {n_adapters}) (-1 = base model), "
                              f"got {bad.tolist()}")
@@ -117,8 +123,16 @@ def linear_batched(
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
     _checks.check_min_rank(x, "x", 2, "(B, ..., d_in)")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
+                         f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)}")
     idx = _check_indices(indices, x.shape[0], np.shape(adapters.a)[0])
     compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
+    return _linear_batched_jit(params, adapters, x, idx, precision, compute)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _linear_batched_jit(params, adapters, x, idx, precision, compute):
     acc = _checks.accum_dtype(compute)
     y = _linear.linear(params, x, precision=precision, preferred_element_type=acc, dtype=compute)
     a = _gather(jnp.asarray(adapters.a, acc), idx).astype(compute)  # (B, r, I)

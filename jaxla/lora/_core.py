@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,13 @@ def check_compatible(params: Any, adapters: Adapters) -> None:
 
 def _apply(params: Any, adapters: Adapters, sign: float, with_error: bool):
     check_compatible(params, adapters)
+    return _apply_jit(params, adapters, sign, with_error)
+
+
+# One compiled program per parameter structure: calling merge eagerly would otherwise compile
+# every small op separately, which costs far more than the arithmetic.
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool):
     errors = []
 
     def visit(key_path, w):
@@ -153,17 +161,32 @@ def linear(
       rounded once.
     """
     w, _ = _linear.check_linear_params(params)
-    check_pair("adapter", w, adapter)
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter must be a jaxla.lora.Adapter, got {type(adapter).__name__}")
     if adapter.stack_shape or adapter.out_in:
         raise ValueError(
             "linear takes one (I, O) weight and an unstacked, (I, O)-layout adapter; got an adapter "
             f"with stack axes {adapter.stack_shape} and out_in={adapter.out_in}. Index stacked "
             "adapters per layer first, e.g. jax.tree.map(lambda v: v[i], adapter)."
         )
+    check_pair("adapter", w, adapter)
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
+    _checks.check_min_rank(x, "x", 1, "(..., d_in)")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
+            f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)} (d_in, d_out)"
+        )
     compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
     out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else compute
+    return _linear_jit(params, adapter, x, precision, compute, out_dtype)
+
+
+# Eager calls compile one program per shape rather than one per primitive; under an outer jit this
+# is inlined.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _linear_jit(params, adapter, x, precision, compute, out_dtype):
     acc = _checks.accum_dtype(compute)
     y = _linear.linear(params, x, precision=precision, preferred_element_type=acc, dtype=compute)
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)

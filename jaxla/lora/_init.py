@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +35,7 @@ def _plan(params, *, rank, alpha, targets, rank_pattern, alpha_pattern, stack_ax
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {rslora!r}")
     chosen = _targets.select_targets(params, targets)
-    out_in_pred = None if out_in is None else _targets._predicate(out_in, "out_in")
+    out_in_pred = None if out_in is None else _targets.predicate(out_in, "out_in")
     plan = []
     for name, leaf in chosen:
         shape = tuple(np.shape(leaf))
@@ -87,8 +88,9 @@ def init(
       params: any parameter pytree (jaxla, Flax linen dicts, Flax NNX state, Equinox, plain dicts).
       rank: r for every target (``0 < r <= min(I, O)``).
       alpha: LoRA alpha (> 0); the scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
-      targets: a regex searched in each "/"-joined leaf path, a sequence of such regexes, or a
-        callable ``(path, leaf) -> bool``.
+      targets: a regex matching the end of each "/"-joined leaf path at a "/" boundary (``"w"``,
+        ``"(q|v)_proj/kernel"``, ``".*kernel.*"``), a sequence of such regexes, or a callable
+        ``(path, leaf) -> bool``.
       init: ``"gaussian"`` (a ~ N(0, 1/r²), PEFT's "gaussian") or ``"kaiming"`` (a ~ U(±1/√I), PEFT's
         default Kaiming-uniform). For PiSSA use :func:`init_pissa`.
       rslora: rank-stabilised scale ``alpha / sqrt(r)``.
@@ -111,26 +113,43 @@ def init(
         raise ValueError(f"init must be one of {_INITS}, got {init!r}{hint}")
     plan = _plan(params, rank=rank, alpha=alpha, targets=targets, rank_pattern=rank_pattern,
                  alpha_pattern=alpha_pattern, stack_axes=stack_axes, out_in=out_in, rslora=rslora)
-    adapters = {}
-    for i, (name, leaf, r, al, flip, d_in, d_out) in enumerate(plan):
-        lead = tuple(np.shape(leaf))[:-2]
-        dt = jnp.dtype(dtype) if dtype is not None else _checks.accum_dtype(jnp.result_type(leaf))
+    specs = tuple(
+        (tuple(np.shape(leaf))[:-2], r, d_in, d_out,
+         (jnp.dtype(dtype) if dtype is not None else _checks.accum_dtype(jnp.result_type(leaf))).name)
+        for name, leaf, r, al, flip, d_in, d_out in plan
+    )
+    arrays = _init_arrays(key, specs, init)
+    return {name: Adapter(a, b, al, rslora, flip)
+            for (name, _leaf, _r, al, flip, _i, _o), (a, b) in zip(plan, arrays, strict=True)}
+
+
+def _flat_draw(sampler, key, shape, dtype, *args):
+    # A 1-D draw reshaped: XLA:CPU compiles multi-dimensional threefry draws an order of magnitude
+    # more slowly (seconds per shape), and the values are just as random.
+    return sampler(key, (math.prod(shape),), dtype, *args).reshape(shape)
+
+
+# All adapters in one compiled program (eager random ops would each compile on their own).
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_arrays(key: jax.Array, specs: tuple, init: str) -> list[tuple[jax.Array, jax.Array]]:
+    out = []
+    for i, (lead, r, d_in, d_out, dt) in enumerate(specs):
         k = jax.random.fold_in(key, i)
+        shape = (*lead, r, d_in)
         if init == "gaussian":
-            a = jax.random.normal(k, (*lead, r, d_in), dt) * jnp.asarray(1.0 / r, dt)
+            a = _flat_draw(jax.random.normal, k, shape, dt) * jnp.asarray(1.0 / r, dt)
         else:
             bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, (*lead, r, d_in), dt, -bound, bound)
-        b = jnp.zeros((*lead, d_out, r), dt)
-        adapters[name] = Adapter(a, b, al, rslora, flip)
-    return adapters
+            a = _flat_draw(jax.random.uniform, k, shape, dt, -bound, bound)
+        out.append((a, jnp.zeros((*lead, d_out, r), dt)))
+    return out
 
 
 def _randomized_svd(key, w, r, *, oversample, niter):
     """Top-r SVD of ``(..., m, n)`` by a randomized range finder with power iterations (Halko et al.)."""
     m, n = w.shape[-2:]
     ell = min(r + oversample, m, n)
-    omega = jax.random.normal(key, (*w.shape[:-2], n, ell), w.dtype)
+    omega = _flat_draw(jax.random.normal, key, (*w.shape[:-2], n, ell), w.dtype)
     q, _ = jnp.linalg.qr(w @ omega)
     wt = jnp.swapaxes(w, -1, -2)
     for _ in range(niter):
@@ -188,23 +207,31 @@ def init_pissa(
     oversample = _checks.check_positive_int(oversample, "oversample", allow_zero=True)
     plan = _plan(params, rank=rank, alpha=alpha, targets=targets, rank_pattern=rank_pattern,
                  alpha_pattern=alpha_pattern, stack_axes=stack_axes, out_in=out_in, rslora=rslora)
+    if key is None:
+        key = jax.random.key(0)  # unused by the full SVD; keeps one code path
     adapters = {}
     for i, (name, leaf, r, al, flip, _d_in, _d_out) in enumerate(plan):
-        w = jnp.asarray(leaf)
-        acc = _checks.accum_dtype(w.dtype)
-        w = w.astype(acc)
-        w_io = jnp.swapaxes(w, -1, -2) if flip else w
-        if svd == "full":
-            u, s, vh = jnp.linalg.svd(w_io, full_matrices=False)
-            u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
-        else:
-            u, s, vh = _randomized_svd(jax.random.fold_in(key, i), w_io, r,
-                                       oversample=oversample, niter=niter)
         scale = al / (math.sqrt(r) if rslora else r)
-        root = jnp.sqrt(s / jnp.asarray(scale, acc))
-        dt = jnp.dtype(dtype) if dtype is not None else acc
-        a = (jnp.swapaxes(u, -1, -2) * root[..., :, None]).astype(dt)
-        b = (jnp.swapaxes(vh, -1, -2) * root[..., None, :]).astype(dt)
+        dt = (jnp.dtype(dtype) if dtype is not None
+              else _checks.accum_dtype(jnp.result_type(leaf))).name
+        a, b = _pissa_factors(jax.random.fold_in(key, i), jnp.asarray(leaf), r, scale, flip, svd,
+                              niter, oversample, dt)
         adapters[name] = Adapter(a, b, al, rslora, flip)
     base, _ = unmerge(params, adapters)
     return adapters, base
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _pissa_factors(key, w, r, scale, flip, svd, niter, oversample, dt):
+    acc = _checks.accum_dtype(w.dtype)
+    w = w.astype(acc)
+    w_io = jnp.swapaxes(w, -1, -2) if flip else w
+    if svd == "full":
+        u, s, vh = jnp.linalg.svd(w_io, full_matrices=False)
+        u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+    else:
+        u, s, vh = _randomized_svd(key, w_io, r, oversample=oversample, niter=niter)
+    root = jnp.sqrt(s / jnp.asarray(scale, acc))
+    a = (jnp.swapaxes(u, -1, -2) * root[..., :, None]).astype(dt)
+    b = (jnp.swapaxes(vh, -1, -2) * root[..., None, :]).astype(dt)
+    return a, b

@@ -133,7 +133,7 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
     config = _read_config(directory)
     tensors, _ = read_safetensors(os.path.join(directory, WEIGHTS))
     leaves = dict(_targets.flatten_with_paths(params))
-    flip = None if out_in is None else _targets._predicate(out_in, "out_in")
+    flip = None if out_in is None else _targets.predicate(out_in, "out_in")
     rslora = bool(config.get("use_rslora", False))
     used, adapters = set(), {}
     for path, template in module_names.items():
@@ -142,6 +142,11 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
                              + _targets.describe_paths(list(leaves.items())))
         n = _n_placeholders(template) if isinstance(template, str) else 0
         shape = tuple(np.shape(leaves[path]))
+        if len(shape) != n + 2:
+            raise ValueError(
+                f"module_names[{path!r}] = {template!r} has {n} '{{}}' placeholders, but the weight "
+                f"has shape {shape}: a weight with k stacking axes needs k placeholders"
+            )
         a_list, b_list, alphas = [], [], set()
         for _idx, module in _modules(path, template, shape[:n]):
             ka, kb = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"

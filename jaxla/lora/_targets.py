@@ -4,6 +4,11 @@ Every leaf of a parameter pytree is named by its "/"-joined key path: dict keys,
 sequence indices in order, e.g. ``"params/Dense_0/kernel"`` (Flax linen), ``"layers/0/kernel/value"``
 (Flax NNX state), ``"blocks/0/mlp/up/w"`` (jaxla or plain dicts), ``"layers/1/weight"`` (Equinox).
 Adapters are keyed by these strings, so they are independent of the container types.
+
+A pattern (in ``targets`` and in every per-path mapping) is a regular expression that must match a
+trailing run of whole path components: ``"w"`` matches ``"mlp/up/w"`` but not ``"mlp/down/b"``,
+``"up/w"`` matches ``"blocks/0/up/w"``, ``"(q|v)_proj/kernel"`` matches both projections, and
+``".*kernel.*"`` matches any path with a kernel component.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["TargetSpec", "flatten_with_paths", "path_str", "resolve", "select_targets"]
+__all__ = ["TargetSpec", "flatten_with_paths", "path_str", "predicate", "resolve", "select_targets"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 T = TypeVar("T")
@@ -62,15 +67,18 @@ def describe_paths(named: Sequence[tuple[str, Any]]) -> str:
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:
+    """A regex that matches the end of a path at a "/" boundary (PEFT's suffix rule)."""
     if not isinstance(pattern, str):
         raise TypeError(f"{what} must be a regex string, got {type(pattern).__name__} {pattern!r}")
     try:
-        return re.compile(pattern)
+        re.compile(pattern)
+        return re.compile(rf"(?:^|/)(?:{pattern})$")
     except re.error as e:
         raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def _predicate(targets: TargetSpec, what: str) -> Callable[[str, Any], bool]:
+def predicate(targets: TargetSpec, what: str) -> Callable[[str, Any], bool]:
+    """``targets`` (regex, regexes or callable) as a callable ``(path, leaf) -> bool``."""
     if callable(targets):
         return targets
     if isinstance(targets, str):
@@ -86,12 +94,12 @@ def _predicate(targets: TargetSpec, what: str) -> Callable[[str, Any], bool]:
 
 
 def select_targets(params: Any, targets: TargetSpec) -> list[tuple[str, Any]]:
-    """The ``(path, leaf)`` pairs of ``params`` that ``targets`` chooses (regexes use ``re.search``).
+    """The ``(path, leaf)`` pairs of ``params`` that ``targets`` chooses (see the pattern rule above).
 
     Raises:
       ValueError: nothing matched; the message lists every available path with its shape.
     """
-    pred = _predicate(targets, "targets")
+    pred = predicate(targets, "targets")
     named = flatten_with_paths(params)
     chosen = [(name, leaf) for name, leaf in named if pred(name, leaf)]
     if not chosen:

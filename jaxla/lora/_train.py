@@ -104,8 +104,11 @@ def train_step(
             (loss, aux), grads = grad_fn(frozen, adapters, *batch)
         else:
             loss, grads = grad_fn(frozen, adapters, *batch)
-        updates, opt_state = optimizer.update(grads, opt_state, adapters)
-        adapters = optax.apply_updates(adapters, updates)
+        # Optax mixes Python floats with int32 step counts (bias correction, schedules), which
+        # strict promotion rejects; the adapters' own dtypes are unaffected.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, adapters)
+            adapters = optax.apply_updates(adapters, updates)
         return (adapters, opt_state, loss, aux) if has_aux else (adapters, opt_state, loss)
 
     if not jit:
