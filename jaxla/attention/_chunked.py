@@ -251,7 +251,9 @@ def _add_tile(dbias, dx, q_start, k_start):
     """Adds a tile's logit gradient into the (broadcast) bias gradient, summing broadcast axes."""
     axes = tuple(a for a in range(5) if dbias.shape[a] == 1 and dx.shape[a] != 1)
     dx = jnp.sum(dx, axis=axes, keepdims=True)
-    start = (0, 0, q_start if dbias.shape[2] != 1 else 0, 0, k_start if dbias.shape[4] != 1 else 0)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, q_start if dbias.shape[2] != 1 else zero, zero,
+             k_start if dbias.shape[4] != 1 else zero)
     old = lax.dynamic_slice(dbias, start, dx.shape)
     return lax.dynamic_update_slice(dbias, old + dx.astype(dbias.dtype), start)
 
