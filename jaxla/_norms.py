@@ -50,9 +50,9 @@ def _check_norm_inputs(params: Params, x: ArrayLike, fn: str) -> jax.Array:
 
 def _affine(y: jax.Array, params: Params, acc) -> jax.Array:
     lead = (1,) * (y.ndim - 1)
-    y = y * params["scale"].astype(acc).reshape(lead + (-1,))
+    y = y * params["scale"].astype(acc).reshape((*lead, -1))
     if "bias" in params:
-        y = y + params["bias"].astype(acc).reshape(lead + (-1,))
+        y = y + params["bias"].astype(acc).reshape((*lead, -1))
     return y
 
 

@@ -1,0 +1,1 @@
+"""jaxla's benchmark suites (run ``python -m benchmarks.<suite>`` or ``jaxla bench <suite>``)."""

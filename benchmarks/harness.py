@@ -1,0 +1,280 @@
+"""The shared benchmark harness: compile apart from run, warm-up, medians, memory, numerics, FLOP/s.
+
+Every suite module in ``benchmarks/`` defines ``run(*, quick: bool) -> list[dict]`` returning flat rows
+(first key ``"name"``) and ends with ``harness.main("<suite>", run)``. ``main`` parses ``--quick`` and
+``--json FILE``, prints a readable table, and writes JSON with the machine, the jax version and the
+command. Run a suite as ``python -m benchmarks.<suite>`` or ``jaxla bench <suite>``.
+
+Timing: ``measure`` lowers and compiles a jitted function once (reported as ``compile_s``), runs it
+``warmup`` times, then ``iters`` times with ``block_until_ready`` and reports the median and spread.
+Memory: XLA's memory analysis of the compiled executable (``temp_bytes``: scratch beyond arguments and
+outputs), the device's peak on GPU/TPU, and the process peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "attention_flops",
+    "check_close",
+    "copy_bandwidth",
+    "format_table",
+    "machine_info",
+    "main",
+    "matmul_ceiling",
+    "matmul_flops",
+    "measure",
+]
+
+
+def _block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+def _device_peak_bytes() -> int | None:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def measure(fn: Callable, *args: Any, iters: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Times a jitted function with compilation measured apart.
+
+    Args:
+      fn: a ``jax.jit``-wrapped function.
+      *args: its arguments (arrays already on the device).
+      iters: timed runs; the median is the headline number.
+      warmup: untimed runs after compilation.
+
+    Returns:
+      dict with ``compile_s, median_s, min_s, max_s, iters, temp_bytes, peak_bytes, out``.
+    """
+    if not hasattr(fn, "lower"):
+        fn = jax.jit(fn)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    temp_bytes = None
+    try:
+        analysis = compiled.memory_analysis()
+        if analysis is not None:
+            temp_bytes = int(analysis.temp_size_in_bytes)
+    except Exception:  # memory analysis is best-effort on some backends
+        temp_bytes = None
+    out = None
+    for _ in range(max(warmup, 0)):
+        out = _block(compiled(*args))
+    times = []
+    for _ in range(max(iters, 1)):
+        t0 = time.perf_counter()
+        out = _block(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return {
+        "compile_s": compile_s,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "iters": len(times),
+        "temp_bytes": temp_bytes,
+        "peak_bytes": _device_peak_bytes(),
+        "out": out,
+    }
+
+
+def check_close(actual: Any, expected: Any, *, rtol: float, atol: float) -> dict[str, Any]:
+    """Compares two arrays in float64: max abs/rel error and whether ``|a-e| <= atol + rtol·|e|``."""
+    a = np.asarray(jax.device_get(actual), dtype=np.float64)
+    e = np.asarray(jax.device_get(expected), dtype=np.float64)
+    if a.shape != e.shape:
+        return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "ok": False}
+    diff = np.abs(a - e)
+    finite = bool(np.all(np.isfinite(a)))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(e), 1e-30)).max()) if diff.size else 0.0
+    ok = finite and bool(np.all(diff <= atol + rtol * np.abs(e)))
+    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "ok": ok}
+
+
+def matmul_flops(m: int, n: int, k: int) -> float:
+    """FLOPs of an (m, k) × (k, n) product: 2·m·n·k."""
+    return 2.0 * m * n * k
+
+
+def attention_flops(
+    B: int, N: int, T: int, S: int, H: int, *, causal: bool, backward: bool = False
+) -> float:
+    """FlashAttention's convention: forward 4·B·N·T·S·H, halved when causal; backward 2.5× forward.
+
+    With ``backward=True`` the count is for forward plus backward (3.5× forward).
+    """
+    fwd = 4.0 * B * N * T * S * H
+    if causal:
+        fwd /= 2.0
+    return fwd * 3.5 if backward else fwd
+
+
+def matmul_ceiling(dtype: Any = jnp.float32, *, quick: bool = False) -> float:
+    """FLOP/s of a large square matmul in ``dtype``, measured now on the default device."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = (1024 if quick else 2048) if on_cpu else (4096 if quick else 8192)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), dtype)
+    b = jax.random.normal(key_b, (n, n), dtype)
+    fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
+    m = measure(fn, a, b, iters=3 if quick else 7)
+    return matmul_flops(n, n, n) / m["median_s"]
+
+
+def copy_bandwidth(*, quick: bool = False) -> float:
+    """Bytes/s of a device-to-device copy (read + write), measured now."""
+    n = (1 << 22) if quick else (1 << 26)
+    x = jnp.ones((n,), jnp.float32)
+    m = measure(jax.jit(lambda v: v * 1.0 + 0.0), x, iters=5)
+    return 2.0 * x.nbytes / m["median_s"]
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine, software versions and the command, recorded with every result."""
+    dev = jax.devices()[0]
+    return {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", dev.platform),
+        "device_count": jax.device_count(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:
+        return None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0 or value != value:
+            return f"{value:g}"
+        mag = abs(value)
+        if mag >= 1e4 or mag < 1e-3:
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table over the union of the rows' keys, in first-seen order."""
+    if not rows:
+        return "(no rows)"
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(k for k in row if k not in cols)
+    cells = [[_fmt(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if k != "out"}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Writes JSON through a temp file in the same directory, then renames it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(payload), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_suite(suite: str, run: Callable[..., list[dict]], *, quick: bool) -> dict[str, Any]:
+    """Runs one suite and returns its JSON payload (machine info, rows, wall time)."""
+    t0 = time.perf_counter()
+    rows = run(quick=quick)
+    return {
+        "suite": suite,
+        "quick": quick,
+        "machine": machine_info(),
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rows": [_jsonable(r) for r in rows],
+    }
+
+
+def main(suite: str, run: Callable[..., list[dict]], argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point shared by every suite."""
+    parser = argparse.ArgumentParser(prog=f"benchmarks.{suite}", description=f"jaxla {suite} suite")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    args = parser.parse_args(argv)
+    payload = run_suite(suite, run, quick=args.quick)
+    info = payload["machine"]
+    print(f"# {suite}  ({info['date']}, {info['device']} x{info['device_count']}, "
+          f"jax {info['jax']}, {payload['wall_s']:.1f} s)")
+    print(format_table(payload["rows"]))
+    if args.json:
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+    failed = [r.get("name") for r in payload["rows"] if r.get("ok") is False]
+    if failed:
+        print(f"numerics check FAILED for: {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
+    return 0
