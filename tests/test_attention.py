@@ -122,7 +122,7 @@ def _f32(*xs):
             for x in xs]
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(6))
 def test_matches_numpy_reference_on_random_feature_combinations(seed):
     rng = np.random.default_rng(seed)
     (q, k, v, bias, mask), kw, ref = _draw_case(rng)
@@ -181,30 +181,23 @@ def test_chunked_gradients_match_xla(seed):
         np.testing.assert_allclose(c, a, atol=5e-5, rtol=1e-4)
 
 
-def _jax_nn_cases():
-    return [
-        dict(),
-        dict(is_causal=True),
-        dict(local_window_size=(3, 2)),
-        dict(local_window_size=4, is_causal=True),
-        dict(query_seq_lengths=np.array([5, 11], np.int32)),
-        dict(key_value_seq_lengths=np.array([3, 13], np.int32)),
-        dict(scale=0.5, is_causal=True, key_value_seq_lengths=np.array([13, 6], np.int32)),
-    ]
+JAX_NN_CASES = [
+    dict(is_causal=True),
+    dict(local_window_size=(3, 2)),
+    dict(local_window_size=4, is_causal=True, query_seq_lengths=np.array([5, 11], np.int32)),
+    dict(scale=0.5, key_value_seq_lengths=np.array([13, 6], np.int32)),
+]
 
 
-@pytest.mark.parametrize("case", range(len(_jax_nn_cases())))
-@pytest.mark.parametrize("impl", IMPLS)
-def test_matches_jax_nn_on_overlapping_arguments(case, impl, rng):
-    kw = _jax_nn_cases()[case]
+@pytest.mark.parametrize("case", range(len(JAX_NN_CASES)))
+def test_matches_jax_nn_on_overlapping_arguments(case, rng):
+    kw = JAX_NN_CASES[case]
     q, k, v = _f32(rng.normal(size=(2, 11, 4, 8)), rng.normal(size=(2, 13, 2, 8)),
                    rng.normal(size=(2, 13, 2, 8)))
     bias = jnp.asarray(rng.normal(size=(1, 4, 11, 13)), jnp.float32)
     mask = jnp.asarray(rng.random(size=(2, 1, 11, 13)) < 0.8)
     want, want_lse = jax.jit(functools.partial(jax.nn.dot_product_attention, **kw,
                                                return_residual=True))(q, k, v, bias, mask)
-    out, lse = _dpa(q, k, v, bias, mask, **kw, implementation=impl, block_sizes=SMALL,
-                    return_residual=True)
     # jax.nn averages all values for rows that see nothing (and zeros query-padding rows): compare
     # the rows that see at least one key, and check ours gives zeros elsewhere.
     _, ref_lse = np_attention(q, k, v, bias, mask, scale=kw.get("scale"),
@@ -212,10 +205,15 @@ def test_matches_jax_nn_on_overlapping_arguments(case, impl, rng):
                               window=kw.get("local_window_size"), q_len=kw.get("query_seq_lengths"),
                               kv_len=kw.get("key_value_seq_lengths"))
     seen = ref_lse > EMPTY_ROW_LSE
-    np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(want)[seen], atol=2e-6, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(lse)[seen], np.asarray(want_lse)[seen], atol=2e-6,
-                               rtol=1e-5)
-    assert np.all(np.asarray(out)[~seen] == 0)
+    assert seen.any()
+    for impl in IMPLS:
+        out, lse = _dpa(q, k, v, bias, mask, **kw, implementation=impl, block_sizes=SMALL,
+                        return_residual=True)
+        np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(want)[seen], atol=2e-6,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(lse)[seen], np.asarray(want_lse)[seen], atol=2e-6,
+                                   rtol=1e-5)
+        assert np.all(np.asarray(out)[~seen] == 0)
 
 
 def test_rank3_inputs_match_jax_nn(rng):
