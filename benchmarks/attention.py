@@ -42,7 +42,7 @@ def _jax_fn(attn, causal, backward):
         return jax.jit(lambda q, k, v, do: attn(q, k, v, is_causal=causal))
 
     def grads(q, k, v, do):
-        out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, is_causal=causal), q, k, v)
+        _out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, is_causal=causal), q, k, v)
         return vjp(do)
 
     return jax.jit(grads)

@@ -124,7 +124,7 @@ def _pair_layout(x, n, k, t, tp, s, sp, fill):
 
 
 def _pair_unlayout(x, shape, t, s):
-    bx, nx, tx, sx = shape
+    _bx, _nx, tx, sx = shape
     x = x[:, :, : (t if tx != 1 else 1), :, : (s if sx != 1 else 1)]
     return jnp.transpose(x, (0, 1, 3, 2, 4)).reshape(shape)
 
@@ -273,7 +273,7 @@ def _plan(cfg, t, s, dynamic_mask):
 
 
 def _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
-    b, t, n, _ = q.shape
+    _b, t, n, _ = q.shape
     s, kh = k.shape[1], k.shape[2]
     tp, sp = _round_up(t, cfg.block_q), _round_up(s, cfg.block_k)
     lay = partial(_pair_layout, n=n, k=kh, t=t, tp=tp, s=s, sp=sp)
