@@ -414,7 +414,7 @@ BAD = [
      "query segment_ids must have an integer"),
     (dict(implementation="cudnn"), ValueError, "implementation must be one of"),
     (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap must be > 0"),
-    (dict(scale="big"), TypeError, "scale must be a number"),
+    (dict(scale="big"), TypeError, "scale must be a static Python number"),
     (dict(block_sizes=(8, 8)), TypeError, "block_sizes must be a ChunkedBlockSizes"),
 ]
 
@@ -432,5 +432,5 @@ def test_bad_input_gives_clear_error(case):
 
 
 def test_traced_scale_is_rejected():
-    with pytest.raises(TypeError, match="scale must be a Python number"):
+    with pytest.raises(TypeError, match="scale must be a static Python number"):
         jax.jit(lambda s: jaxla.dot_product_attention(_Q, _K, _K, scale=s))(1.0)

@@ -162,12 +162,13 @@ def _window(w):
 
 
 def _static_float(x, name):
-    if isinstance(x, jax.core.Tracer):
-        raise TypeError(f"{name} must be a Python number (it is static), got a traced array")
     try:
         return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}") from None
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        # Traced values land here too: the value shapes the computation, so it must be static.
+        raise TypeError(
+            f"{name} must be a static Python number, got {type(x).__name__} {x!r}"
+        ) from None
 
 
 def _load_pallas():
