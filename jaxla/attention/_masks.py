@@ -52,7 +52,7 @@ def band_visible(q_pos: jax.Array, k_pos: jax.Array, band: Band, kv_len: int) ->
     implementation.
     """
     diff = k_pos[None, :] - q_pos[:, None]
-    vis = k_pos[None, :] < kv_len
+    vis = jnp.broadcast_to(k_pos[None, :] < kv_len, diff.shape)
     if band.left is not None:
         vis = vis & (diff >= -band.left)
     if band.right is not None:

@@ -43,6 +43,9 @@ def init_mha(
 ) -> Params:
     """Initialises a multi-head attention block.
 
+    Dimension legend: B batch, T query length, S context length, L cache capacity, D model width,
+    Dc context width, N query heads, K kv heads, H query/key head dim, Hv value head dim.
+
     Args:
       key: a PRNG key.
       d_model: D, width of the input and output.
@@ -137,6 +140,9 @@ def multi_head_attention(
 ) -> jax.Array:
     """Multi-head (or grouped-query) attention: ``o(attention(q(x), k(c), v(c)))`` with c = context.
 
+    Dimension legend: B batch, T query length, S context length, L cache capacity, D model width,
+    Dc context width, N query heads, K kv heads, H query/key head dim, Hv value head dim.
+
     Args:
       params: from :func:`init_mha`.
       x: (B, T, D) inputs (queries).
@@ -187,6 +193,9 @@ def init_kv_cache(
     dtype: DTypeLike = jnp.float32,
 ) -> Params:
     """Preallocates an empty key/value cache for :func:`multi_head_attention_decode`.
+
+    Dimension legend: B batch, T query length, S context length, L cache capacity, D model width,
+    Dc context width, N query heads, K kv heads, H query/key head dim, Hv value head dim.
 
     Args:
       batch: B.
@@ -248,6 +257,9 @@ def multi_head_attention_decode(
     and values are written into the cache there, and each attends causally to every cached token up to
     its own position. Running a prompt and then one token at a time gives the same outputs as
     :func:`multi_head_attention` with ``is_causal=True`` over the whole sequence.
+
+    Dimension legend: B batch, T query length, S context length, L cache capacity, D model width,
+    Dc context width, N query heads, K kv heads, H query/key head dim, Hv value head dim.
 
     Args:
       params: from :func:`init_mha` (self-attention: Dc = D).

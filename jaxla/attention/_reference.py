@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxla import _checks
 from jaxla.attention import _masks
@@ -19,7 +20,7 @@ from jaxla.attention import _masks
 # logsumexp reported for a query row that sees no key. Finite, so it never turns into NaN downstream,
 # and so negative that exp(lse - anything finite) is 0: merging such a row's partial result with others
 # (as blockwise/ring attention does) gives it zero weight. Same magnitude jax.nn uses for masked logits.
-EMPTY_ROW_LSE = -0.7 * float(jnp.finfo(jnp.float32).max)
+EMPTY_ROW_LSE = float(np.float32(-0.7 * float(np.finfo(np.float32).max)))
 
 
 def logits_and_visibility(

@@ -19,6 +19,8 @@ from jaxla import _checks
 def rope_frequencies(head_dim: int, *, theta: float = 10000.0, dtype=jnp.float32) -> jax.Array:
     """Angular frequency of each rotated pair: ``theta^(-2k / head_dim)`` for k = 0 .. R - 1.
 
+    Dimension legend: H head dim (even), R = H / 2 rotated feature pairs.
+
     Args:
       head_dim: H, even.
       theta: base wavelength (10000 in the original RoPE; larger for long contexts).
@@ -40,6 +42,8 @@ def apply_rope(
     x: ArrayLike, positions: ArrayLike | None = None, *, theta: float = 10000.0
 ) -> jax.Array:
     """Rotates the features of queries or keys by their positions.
+
+    Dimension legend: B batch, T sequence length, N heads, H head dim (even).
 
     Args:
       x: BTNH (or TNH) queries or keys, H even.

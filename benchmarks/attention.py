@@ -1,0 +1,151 @@
+"""``attention`` suite: jaxla.dot_product_attention vs jax.nn.dot_product_attention (and PyTorch's
+``scaled_dot_product_attention`` when torch is importable), on the same inputs in one run.
+
+Rows: forward causal/non-causal over a T sweep, forward+backward, GQA, and the peak-memory row (causal
+forward+backward at long T; jax.nn is only compiled there, for its XLA memory analysis). Throughput uses
+the FlashAttention convention (``harness.attention_flops``); ``temp_MB`` is XLA's scratch memory beyond
+the arguments and outputs. ``ok`` checks jaxla's output (or dQ) against jax.nn's.
+
+    python -m benchmarks.attention --quick
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxla
+from benchmarks import harness
+from benchmarks import specs_attention as specs
+from jaxla.attention import _api
+
+try:  # optional comparison; torch is not a dependency
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+
+def _inputs(b, t, n, k, h, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, n, h), np.float32)
+    kk = rng.standard_normal((b, t, k, h), np.float32)
+    v = rng.standard_normal((b, t, k, h), np.float32)
+    do = rng.standard_normal((b, t, n, h), np.float32)
+    return q, kk, v, do
+
+
+def _jax_fn(attn, causal, backward):
+    if not backward:
+        return jax.jit(lambda q, k, v, do: attn(q, k, v, is_causal=causal))
+
+    def grads(q, k, v, do):
+        _out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, is_causal=causal), q, k, v)
+        return vjp(do)
+
+    return jax.jit(grads)
+
+
+def _torch_ms(q, k, v, do, causal, backward, iters):
+    if torch is None or jax.default_backend() != "cpu":
+        return None
+    tq, tk, tv, tdo = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+                       for x in (q, k, v, do))
+    gqa = tq.shape[1] != tk.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def once():
+        if backward:
+            a, b, c = (x.detach().requires_grad_() for x in (tq, tk, tv))
+            out = sdpa(a, b, c, is_causal=causal, enable_gqa=gqa)
+            out.backward(tdo)
+        else:
+            with torch.no_grad():
+                sdpa(tq, tk, tv, is_causal=causal, enable_gqa=gqa)
+
+    try:
+        once()
+    except TypeError:  # torch without enable_gqa
+        return None
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _row(name, b, t, n, k, h, *, causal, backward, iters, compare=True):
+    q, kk, v, do = _inputs(b, t, n, k, h)
+    args = [jnp.asarray(x) for x in (q, kk, v, do)]
+    flops = harness.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
+    ours = harness.measure(_jax_fn(jaxla.dot_product_attention, causal, backward), *args,
+                           iters=iters, warmup=1 if iters > 1 else 0)
+    canon = dict(query=args[0], key=args[1], value=args[2], bias=None, mask=None, window=None,
+                 is_causal=causal)
+    row = {
+        "name": name,
+        "T": t,
+        "causal": causal,
+        "impl": _api._choose(None, canon, None)[0],
+        "jaxla_ms": ours["median_s"] * 1e3,
+        "jaxla_gflops": flops / ours["median_s"] / 1e9,
+        "jaxla_temp_MB": None if ours["temp_bytes"] is None else ours["temp_bytes"] / 2**20,
+    }
+    ref_fn = _jax_fn(jax.nn.dot_product_attention, causal, backward)
+    if compare:
+        ref = harness.measure(ref_fn, *args, iters=iters, warmup=1 if iters > 1 else 0)
+        ours_out = ours["out"][0] if backward else ours["out"]
+        ref_out = ref["out"][0] if backward else ref["out"]
+        check = harness.check_close(ours_out, ref_out, rtol=1e-3, atol=1e-3)
+        row.update({
+            "jax_nn_ms": ref["median_s"] * 1e3,
+            "speedup_vs_jax_nn": ref["median_s"] / ours["median_s"],
+            "jax_nn_temp_MB": None if ref["temp_bytes"] is None else ref["temp_bytes"] / 2**20,
+            "max_abs_err": check["max_abs_err"],
+            "ok": check["ok"],
+        })
+    else:  # too big to run jax.nn here: its compiled memory analysis only
+        analysis = ref_fn.lower(*args).compile().memory_analysis()
+        row["jax_nn_temp_MB"] = None if analysis is None else analysis.temp_size_in_bytes / 2**20
+    torch_ms = _torch_ms(q, kk, v, do, causal, backward, iters) if compare else None
+    if torch_ms is not None:
+        row["torch_ms"] = torch_ms
+        row["frac_of_torch"] = torch_ms / row["jaxla_ms"]
+    return row
+
+
+def run(*, quick: bool) -> list[dict]:
+    on_cpu = jax.default_backend() == "cpu"
+    hd = specs.HEADLINE
+    b, n, k, h = hd["B"], hd["N"], hd["K"], hd["H"]
+    if quick:
+        fwd_t, bwd_t, gqa, mem_t = (specs.QUICK_FORWARD_T, specs.QUICK_FWD_BWD_T, specs.QUICK_GQA,
+                                    specs.QUICK_MEMORY_T)
+    elif on_cpu:
+        fwd_t, bwd_t, gqa, mem_t = specs.FORWARD_T, specs.FWD_BWD_T, specs.GQA, specs.MEMORY_T
+    else:
+        fwd_t, bwd_t, gqa, mem_t = (specs.GPU_FORWARD_T, specs.GPU_FWD_BWD_T, specs.GQA,
+                                    specs.MEMORY_T)
+    iters = 2 if quick else 3
+    rows = []
+    for t in fwd_t:
+        for causal in (False, True):
+            rows.append(_row(f"fwd T={t}", b, t, n, k, h, causal=causal, backward=False,
+                             iters=iters))
+    for t in bwd_t:
+        for causal in (False, True):
+            rows.append(_row(f"fwd+bwd T={t}", b, t, n, k, h, causal=causal, backward=True,
+                             iters=iters))
+    g = gqa
+    rows.append(_row(f"gqa N={g['N']} K={g['K']} T={g['T']}", g["B"], g["T"], g["N"], g["K"],
+                     g["H"], causal=True, backward=False, iters=iters))
+    rows.append(_row(f"memory fwd+bwd T={mem_t}", b, mem_t, n, k, h, causal=True, backward=True,
+                     iters=1, compare=False))
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(harness.main("attention", run))
