@@ -114,7 +114,7 @@ def _finetune(args: argparse.Namespace) -> int:
         summary = finetune.run_finetune(
             cfg, out=args.out, resume=args.resume, progress=False if args.no_progress else None
         )
-    except finetune.RunError as e:
+    except (finetune.ConfigError, finetune.RunError) as e:
         return _fail(e)
     except finetune.NonFiniteLossError as e:
         return _fail(e, EXIT_NONFINITE)

@@ -80,6 +80,9 @@ def _assert_clean_failure(code, err, *words):
          ["train.batch_size", "9", "mesh.data", "2"]),
         (["--set", "mesh.data=16"], ["16", "devices", "exist"]),
         (["--resume"], ["no checkpoint"]),
+        (["--set", "lora.targets=nomatch"], ["lora.targets", "['nomatch']", "does not fit"]),
+        (["--set", "run.demo=tiny_lm", "--set", "lora.targets=down"],
+         ["lora.targets", "['down']", "does not fit"]),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, args, words):

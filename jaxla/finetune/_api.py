@@ -7,20 +7,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from jaxla.finetune import _config, _mesh, _rundir, _runner
 
 __all__ = ["format_summary", "run_finetune"]
 
 
-def _demo(name: str) -> Callable[[_runner.RunContext], dict[str, Any]]:
-    # Imported lazily: each demo pulls in its own model code.
+def _demo(name: str):
+    """The demo's module (imported lazily: each pulls in its own model code)."""
     if name == "lowrank":
-        from jaxla.finetune._lowrank import run_lowrank
+        from jaxla.finetune import _lowrank
 
-        return run_lowrank
-    from jaxla.finetune._tiny_lm import run_tiny_lm
+        return _lowrank
+    from jaxla.finetune import _tiny_lm
 
-    return run_tiny_lm
+    return _tiny_lm
+
+
+def check_lora_targets(init_adapters: Callable[[], Any], targets) -> None:
+    """Traces ``init_adapters`` (shapes only) and turns a LoRA target error into a ConfigError."""
+    try:
+        jax.eval_shape(init_adapters)
+    except (ValueError, TypeError) as e:
+        raise _config.ConfigError(
+            f"config key lora.targets = {list(targets)!r} does not fit the model: {e}"
+        ) from None
 
 
 def run_finetune(
@@ -51,6 +63,7 @@ def run_finetune(
       ``summary.json`` in the run directory holds the same (when the run finished).
 
     Raises:
+      ConfigError: LoRA targets that match no matrix of the model.
       RunError: unusable run directory, nothing to resume, a checkpoint from another config, or a mesh
         needing more devices than exist (raised before anything is written).
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
@@ -66,13 +79,16 @@ def run_finetune(
         else:
             out = _rundir.default_out_dir(config, runs_root)
     out = Path(out)
-    _mesh.make_mesh(config.mesh)  # fail on missing devices before creating anything
+    # Everything that can fail on the user's input fails here, before anything is created.
+    _mesh.make_mesh(config.mesh)
+    demo = _demo(config.run.demo)
+    demo.check(config)
     _rundir.prepare_run_dir(out, config, resume=resume)
     ctx = _runner.RunContext(
         out=out, config=config, resume=resume, progress=progress, stop_after=stop_after, echo=echo
     )
     with _runner.handle_interrupts(ctx):
-        summary = _demo(config.run.demo)(ctx)
+        summary = demo.run(ctx)
     summary["out"] = str(out)
     if not summary["interrupted"]:
         payload = {"title": summary["title"], "metrics": summary["metrics"]}

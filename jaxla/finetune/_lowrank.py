@@ -22,7 +22,7 @@ import numpy as np
 from jaxla import lora
 from jaxla.finetune import _mesh, _plots, _rundir, _runner
 
-__all__ = ["low_rank_factors", "make_problem", "principal_angles", "run_lowrank"]
+__all__ = ["check", "low_rank_factors", "make_problem", "principal_angles", "run"]
 
 
 def make_problem(seed: int, d_in: int, d_out: int, true_rank: int, delta_scale: float):
@@ -71,7 +71,18 @@ def _relative_error(left, s, right, u, sigma, v) -> float:
     return float(np.sqrt(max(sq, 0.0)) / np.linalg.norm(sigma))
 
 
-def run_lowrank(ctx: _runner.RunContext) -> dict[str, Any]:
+def check(cfg) -> None:
+    """Fails early (ConfigError) when ``lora.targets`` do not select W."""
+    from jaxla.finetune._api import check_lora_targets
+
+    lc = cfg.lowrank
+    w = jax.ShapeDtypeStruct((lc.d_in, lc.d_out), jnp.float32)
+    check_lora_targets(lambda: lora.init(jax.random.key(0), {"w": w}, rank=cfg.lora.rank,
+                                         alpha=cfg.lora.alpha, targets=list(cfg.lora.targets)),
+                       cfg.lora.targets)
+
+
+def run(ctx: _runner.RunContext) -> dict[str, Any]:
     """Trains the adapter (resuming when asked), evaluates it and writes the adapter and plots.
 
     Returns:

@@ -57,7 +57,8 @@ def make_mesh(mesh_cfg: _config.MeshConfig) -> Mesh:
             f"the mesh needs mesh.data × mesh.model = {mesh_cfg.data} × {mesh_cfg.model} = {need} "
             f"devices but only {len(devices)} {devices[0].platform} device(s) exist. Lower mesh.data"
             " / mesh.model (e.g. --set mesh.data=1 --set mesh.model=1), or on CPU simulate devices "
-            f"with XLA_FLAGS=--xla_force_host_platform_device_count={need}."
+            f"with 'jaxla finetune --cpu-devices {need}' (or "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={need})."
         )
     grid = np.asarray(devices[:need], dtype=object).reshape(mesh_cfg.data, mesh_cfg.model)
     return Mesh(grid, AXES)

@@ -24,7 +24,7 @@ from jaxla import lora
 from jaxla.finetune import _mesh, _plots, _rundir, _runner
 from jaxla.finetune import _transformer as tfm
 
-__all__ = ["run_tiny_lm"]
+__all__ = ["check", "run"]
 
 
 def _eval_set(seed: int, task: str, n_examples: int, length: int, digits: int) -> np.ndarray:
@@ -35,7 +35,22 @@ def _eval_set(seed: int, task: str, n_examples: int, length: int, digits: int) -
     return np.concatenate([x, np.full((n_examples, 1), digits, np.int32), y], axis=1)
 
 
-def run_tiny_lm(ctx: _runner.RunContext) -> dict[str, Any]:
+def check(cfg) -> None:
+    """Fails early (ConfigError) when ``lora.targets`` do not fit the model's matrices."""
+    from jaxla.finetune._api import check_lora_targets
+
+    tl = cfg.tiny_lm
+
+    def init_adapters():
+        params = tfm.init(jax.random.key(0), vocab=tl.digits + 1, d_model=tl.d_model,
+                          n_heads=tl.n_heads, n_layers=tl.n_layers, d_ff=tl.d_ff)
+        return lora.init(jax.random.key(1), params, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                         targets=list(cfg.lora.targets))
+
+    check_lora_targets(init_adapters, cfg.lora.targets)
+
+
+def run(ctx: _runner.RunContext) -> dict[str, Any]:
     """Runs the three phases, evaluates, generates, and writes the adapter and plots."""
     cfg = ctx.config
     tl, bsz, seed = cfg.tiny_lm, cfg.train.batch_size, cfg.run.seed
