@@ -58,7 +58,7 @@ def test_lowrank_smoke(full_run):
     assert all(0 <= a <= 90 for a in m["principal_angles_deg"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(STEPS))
-    assert {"loss", "lr", "grad_norm", "rate", "phase"} <= set(records[0])
+    assert {"loss", "lr", "grad_norm", "examples_per_s", "phase"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]
     saved = json.loads((out / "summary.json").read_text())
     assert saved["metrics"]["steps"] == STEPS

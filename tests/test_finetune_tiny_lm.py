@@ -87,6 +87,7 @@ def test_tiny_lm_phases_resume_and_report(tmp_path):
     assert set(m["phases"]) == {"pretrain", "adapt", "full_ft"}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     seen = [(r["phase"], r["step"]) for r in records]
+    assert all(r["tokens_per_s"] > 0 for r in records)
     assert seen == [(p, s) for p in ("pretrain", "adapt", "full_ft") for s in range(3)]
     for model in ("base", "LoRA-adapted", "full fine-tune"):
         for task in ("copy", "reverse"):

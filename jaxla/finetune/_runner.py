@@ -213,7 +213,7 @@ class _Progress:
         eta = elapsed / max(done - self.start, 1) * (self.total - done)
         self.ctx.echo(
             f"[{self.phase}] step {done}/{self.total}  loss {m['loss']:.4e}  lr {m['lr']:.2e}  "
-            f"|g| {m['grad_norm']:.3e}  {m['rate']:.0f} {self.unit}/s  eta {eta:.0f}s"
+            f"|g| {m['grad_norm']:.3e}  {m[self.unit + '_per_s']:.0f} {self.unit}/s  eta {eta:.0f}s"
         )
 
     def close(self) -> None:
@@ -315,7 +315,7 @@ def train_phase(
                 save(*pending)
                 pending = None
             state = new_state
-            m["rate"] = items_per_step / max(time.perf_counter() - t_step, 1e-9)
+            m[f"{unit}_per_s"] = items_per_step / max(time.perf_counter() - t_step, 1e-9)
             ctx.metrics.append({"phase": phase, "step": step, **m})
             progress.update(step, m)
             ctx.steps_done += 1
