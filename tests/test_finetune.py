@@ -91,7 +91,7 @@ def _assert_same_adapter(out_a, out_b):
             assert x.tobytes() == y.tobytes()
 
 
-def test_ctrl_c_saves_then_resume_is_bitwise(full_run, tmp_path):
+def test_ctrl_c_saves_then_resume_is_bitwise(full_run, tmp_path, capsys):
     out = tmp_path / "run"
     original = _runner._Progress.update
 
@@ -108,8 +108,10 @@ def test_ctrl_c_saves_then_resume_is_bitwise(full_run, tmp_path):
     assert summary["interrupted"] and not (out / "adapter.safetensors").exists()
     assert _rundir.latest_checkpoint(out / "checkpoints" / "adapt").name == "step_00000005.npz"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    # Operational keys may change between the two halves.
-    summary = _run(_cfg("run.log_every=1", "run.checkpoint_every=7"), out, resume=True)
+    # Operational keys may change between the two halves; this half shows the tqdm bar.
+    summary = finetune.run_finetune(_cfg("run.log_every=1", "run.checkpoint_every=7"), out=out,
+                                    resume=True, progress=True, echo=lambda s: None)
+    assert "adapt" in capsys.readouterr().err  # tqdm writes its bar to stderr
     assert not summary["interrupted"] and summary["metrics"]["steps"] == STEPS
     _assert_same_adapter(full_run[0], out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -150,6 +152,18 @@ def test_mesh_matches_single_device(full_run, tmp_path):
     np.testing.assert_allclose(
         meshed["metrics"]["singular_values_learned"],
         full_run[1]["metrics"]["singular_values_learned"], rtol=1e-4)
+
+
+def test_plots_are_written_atomically(tmp_path):
+    pytest.importorskip("matplotlib")
+    from jaxla.finetune import _plots
+
+    records = [{"phase": p, "step": i, "loss": 1.0 / (i + 1)} for p in ("a", "b") for i in range(5)]
+    names = _plots.write_plots(tmp_path, records, {"learned": np.array([2.0, 1.0, 0.5])})
+    assert names == ["loss.png", "singular_values.png"]
+    for name in names:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 def test_mesh_shards_by_rule():
