@@ -3,6 +3,7 @@
 Flat public API. Subpackages with their own namespaces: ``jaxla.lora`` and ``jaxla.spectral``.
 """
 
+from jaxla import lora, spectral
 from jaxla._linear import init_linear, init_mlp, linear, mlp
 from jaxla._norms import embed, init_embedding, init_layer_norm, layer_norm, rms_norm
 from jaxla._vectors import (
@@ -42,11 +43,13 @@ __all__ = [
     "init_mlp",
     "layer_norm",
     "linear",
+    "lora",
     "mlp",
     "normalize",
     "pairwise_cosine",
     "project",
     "rms_norm",
+    "spectral",
     "top_k_similar",
 ]
 

@@ -119,9 +119,9 @@ def test_jit_vmap_grad(rng, key):
 def test_check_grads_float64(rng):
     x = jnp.asarray(rng.standard_normal((3, 6)))
     p = {"w": jnp.asarray(rng.standard_normal((6, 4))), "b": jnp.asarray(rng.standard_normal(4))}
-    check_grads(jax.jit(lambda p, x: jaxla.linear(p, x)), (p, x), order=2, modes=("fwd", "rev"))
+    check_grads(jax.jit(lambda p, x: jaxla.linear(p, x)), (p, x), order=1, modes=("fwd", "rev"))
     m = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), jaxla.init_mlp(jax.random.key(1), 6, 10))
-    check_grads(jax.jit(lambda m, x: jaxla.mlp(m, x)), (m, x), order=1, modes=("fwd", "rev"))
+    check_grads(jax.jit(lambda m, x: jaxla.mlp(m, x)), (m, x), order=1, modes=("rev",))
     ln = {"scale": jnp.asarray(rng.standard_normal(6)), "bias": jnp.asarray(rng.standard_normal(6))}
     check_grads(jax.jit(lambda ln, x: jaxla.layer_norm(ln, x)), (ln, x), order=1, modes=("rev",))
     check_grads(jax.jit(lambda ln, x: jaxla.rms_norm(ln, x)), ({"scale": ln["scale"]}, x), order=1,

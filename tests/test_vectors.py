@@ -118,9 +118,9 @@ def test_check_grads_float64(rng):
     assert a.dtype == jnp.float64
     check_grads(jax.jit(lambda a, b: jaxla.cosine_similarity(a, b)), (a, b), order=2, modes=("fwd", "rev"))
     check_grads(jax.jit(lambda a, b: jaxla.project(a, b)), (a, b), order=1, modes=("rev",))
-    check_grads(jax.jit(lambda a: jaxla.normalize(a)), (a,), order=2, modes=("fwd", "rev"))
+    check_grads(jax.jit(lambda a: jaxla.normalize(a)), (a,), order=1, modes=("rev",))
     check_grads(jax.jit(lambda a, b: jaxla.pairwise_cosine(a, b)), (a, b), order=1, modes=("rev",))
-    check_grads(jax.jit(lambda a, b: jaxla.dot(a, b)), (a, b), order=2, modes=("fwd", "rev"))
+    check_grads(jax.jit(lambda a, b: jaxla.dot(a, b)), (a, b), order=1, modes=("rev",))
 
 
 def test_bad_input():

@@ -1,0 +1,76 @@
+"""LoRA as pure functions: adapters for any parameter pytree, exact merge, Optax training, PEFT files.
+
+Conventions (used by every function in this namespace)
+-------------------------------------------------------
+Dimension legend: I ``d_in``, O ``d_out``, r rank, ``...`` stacking axes (layers, experts), B batch,
+E stacked adapter sets.
+
+* jaxla stores a weight as ``W: (I, O)`` so that ``y = x @ W``. Its adapter is
+  ``Adapter(a: (r, I), b: (O, r))`` — the paper's and PEFT's ``lora_A.weight`` / ``lora_B.weight``
+  shapes — with ``b = 0`` at initialisation so a fresh adapter changes nothing.
+* The update in jaxla's layout is ``ΔW = scale · (b @ a)ᵀ = scale · aᵀ bᵀ``, shape ``(I, O)``, with
+  ``scale = alpha / r``, or ``alpha / √r`` for rank-stabilised LoRA (``rslora=True``).
+* Stacked weights ``(..., I, O)`` get adapters with the same leading axes: a ``(..., r, I)``,
+  b ``(..., O, r)``. Weights stored ``(..., O, I)`` (Equinox, PyTorch) are marked ``out_in``; their
+  update is ``scale · b @ a``.
+* The adapters of a model are a plain dict ``{path: Adapter}`` keyed by the "/"-joined key path of
+  each adapted leaf (``"params/Dense_0/kernel"``, ``"layers/0/kernel/value"``, ...). ``Adapter`` is a
+  registered pytree whose only children are ``a`` and ``b``; ``alpha``, ``rslora`` and ``out_in`` are
+  static treedef data, so jit, grad, vmap, Optax and safetensors see only the two arrays and the scale
+  is never traced, trained or weight-decayed. (Changing alpha therefore recompiles; switching between
+  adapters of the same shapes does not.)
+* Products accumulate in float32 (float64 for float64 inputs). :func:`linear` computes
+  ``x·W + b + scale·((x·aᵀ)·bᵀ)`` without forming an (I, O) update; :func:`merge` accumulates
+  ``W + ΔW`` in float32 and rounds to W's dtype once; :func:`unmerge` subtracts; both return the
+  largest absolute rounding error.
+
+Typical use::
+
+    adapters = lora.init(key, params, rank=8, alpha=16, targets=r"(q|v)_proj/kernel")
+    loss_fn = lambda p, ad, x, y: loss(lora.wrap(model.apply)(p, ad, x), y)
+    step = lora.train_step(loss_fn, optax.adamw(1e-4))
+    opt_state = optax.adamw(1e-4).init(adapters)
+    adapters, opt_state, loss = step(params, adapters, opt_state, x, y)
+    lora.save("adapter.safetensors", adapters)
+    merged, err = lora.merge(params, adapters)
+"""
+
+from jaxla.lora._adapter import Adapter, delta
+from jaxla.lora._batched import linear_batched, stack, wrap_batched
+from jaxla.lora._core import (
+    ParamCount,
+    check_compatible,
+    count_params,
+    linear,
+    merge,
+    unmerge,
+    wrap,
+)
+from jaxla.lora._init import init, init_pissa
+from jaxla.lora._io import load, save
+from jaxla.lora._peft import load_peft, save_peft
+from jaxla.lora._train import loraplus, scale_b, train_step
+
+__all__ = [
+    "Adapter",
+    "ParamCount",
+    "check_compatible",
+    "count_params",
+    "delta",
+    "init",
+    "init_pissa",
+    "linear",
+    "linear_batched",
+    "load",
+    "load_peft",
+    "loraplus",
+    "merge",
+    "save",
+    "save_peft",
+    "scale_b",
+    "stack",
+    "train_step",
+    "unmerge",
+    "wrap",
+    "wrap_batched",
+]

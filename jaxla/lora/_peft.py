@@ -1,0 +1,183 @@
+"""Import and export of Hugging Face PEFT LoRA adapters, given a jaxla path ↔ module name mapping.
+
+PEFT's directory holds ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight``
+``(r, d_in)`` and ``...lora_B.weight`` ``(d_out, r)`` — exactly jaxla's ``a`` and ``b`` — and
+``adapter_config.json`` with ``r``, ``lora_alpha``, ``target_modules``, ``use_rslora`` and optional
+``rank_pattern`` / ``alpha_pattern``. Stacked adapters map to one module per stack entry: their module
+name contains one ``{}`` placeholder per stacking axis, e.g. ``"model.layers.{}.mlp.up_proj"``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import re
+import string
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from jaxla.lora import _targets
+from jaxla.lora._adapter import Adapter, Adapters, check_pair
+from jaxla.lora._io import read_safetensors, write_atomic, write_safetensors
+
+__all__ = ["load_peft", "save_peft"]
+
+WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
+
+
+def _n_placeholders(template: str) -> int:
+    return sum(1 for _, field, _, _ in string.Formatter().parse(template) if field is not None)
+
+
+def _modules(path: str, template: Any, stack_shape: tuple[int, ...]) -> list[tuple[tuple, str]]:
+    if not isinstance(template, str):
+        raise TypeError(f"module_names[{path!r}] must be a str, got {template!r}")
+    if _n_placeholders(template) != len(stack_shape):
+        raise ValueError(
+            f"module_names[{path!r}] = {template!r} has {_n_placeholders(template)} '{{}}' "
+            f"placeholders but the adapter has {len(stack_shape)} stacking axes {stack_shape}"
+        )
+    return [(idx, template.format(*idx)) for idx in itertools.product(*map(range, stack_shape))]
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    # PEFT's rule: a pattern matches a module name that ends with it at a "." boundary.
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Mapping[str, str],
+              *, base_model: str | None = None) -> None:
+    """Writes adapters in PEFT's LoRA format (each file written atomically, weights first).
+
+    Args:
+      directory: created if missing; receives ``adapter_model.safetensors`` and
+        ``adapter_config.json``.
+      adapters: ``{path: Adapter}``; all must agree on ``rslora`` (PEFT has one flag).
+      module_names: ``{jaxla path: PEFT module name}`` for every adapter, with ``{}`` placeholders
+        for stacking axes.
+      base_model: recorded as ``base_model_name_or_path``.
+    """
+    missing = [k for k in adapters if k not in module_names]
+    if missing:
+        raise ValueError(f"module_names lacks entries for adapter paths {missing}")
+    rs = {ad.rslora for ad in adapters.values()}
+    if len(rs) > 1:
+        raise ValueError("PEFT stores one use_rslora flag; these adapters mix rslora True and False")
+    tensors, ranks, alphas = {}, {}, {}
+    for path, ad in adapters.items():
+        for idx, module in _modules(path, module_names[path], ad.stack_shape):
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(ad.a)[idx]
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(ad.b)[idx]
+            ranks[module], alphas[module] = ad.rank, ad.alpha
+    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
+    config = {
+        "peft_type": "LORA", "base_model_name_or_path": base_model, "task_type": None,
+        "r": r, "lora_alpha": alpha, "use_rslora": bool(rs and rs.pop()),
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+    }
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(os.path.join(directory, WEIGHTS), tensors, {"format": "pt"})
+    write_atomic(os.path.join(directory, CONFIG), json.dumps(config, indent=2).encode())
+
+
+def _read_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no PEFT config at {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+        raise ValueError(f"{path!r} is not a PEFT LoRA config (needs 'r' and 'lora_alpha')")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path!r} has peft_type {config['peft_type']!r}; only LORA is supported")
+    return config
+
+
+def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[str, str], *,
+              out_in: _targets.TargetSpec | None = None, dtype: DTypeLike | None = None,
+              strict: bool = True) -> Adapters:
+    """Reads PEFT LoRA adapters for ``params``.
+
+    Args:
+      directory: holds ``adapter_model.safetensors`` and ``adapter_config.json``.
+      params: the base parameters; every mapped path must be a leaf whose shape fits its tensors.
+      module_names: ``{jaxla path: PEFT module name}`` (``{}`` placeholders for stacking axes).
+      out_in: paths whose weights are stored ``(..., d_out, d_in)`` (as :func:`jaxla.lora.init`).
+      dtype: adapter dtype; the file's dtype by default.
+      strict: raise if the file holds LoRA modules that ``module_names`` does not mention.
+
+    Returns:
+      ``{path: Adapter}``.
+
+    Raises:
+      FileNotFoundError: a missing file. ValueError: corrupt files, missing keys, or shapes that do
+        not fit ``params`` (naming the key and both shapes).
+    """
+    directory = os.fspath(directory)
+    config = _read_config(directory)
+    tensors, _ = read_safetensors(os.path.join(directory, WEIGHTS))
+    leaves = dict(_targets.flatten_with_paths(params))
+    flip = None if out_in is None else _targets.predicate(out_in, "out_in")
+    rslora = bool(config.get("use_rslora", False))
+    used, adapters = set(), {}
+    for path, template in module_names.items():
+        if path not in leaves:
+            raise ValueError(f"module_names key {path!r} is not a path of params; available:\n"
+                             + _targets.describe_paths(list(leaves.items())))
+        n = _n_placeholders(template) if isinstance(template, str) else 0
+        shape = tuple(np.shape(leaves[path]))
+        if len(shape) != n + 2:
+            raise ValueError(
+                f"module_names[{path!r}] = {template!r} has {n} '{{}}' placeholders, but the weight "
+                f"has shape {shape}: a weight with k stacking axes needs k placeholders"
+            )
+        a_list, b_list, alphas = [], [], set()
+        for _idx, module in _modules(path, template, shape[:n]):
+            ka, kb = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+            for k in (ka, kb):
+                if k not in tensors:
+                    raise ValueError(f"{WEIGHTS} has no tensor {k!r} (for jaxla path {path!r})")
+            a, b = tensors[ka], tensors[kb]
+            declared = _pattern_value(config.get("rank_pattern"), module, config["r"])
+            if a.ndim != 2 or a.shape[0] != declared:
+                raise ValueError(f"{ka!r} has shape {a.shape}; adapter_config.json declares rank "
+                                 f"{declared} for {module!r}, so ({declared}, d_in) was expected")
+            a_list.append(a)
+            b_list.append(b)
+            alphas.add(float(_pattern_value(config.get("alpha_pattern"), module,
+                                            config["lora_alpha"])))
+            used.update((ka, kb))
+        if len(alphas) != 1:
+            raise ValueError(f"modules stacked into {path!r} have different alphas {sorted(alphas)}")
+        for what, arrs in (("lora_A", a_list), ("lora_B", b_list)):
+            if len({x.shape for x in arrs}) != 1:
+                raise ValueError(f"{what} shapes differ across the modules stacked into {path!r}: "
+                                 f"{sorted({x.shape for x in arrs})}")
+        a = np.stack(a_list).reshape(*shape[:n], *a_list[0].shape)
+        b = np.stack(b_list).reshape(*shape[:n], *b_list[0].shape)
+        dt = dtype if dtype is not None else a.dtype
+        ad = Adapter(jnp.asarray(a, dt), jnp.asarray(b, dt), alphas.pop(), rslora,
+                     bool(flip(path, leaves[path])) if flip else False)
+        check_pair(path, leaves[path], ad)
+        adapters[path] = ad
+    unused = sorted(k for k in tensors if k not in used and ".lora_" in k)
+    if strict and unused:
+        raise ValueError(f"{WEIGHTS} holds LoRA tensors that module_names does not map: {unused[:8]}"
+                         + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+    return adapters

@@ -1,0 +1,116 @@
+"""Training adapters with any Optax transformation while the base parameters stay frozen.
+
+Gradients are taken with respect to the adapters argument only, so W never appears in the gradient,
+in the optimizer state or in the updates: the optimizer state scales with the adapter size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxla.lora._adapter import Adapter, Adapters, is_adapter
+
+__all__ = ["loraplus", "scale_b", "train_step"]
+
+
+def scale_b(ratio: float) -> optax.GradientTransformation:
+    """An Optax transformation multiplying the updates of every ``b`` by ``ratio`` (``a`` untouched).
+
+    Args:
+      ratio: the factor (> 0).
+
+    Returns:
+      A stateless ``optax.GradientTransformation`` for updates shaped like ``{path: Adapter}``.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio > 0:
+        raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def f(node):
+            if not is_adapter(node):
+                return node
+            b = jnp.asarray(node.b)
+            return Adapter(node.a, b * jnp.asarray(ratio, b.dtype), node.alpha, node.rslora,
+                           node.out_in)
+
+        return jax.tree_util.tree_map(f, updates, is_leaf=is_adapter), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def loraplus(optimizer: optax.GradientTransformation, *, ratio: float = 16.0):
+    """LoRA+: ``b`` learns ``ratio`` times faster than ``a`` (Hayou et al., 2024; ratio 16 suggested).
+
+    The rescaling follows ``optimizer``, so it multiplies the final step of ``b``: for SGD and Adam
+    alike this is a learning rate of ``ratio · lr`` for ``b`` (decoupled weight decay included).
+
+    Args:
+      optimizer: any Optax transformation, e.g. ``optax.adamw(1e-4)``.
+      ratio: learning-rate ratio ``lr_b / lr_a`` (> 0).
+
+    Returns:
+      ``optax.chain(optimizer, scale_b(ratio))``.
+    """
+    return optax.chain(optimizer, scale_b(ratio))
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    jit: bool = True,
+    donate: bool = False,
+) -> Callable[..., Any]:
+    """Builds ``step(params, adapters, opt_state, *batch) -> (adapters, opt_state, loss[, aux])``.
+
+    The loss is differentiated with respect to ``adapters`` only (``params`` is also wrapped in
+    ``stop_gradient``), then ``optimizer`` turns the gradients into updates that are added to the
+    adapters. Create the state with ``optimizer.init(adapters)``.
+
+    Args:
+      loss_fn: ``loss_fn(params, adapters, *batch) -> scalar`` (or ``(scalar, aux)`` with
+        ``has_aux``), e.g. built from :func:`jaxla.lora.wrap` or :func:`jaxla.lora.linear`.
+      optimizer: any Optax transformation (see :func:`loraplus`).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      jit: return the step compiled with ``jax.jit``.
+      donate: let XLA reuse the buffers of ``adapters`` and ``opt_state`` for the new values (the
+        old ones must not be used afterwards).
+
+    Returns:
+      The step function.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, "
+                        f"got {type(optimizer).__name__}")
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=has_aux)
+
+    def step(params: Any, adapters: Adapters, opt_state: Any, *batch: Any):
+        frozen = jax.lax.stop_gradient(params)
+        if has_aux:
+            (loss, aux), grads = grad_fn(frozen, adapters, *batch)
+        else:
+            loss, grads = grad_fn(frozen, adapters, *batch)
+        # Optax mixes Python floats with int32 step counts (bias correction, schedules), which
+        # strict promotion rejects; the adapters' own dtypes are unaffected.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, adapters)
+            adapters = optax.apply_updates(adapters, updates)
+        return (adapters, opt_state, loss, aux) if has_aux else (adapters, opt_state, loss)
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(1, 2) if donate else ())

@@ -1,0 +1,192 @@
+"""jaxla.lora files: save/load round trips, PEFT import/export, and every bad-file case."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from jaxla import lora
+
+
+def _params(g, d_in=6, d_out=5, layers=2):
+    return {
+        "proj": {"w": jnp.asarray(g.standard_normal((d_in, d_out)), jnp.float32)},
+        "layers": {"w": jnp.asarray(g.standard_normal((layers, d_in, d_in)), jnp.float32)},
+    }
+
+
+def _adapters(g, params, dtype=jnp.float32):
+    def ad(w, r, alpha, rslora=False):
+        lead, (d_in, d_out) = w.shape[:-2], w.shape[-2:]
+        return lora.Adapter(jnp.asarray(g.standard_normal((*lead, r, d_in)), dtype),
+                            jnp.asarray(g.standard_normal((*lead, d_out, r)), dtype), alpha, rslora)
+
+    return {"proj/w": ad(params["proj"]["w"], 2, 4.0), "layers/w": ad(params["layers"]["w"], 3, 6.0)}
+
+
+def _assert_same(x, y):
+    assert sorted(x) == sorted(y)
+    for k in x:
+        assert x[k].alpha == y[k].alpha and x[k].rslora == y[k].rslora and x[k].out_in == y[k].out_in
+        assert x[k].a.dtype == y[k].a.dtype
+        np.testing.assert_array_equal(np.asarray(x[k].a), np.asarray(y[k].a))
+        np.testing.assert_array_equal(np.asarray(x[k].b), np.asarray(y[k].b))
+
+
+# --- jaxla format ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_load_round_trip(tmp_path, rng, dtype):
+    params = _params(rng)
+    ads = _adapters(rng, params, dtype)
+    ads["proj/w"] = lora.Adapter(ads["proj/w"].a, ads["proj/w"].b, 4.0, rslora=True)
+    path = tmp_path / "adapter.safetensors"
+    lora.save(path, ads, {"base": "tiny", "steps": 3})
+    loaded, config = lora.load(path, params=params)
+    _assert_same(ads, loaded)
+    assert config == {"base": "tiny", "steps": 3}
+    assert os.listdir(tmp_path) == ["adapter.safetensors"]  # no temporary left behind
+
+
+def test_load_checks_against_params(tmp_path, rng):
+    params = _params(rng)
+    path = tmp_path / "a.safetensors"
+    lora.save(path, _adapters(rng, params))
+    other = {"proj": {"w": jnp.zeros((6, 7))}, "layers": params["layers"]}
+    with pytest.raises(ValueError, match=r"'proj/w'.*\(6, 7\).*\(6, 5\)"):
+        lora.load(path, params=other)
+    with pytest.raises(ValueError, match=r"\['layers/w'\] are not paths"):
+        lora.load(path, params={"proj": params["proj"]})
+
+
+def test_missing_and_corrupt_files(tmp_path, rng):
+    with pytest.raises(FileNotFoundError, match="no adapter file"):
+        lora.load(tmp_path / "missing.safetensors")
+    path = tmp_path / "a.safetensors"
+    lora.save(path, _adapters(rng, _params(rng)))
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00not a safetensors file")
+    for name in ("trunc.safetensors", "junk.safetensors"):
+        with pytest.raises(ValueError, match="not a valid safetensors file"):
+            lora.load(tmp_path / name)
+    safetensors.numpy.save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a jaxla adapter file"):
+        lora.load(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lora.save(tmp_path / "no_dir" / "a.safetensors", _adapters(rng, _params(rng)))
+
+
+def test_failed_save_leaves_old_file_intact(tmp_path, rng, monkeypatch):
+    params = _params(rng)
+    path = tmp_path / "a.safetensors"
+    lora.save(path, _adapters(rng, params))
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        lora.save(path, _adapters(rng, params), {"bad": object()})
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save(path, _adapters(rng, params))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+# --- PEFT format -----------------------------------------------------------------------------------
+
+NAMES = {"proj/w": "model.proj", "layers/w": "model.layers.{}.self_attn.q_proj"}
+
+
+def _write_peft(directory, tensors, config):
+    os.makedirs(directory, exist_ok=True)
+    safetensors.numpy.save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _peft_files(rng, tmp_path):
+    """A PEFT adapter as PEFT writes it, built here by hand with safetensors."""
+    a_p, b_p = rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
+    a_l, b_l = rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 6, 3))
+    tensors = {"base_model.model.model.proj.lora_A.weight": a_p.astype(np.float32),
+               "base_model.model.model.proj.lora_B.weight": b_p.astype(np.float32)}
+    for i in range(2):
+        pre = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{pre}.lora_A.weight"] = a_l[i].astype(np.float32)
+        tensors[f"{pre}.lora_B.weight"] = b_l[i].astype(np.float32)
+    config = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "use_rslora": True,
+              "target_modules": ["proj", "q_proj"], "rank_pattern": {"proj": 2},
+              "alpha_pattern": {"model.proj": 4}}
+    _write_peft(tmp_path / "peft", tensors, config)
+    return tmp_path / "peft", (a_p, b_p, a_l, b_l)
+
+
+def test_load_peft_matches_peft_semantics(tmp_path, rng):
+    params = _params(rng)
+    directory, (a_p, b_p, a_l, b_l) = _peft_files(rng, tmp_path)
+    ads = lora.load_peft(directory, params, NAMES)
+    assert ads["proj/w"].rank == 2 and ads["proj/w"].alpha == 4.0 and ads["proj/w"].rslora
+    assert ads["layers/w"].a.shape == (2, 3, 6) and ads["layers/w"].alpha == 6.0
+    merged, _ = lora.merge(params, ads)
+    # PEFT: W_torch (out, in) += (alpha / sqrt(r)) · B @ A, and jaxla's W is W_torchᵀ.
+    w = np.asarray(params["proj"]["w"], np.float64)
+    np.testing.assert_allclose(merged["proj"]["w"], w + (4 / np.sqrt(2) * b_p @ a_p).T,
+                               rtol=1e-5, atol=1e-5)
+    w1 = np.asarray(params["layers"]["w"][1], np.float64)
+    np.testing.assert_allclose(merged["layers"]["w"][1], w1 + (6 / np.sqrt(3) * b_l[1] @ a_l[1]).T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_peft_round_trip(tmp_path, rng):
+    params = _params(rng)
+    ads = _adapters(rng, params)
+    lora.save_peft(tmp_path / "out", ads, NAMES, base_model="tiny")
+    tensors = safetensors.numpy.load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (3, 6)
+    assert tensors["base_model.model.model.proj.lora_B.weight"].shape == (5, 2)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is False
+    assert config["r"] == 3 and config["rank_pattern"] == {"model.proj": 2}
+    assert config["lora_alpha"] == 6.0 and config["alpha_pattern"] == {"model.proj": 4.0}
+    assert sorted(config["target_modules"]) == sorted(
+        ["model.proj", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"])
+    _assert_same(ads, lora.load_peft(tmp_path / "out", params, NAMES))
+
+
+def test_peft_bf16_round_trip(tmp_path, rng):
+    params = _params(rng)
+    ads = _adapters(rng, params, jnp.bfloat16)
+    lora.save_peft(tmp_path / "bf", ads, NAMES)
+    back = lora.load_peft(tmp_path / "bf", params, NAMES)
+    assert back["proj/w"].a.dtype == ml_dtypes.bfloat16
+    _assert_same(ads, back)
+
+
+def test_peft_bad_input(tmp_path, rng):
+    params = _params(rng)
+    directory, _ = _peft_files(rng, tmp_path)
+    with pytest.raises(ValueError, match="does not map"):
+        lora.load_peft(directory, params, {"proj/w": "model.proj"})
+    with pytest.raises(ValueError, match=r"no tensor 'base_model\.model\.model\.nope\.lora_A\.weight'"):
+        lora.load_peft(directory, params, {**NAMES, "proj/w": "model.nope"}, strict=False)
+    with pytest.raises(ValueError, match="placeholders"):
+        lora.load_peft(directory, params, {**NAMES, "layers/w": "model.layers.q"})
+    small = {**params, "proj": {"w": jnp.zeros((6, 4))}}
+    with pytest.raises(ValueError, match=r"'proj/w'.*\(6, 4\).*\(6, 5\)"):
+        lora.load_peft(directory, small, NAMES)
+    with pytest.raises(ValueError, match="module_names lacks"):
+        lora.save_peft(tmp_path / "x", _adapters(rng, params), {"proj/w": "model.proj"})
+    (directory / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lora.load_peft(directory, params, NAMES)
+    os.remove(directory / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="no PEFT config"):
+        lora.load_peft(directory, params, NAMES)
