@@ -19,7 +19,7 @@ MEMORY_T = 16384
 QUICK_FORWARD_T = [512]
 QUICK_FWD_BWD_T = [512]
 QUICK_GQA = dict(B=1, T=512, N=8, K=2, H=64)
-QUICK_MEMORY_T = 2048
+QUICK_MEMORY_T = 1024
 
 # GPU/TPU sizes (bf16 is the realistic dtype there; the suite keeps f32 to compare with the CPU).
 GPU_FORWARD_T = [4096, 16384]

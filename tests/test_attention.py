@@ -122,7 +122,7 @@ def _f32(*xs):
             for x in xs]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(5))
 def test_matches_numpy_reference_on_random_feature_combinations(seed):
     rng = np.random.default_rng(seed)
     (q, k, v, bias, mask), kw, ref = _draw_case(rng)

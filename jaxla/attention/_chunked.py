@@ -10,8 +10,9 @@ The backward pass (``jax.custom_vjp``) recomputes each tile's probabilities from
 logsumexp and accumulates dQ, dK, dV (and d bias) in one pass over the same pair list, so memory in the
 sequence length is O(T + S) (plus the bias and its gradient when a bias is given).
 
-Inside, all heads of a block are processed at once in the layout (B, K, T, G, H): a kv head's G query
-heads sit next to each other, so GQA needs no repeated K/V. Scores are kept in base-2 units
+Inside, all heads of a block are processed at once in the layout (B, K, T·G, H): a kv head's G query
+heads are consecutive rows next to their position, so GQA needs no repeated K/V and every score tile
+is a plain (B, K) batch of (t·G, s) matrices. Scores are kept in base-2 units
 (``log2(e)`` folded into the scale) so the inner loop uses ``exp2``.
 
 Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
@@ -86,7 +87,7 @@ class _Config:
     block_k: int
 
 
-# ---- layout: (B, T, N, D) <-> (B, K, Tp, G, D), padded to whole blocks ------------------------------
+# ---- layout: (B, T, N, D) <-> (B, K, Tp·G, D), padded to whole blocks -----------------------------
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -101,12 +102,19 @@ def _pad_axis(x, axis, size, value=0):
 def _q_layout(x, k, tp):
     b, t, n, d = x.shape
     x = _pad_axis(x.reshape(b, t, k, n // k, d), 1, tp)
-    return jnp.transpose(x, (0, 2, 1, 3, 4))
+    return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(b, k, tp * (n // k), d)
 
 
-def _q_unlayout(x, t):
-    b, k, _, g, d = x.shape
-    return jnp.transpose(x[:, :, :t], (0, 2, 1, 3, 4)).reshape(b, t, k * g, d)
+def _q_unlayout(x, t, g):
+    b, k, rows, d = x.shape
+    x = x.reshape(b, k, rows // g, g, d)[:, :, :t]
+    return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(b, t, k * g, d)
+
+
+def _rows(x, bq, g):
+    """A (Bx, Kx, t or 1, G or 1, s) tile → (Bx, Kx, t·G, s), the row order of the score tiles."""
+    x = jnp.broadcast_to(x, (*x.shape[:2], bq, g, x.shape[4]))
+    return x.reshape(*x.shape[:2], bq * g, x.shape[4])
 
 
 def _kv_layout(x, sp):
@@ -144,13 +152,14 @@ def _tile(x, i, bq, j, bk):
 
 
 def _scores(cfg, ops, i, j, masked):
-    """Scores of tile (i, j) in base-2 units (B, K, t, G, s), and tanh of the softcap (or None)."""
+    """Scores of tile (i, j) in base-2 units (B, K, t·G, s), and tanh of the softcap (or None)."""
     bq, bk = cfg.block_q, cfg.block_k
     acc = ops["acc"]
     prescaled = ops["q_z"] is not None
-    qb = lax.dynamic_slice_in_dim(ops["q_z" if prescaled else "q"], i * bq, bq, 2)
+    g = ops["g"]
+    qb = lax.dynamic_slice_in_dim(ops["q_z" if prescaled else "q"], i * bq * g, bq * g, 2)
     kb = lax.dynamic_slice_in_dim(ops["k"], j * bk, bk, 2)
-    x = lax.dot_general(qb, kb, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=acc)
+    x = lax.dot_general(qb, kb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=acc)
     tanh = None
     if prescaled:
         z = x
@@ -159,13 +168,13 @@ def _scores(cfg, ops, i, j, masked):
     else:
         x = x * jnp.asarray(cfg.scale, acc)
         if ops["bias"] is not None:
-            x = x + _tile(ops["bias"], i, bq, j, bk).astype(acc)
+            x = x + _rows(_tile(ops["bias"], i, bq, j, bk), bq, g).astype(acc)
         if cfg.softcap is not None:
             tanh = jnp.tanh(x / cfg.softcap)
             x = cfg.softcap * tanh
         z = x * jnp.asarray(_LOG2E, acc)
     if masked:
-        z = jnp.where(_visible(cfg, ops, i, j), z, -jnp.inf)
+        z = jnp.where(_rows(_visible(cfg, ops, i, j), bq, g), z, -jnp.inf)
     return kb, z, tanh
 
 
@@ -189,15 +198,15 @@ def _visible(cfg, ops, i, j):
 
 
 def _forward_pairs(cfg, ops, pairs, masked, carry):
-    bq, bk = cfg.block_q, cfg.block_k
+    bk, r = cfg.block_k, cfg.block_q * ops["g"]
 
     def step(carry, ij):
         o, m, l = carry
         i, j = ij[0], ij[1]
         _, z, _ = _scores(cfg, ops, i, j, masked)
-        m_old = lax.dynamic_slice_in_dim(m, i * bq, bq, 2)
-        l_old = lax.dynamic_slice_in_dim(l, i * bq, bq, 2)
-        o_old = lax.dynamic_slice_in_dim(o, i * bq, bq, 2)
+        m_old = lax.dynamic_slice_in_dim(m, i * r, r, 2)
+        l_old = lax.dynamic_slice_in_dim(l, i * r, r, 2)
+        o_old = lax.dynamic_slice_in_dim(o, i * r, r, 2)
         m_new = jnp.maximum(m_old, jnp.max(z, axis=-1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_use = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
@@ -205,42 +214,43 @@ def _forward_pairs(cfg, ops, pairs, masked, carry):
         alpha = jnp.exp2(m_old - m_use)
         vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
         pv = lax.dot_general(
-            p.astype(vb.dtype), vb, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=o.dtype
+            p.astype(vb.dtype), vb, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=o.dtype
         )
-        o = lax.dynamic_update_slice_in_dim(o, o_old * alpha[..., None] + pv, i * bq, 2)
-        m = lax.dynamic_update_slice_in_dim(m, m_new, i * bq, 2)
-        l = lax.dynamic_update_slice_in_dim(l, alpha * l_old + jnp.sum(p, axis=-1), i * bq, 2)
+        o = lax.dynamic_update_slice_in_dim(o, o_old * alpha[..., None] + pv, i * r, 2)
+        m = lax.dynamic_update_slice_in_dim(m, m_new, i * r, 2)
+        l = lax.dynamic_update_slice_in_dim(l, alpha * l_old + jnp.sum(p, axis=-1), i * r, 2)
         return (o, m, l), None
 
     return lax.scan(step, carry, pairs)[0]
 
 
 def _backward_pairs(cfg, ops, pairs, masked, carry):
-    bq, bk = cfg.block_q, cfg.block_k
+    bq, bk, g = cfg.block_q, cfg.block_k, ops["g"]
+    r = bq * g
 
     def step(carry, ij):
         dq, dk, dv, dbias = carry
         i, j = ij[0], ij[1]
         kb, z, tanh = _scores(cfg, ops, i, j, masked)
-        qb = lax.dynamic_slice_in_dim(ops["q"], i * bq, bq, 2)
-        lse2 = lax.dynamic_slice_in_dim(ops["lse2"], i * bq, bq, 2)
+        qb = lax.dynamic_slice_in_dim(ops["q"], i * r, r, 2)
+        lse2 = lax.dynamic_slice_in_dim(ops["lse2"], i * r, r, 2)
         p = jnp.exp2(z - lse2[..., None])
-        dob = lax.dynamic_slice_in_dim(ops["do"], i * bq, bq, 2)
+        dob = lax.dynamic_slice_in_dim(ops["do"], i * r, r, 2)
         vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
-        delta = lax.dynamic_slice_in_dim(ops["delta"], i * bq, bq, 2)
-        dp = lax.dot_general(dob, vb, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=p.dtype)
+        delta = lax.dynamic_slice_in_dim(ops["delta"], i * r, r, 2)
+        dp = lax.dot_general(dob, vb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=p.dtype)
         dx = p * (dp - delta[..., None])  # gradient w.r.t. the (soft-capped) logits
         if tanh is not None:
             dx = dx * (1 - tanh * tanh)
         if dbias is not None:
-            dbias = _add_tile(dbias, dx, i * bq, j * bk)
+            tile = dx.reshape(*dx.shape[:2], bq, g, dx.shape[3])
+            dbias = _add_tile(dbias, tile, i * bq, j * bk)
         ds = (dx * jnp.asarray(cfg.scale, dx.dtype)).astype(qb.dtype)
-        dq_b = lax.dot_general(ds, kb, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=dq.dtype)
-        dk_b = lax.dot_general(ds, qb, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
-                               preferred_element_type=dk.dtype)
-        dv_b = lax.dot_general(p.astype(dob.dtype), dob, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
+        dq_b = lax.dot_general(ds, kb, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=dq.dtype)
+        dk_b = lax.dot_general(ds, qb, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=dk.dtype)
+        dv_b = lax.dot_general(p.astype(dob.dtype), dob, (((2,), (2,)), ((0, 1), (0, 1))),
                                preferred_element_type=dv.dtype)
-        dq = _add_slice(dq, dq_b, 2, i * bq)
+        dq = _add_slice(dq, dq_b, 2, i * r)
         dk = _add_slice(dk, dk_b, 2, j * bk)
         dv = _add_slice(dv, dv_b, 2, j * bk)
         return (dq, dk, dv, dbias), None
@@ -303,6 +313,7 @@ def _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
         "kv_len": kv_len,
         "s": s,
         "acc": acc,
+        "g": n // kh,
     }
 
 
@@ -313,38 +324,38 @@ def _round_up(x, m):
 def _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     acc = _checks.accum_dtype(q.dtype)
-    b, kh, tp, g, _ = ops["q"].shape
-    o = jnp.zeros((b, kh, tp, g, v.shape[-1]), acc)
-    m = jnp.full((b, kh, tp, g), -jnp.inf, acc)
-    l = jnp.zeros((b, kh, tp, g), acc)
+    b, kh, rows, _ = ops["q"].shape
+    o = jnp.zeros((b, kh, rows, v.shape[-1]), acc)
+    m = jnp.full((b, kh, rows), -jnp.inf, acc)
+    l = jnp.zeros((b, kh, rows), acc)
     dynamic = any(ops[x] is not None for x in ("mask", "q_seg", "q_len", "kv_len"))
     for pairs, masked in _plan(cfg, q.shape[1], k.shape[1], dynamic):
         o, m, l = _forward_pairs(cfg, ops, pairs, masked, (o, m, l))
     seen = l > 0
     safe_l = jnp.where(seen, l, jnp.ones_like(l))
-    out = _q_unlayout(o / safe_l[..., None], q.shape[1]).astype(q.dtype)
+    out = _q_unlayout(o / safe_l[..., None], q.shape[1], ops["g"]).astype(q.dtype)
     # +inf for rows that see nothing: exp2(z - lse2) is then 0 in the backward pass, never NaN.
     lse2 = jnp.where(seen, m + jnp.log2(safe_l), jnp.full_like(m, jnp.inf))
     return out, lse2
 
 
-def _lse_natural(lse2, t):
+def _lse_natural(lse2, t, g):
     from jaxla.attention._reference import EMPTY_ROW_LSE
 
     lse = jnp.where(jnp.isfinite(lse2), lse2 * _LN2, jnp.asarray(EMPTY_ROW_LSE, lse2.dtype))
-    return _q_unlayout(lse[..., None], t)[..., 0]
+    return _q_unlayout(lse[..., None], t, g)[..., 0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     out, lse2 = _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
-    return out, _lse_natural(lse2, q.shape[1])
+    return out, _lse_natural(lse2, q.shape[1], q.shape[2] // k.shape[2])
 
 
 def _flash_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     out, lse2 = _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     res = (q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse2)
-    return (out, _lse_natural(lse2, q.shape[1])), res
+    return (out, _lse_natural(lse2, q.shape[1], q.shape[2] // k.shape[2])), res
 
 
 def _flash_bwd(cfg, res, cotangents):
@@ -352,7 +363,8 @@ def _flash_bwd(cfg, res, cotangents):
     d_out, d_lse = cotangents
     ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     acc = lse2.dtype
-    t, kh, tp = q.shape[1], k.shape[2], ops["q"].shape[2]
+    t, kh, g = q.shape[1], k.shape[2], ops["g"]
+    tp = ops["q"].shape[2] // g
     ops["lse2"] = lse2
     ops["do"] = _q_layout(d_out.astype(v.dtype), kh, tp)
     # d lse / d logits is the probability row, so a residual cotangent just shifts delta.
@@ -366,7 +378,7 @@ def _flash_bwd(cfg, res, cotangents):
     for pairs, masked in _plan(cfg, t, k.shape[1], dynamic):
         dq, dk, dv, dbias = _backward_pairs(cfg, ops, pairs, masked, (dq, dk, dv, dbias))
     s = k.shape[1]
-    dq = _q_unlayout(dq, t).astype(q.dtype)
+    dq = _q_unlayout(dq, t, g).astype(q.dtype)
     dk = jnp.transpose(dk[:, :, :s], (0, 2, 1, 3)).astype(k.dtype)
     dv = jnp.transpose(dv[:, :, :s], (0, 2, 1, 3)).astype(v.dtype)
     if dbias is not None:
