@@ -144,9 +144,8 @@ def test_odd_lengths_causal_window_gqa(t, s, rng):
         np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(2))
-@pytest.mark.parametrize("impl", IMPLS)
-def test_gradients_check_grads_float64(seed, impl, x64):
+@pytest.mark.parametrize("impl,seed", [("xla", 0), ("chunked", 0), ("chunked", 1)])
+def test_gradients_check_grads_float64(impl, seed, x64):
     rng = np.random.default_rng(100 + seed)
     (q, k, v, bias, mask), kw, _ = _draw_case(rng, max_len=9)
     # Differentiable inputs: q, k, v and the bias (random features keep the rest fixed).

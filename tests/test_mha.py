@@ -48,11 +48,13 @@ def _np_mha(params, x, num_heads, *, causal, rope_pos=None, context=None):
 
 
 def test_init_mha_shapes_and_gqa(key):
-    p = jaxla.init_mha(key, 32, 4, num_kv_heads=2, head_dim=16, value_head_dim=8, d_context=24)
+    p = jax.eval_shape(lambda k: jaxla.init_mha(k, 32, 4, num_kv_heads=2, head_dim=16,
+                                                value_head_dim=8, d_context=24), key)
     assert p["q"]["w"].shape == (32, 64) and p["k"]["w"].shape == (24, 32)
     assert p["v"]["w"].shape == (24, 16) and p["o"]["w"].shape == (32, 32)
     assert "b" not in p["q"]
-    assert jaxla.init_mha(key, 32, 4, use_bias=True)["o"]["b"].shape == (32,)
+    biased = jax.jit(lambda k: jaxla.init_mha(k, 32, 4, use_bias=True))(key)
+    assert biased["o"]["b"].shape == (32,) and float(jnp.std(biased["q"]["w"])) > 0
 
 
 @pytest.mark.parametrize("kv_heads,rope", [(4, False), (2, True), (1, True)])
@@ -77,15 +79,21 @@ def test_cross_attention_and_gradients(key, rng, x64):
 def test_apply_rope_matches_definition_and_is_relative(rng):
     x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
     pos = rng.integers(0, 100, size=(2, 5))
-    np.testing.assert_allclose(jaxla.apply_rope(x, pos), _np_rope(x, pos), atol=1e-4)
-    np.testing.assert_allclose(jaxla.apply_rope(x[0]), _np_rope(x[0], np.arange(5)), atol=1e-5)
+    rope = jax.jit(jaxla.apply_rope)
+    np.testing.assert_allclose(rope(x, pos), _np_rope(x, pos), atol=1e-4)
+    np.testing.assert_allclose(jax.jit(jaxla.apply_rope)(x[0]), _np_rope(x[0], np.arange(5)),
+                               atol=1e-5)
     # <rope(q, i), rope(k, j)> depends only on i - j.
     q, k = rng.normal(size=(1, 1, 1, 8)), rng.normal(size=(1, 1, 1, 8))
 
+    @jax.jit
+    def dot_at(i, j):
+        qr = jaxla.apply_rope(jnp.asarray(q, jnp.float32), i[None])
+        kr = jaxla.apply_rope(jnp.asarray(k, jnp.float32), j[None])
+        return jnp.sum(qr * kr)
+
     def score(i, j):
-        qr = jaxla.apply_rope(jnp.asarray(q, jnp.float32), jnp.array([i]))
-        kr = jaxla.apply_rope(jnp.asarray(k, jnp.float32), jnp.array([j]))
-        return float(jnp.sum(qr * kr))
+        return float(dot_at(jnp.int32(i), jnp.int32(j)))
 
     assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-4)
     assert jaxla.apply_rope(jnp.ones((1, 2, 1, 4), jnp.bfloat16)).dtype == jnp.bfloat16
