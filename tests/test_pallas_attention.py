@@ -103,7 +103,7 @@ class Case:
     causal: bool = False
     window: tuple | None = None
     segments: bool = False
-    lengths: bool = False
+    lengths: bool | str = False  # True: both, "q" or "kv": only that one
     softcap: float | None = None
     layout: str = "btnh"
 
@@ -117,14 +117,14 @@ CASES = [
     Case(T=7, S=7, causal=True),
     Case(T=130, S=100, N=4, K=2, segments=True, window=(20, 5), B=2),
     Case(T=100, S=130, N=2, K=2, lengths=True, softcap=5.0, B=2),
-    Case(T=1, S=130, N=4, K=1, H=128, lengths=True),
+    Case(T=1, S=130, N=4, K=1, H=128, lengths="kv"),
     Case(T=130, S=7, causal=True, window=(3, None), Hv=128, H=64),
     Case(T=100, S=100, causal=True, segments=True, lengths=True, softcap=3.0, B=2,
          layout="bnth"),
 ]
 SLOW_CASES = [
     Case(T=130, S=130, N=8, K=2, causal=True, window=(40, 0), segments=True, B=2),
-    Case(T=7, S=1, N=3, K=3, H=128),
+    Case(T=7, S=1, N=3, K=3, H=128, lengths="q"),
     Case(T=100, S=100, N=4, K=2, lengths=True, softcap=2.0, layout="bnth", B=2),
 ]
 
@@ -140,8 +140,9 @@ def _inputs(case: Case, rng, dtype):
     if case.segments:  # a few contiguous segments, different per batch row
         kw["q_seg"] = np.sort(rng.integers(0, 3, (case.B, case.T)), axis=1).astype(np.int32)
         kw["kv_seg"] = np.sort(rng.integers(0, 3, (case.B, case.S)), axis=1).astype(np.int32)
-    if case.lengths:
+    if case.lengths in (True, "q"):
         kw["q_len"] = rng.integers(0, case.T + 1, (case.B,)).astype(np.int32)
+    if case.lengths in (True, "kv"):
         kw["kv_len"] = rng.integers(1, case.S + 1, (case.B,)).astype(np.int32)
     arrays = [np.asarray(x, dtype) for x in (q, k, v)]
     return arrays, d_out.astype(np.float32), d_lse.astype(np.float32), kw
@@ -349,3 +350,14 @@ def test_compiled_matches_reference(causal, rng):
     for g, r in zip(grads, ref_grads, strict=True):
         scale = max(1.0, float(np.abs(r).max()))
         np.testing.assert_allclose(np.asarray(g, np.float64) / scale, r / scale, **BF16_TOL)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_quick_smoke():
+    from benchmarks import attention_gpu
+
+    rows = attention_gpu.run(quick=True)
+    checks = [r for r in rows if r["name"].startswith("check")]
+    timings = [r for r in rows if r["name"].startswith("T=")]
+    assert checks and all(r["ok"] for r in checks)
+    assert timings and all(r["pallas_tflops"] > 0 and r["xla_tflops"] > 0 for r in timings)

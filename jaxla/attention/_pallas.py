@@ -201,9 +201,8 @@ def _check_args(query, key, value, q_seg, kv_seg, q_len, kv_len, window, softcap
         raise ValueError(f"logits_soft_cap must be > 0, got {softcap}")
 
 
-def _segments(seg, length, size, padded, invalid):
+def _segments(seg, length, batch, size, padded, invalid):
     """int32 (B, padded) ids with positions past ``length`` or ``size`` set to ``invalid``."""
-    batch = (seg if seg is not None else length).shape[0]
     ids = jnp.zeros((batch, size), jnp.int32) if seg is None else seg.astype(jnp.int32)
     if length is not None:
         valid = jnp.arange(size, dtype=jnp.int32)[None, :] < length.astype(jnp.int32)[:, None]
@@ -335,8 +334,8 @@ def _attention(query, key, value, *, scale, is_causal, local_window_size, q_segm
 
     q_seg = kv_seg = None
     if has_segments:
-        q_seg = _segments(q_segment_ids, query_seq_lengths, t, t_pad, c.Q_INVALID)
-        kv_seg = _segments(kv_segment_ids, key_value_seq_lengths, s, s_pad, c.KV_INVALID)
+        q_seg = _segments(q_segment_ids, query_seq_lengths, query.shape[0], t, t_pad, c.Q_INVALID)
+        kv_seg = _segments(kv_segment_ids, key_value_seq_lengths, query.shape[0], s, s_pad, c.KV_INVALID)
 
     def prep(x, padded):
         x = jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
