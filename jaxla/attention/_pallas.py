@@ -348,4 +348,4 @@ def _attention(query, key, value, *, scale, is_causal, local_window_size, q_segm
     out = out[:, :t]
     if not return_residual:
         return out
-    return out, jnp.swapaxes(lse[:, :, :t], 1, 2)
+    return out, jnp.swapaxes(lse[:, :, :t, 0], 1, 2)

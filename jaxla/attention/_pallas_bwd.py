@@ -42,18 +42,18 @@ def _dq_kernel(*refs, plan: c.Plan):
     q_start = pl.program_id(c.block_axis(plan)) * bq
     q = q_ref[...]
     do = do_ref[...]
-    lse = lse_ref[...][:, None]
-    delta = delta_ref[...][:, None]
+    lse = lse_ref[...]  # (bq, 1)
+    delta = delta_ref[...]
     q_seg = None if qseg_ref is None else qseg_ref[...]
 
     def body(j, dq):
-        k_start = j * bk
+        k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         seg_q = seg_k = None
         if plan.has_segments:
-            seg_q = jnp.broadcast_to(q_seg[:, None], (bq, bk))
-            seg_k = jnp.broadcast_to(kvseg_ref[pl.ds(k_start, bk)][None, :], (bq, bk))
+            seg_q = jnp.broadcast_to(q_seg, (bq, bk))
+            seg_k = jnp.broadcast_to(kvseg_ref[:, pl.ds(k_start, bk)], (bq, bk))
         mask = c.visible(
             plan, c.positions(q_start, (bq, bk), 0), c.positions(k_start, (bq, bk), 1),
             seg_q, seg_k,
@@ -79,7 +79,7 @@ def _dkdv_kernel(*refs, plan: c.Plan):
     k_start = pl.program_id(c.block_axis(plan)) * bk
     k = k_ref[...]
     v = v_ref[...]
-    kv_seg = None if kvseg_ref is None else kvseg_ref[...]
+    kv_seg = None if kvseg_ref is None else kvseg_ref[...]  # (bk, 1)
     btnh = plan.layout == "btnh"
 
     def rows(ref, g, q_start):
@@ -90,15 +90,15 @@ def _dkdv_kernel(*refs, plan: c.Plan):
     # Tiles are (key, query): s^T = k·q^T, so dV = P^T·dO and dK = dS^T·Q need no transposes.
     def q_body(g, qb, carry):
         dk, dv = carry
-        q_start = qb * bq
+        q_start = pl.multiple_of(qb * bq, bq)
         q = rows(q_ref, g, q_start)
         do = rows(do_ref, g, q_start)
-        lse = lse_ref[g, pl.ds(q_start, bq)][None, :]
-        delta = delta_ref[g, pl.ds(q_start, bq)][None, :]
+        lse = lse_ref[g, :, pl.ds(q_start, bq)]  # (1, bq)
+        delta = delta_ref[g, :, pl.ds(q_start, bq)]
         seg_q = seg_k = None
         if plan.has_segments:
-            seg_q = jnp.broadcast_to(qseg_ref[pl.ds(q_start, bq)][None, :], (bk, bq))
-            seg_k = jnp.broadcast_to(kv_seg[:, None], (bk, bq))
+            seg_q = jnp.broadcast_to(qseg_ref[:, pl.ds(q_start, bq)], (bk, bq))
+            seg_k = jnp.broadcast_to(kv_seg, (bk, bq))
         mask = c.visible(
             plan, c.positions(q_start, (bk, bq), 1), c.positions(k_start, (bk, bq), 0),
             seg_q, seg_k,
@@ -125,7 +125,7 @@ def _dkdv_kernel(*refs, plan: c.Plan):
 def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: c.Plan):
     """Gradients of the padded forward: returns ``(dq, dk, dv)`` in the inputs' layouts and dtypes.
 
-    ``lse``/``d_lse`` are (B, N, Tp) f32; the other arrays are as in ``flash_forward``.
+    ``lse``/``d_lse`` are (B, N, Tp, 1) f32; the other arrays are as in ``flash_forward``.
     """
     batch = q.shape[0]
     btnh = plan.layout == "btnh"
@@ -136,16 +136,16 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: c.Plan)
     delta = jnp.sum(d_out.astype(plan.acc) * out.astype(plan.acc), axis=-1)
     if btnh:  # (B, Tp, N) -> (B, N, Tp), the stats layout
         delta = jnp.swapaxes(delta, 1, 2)
-    delta = delta - d_lse
-    segs = [q_seg, kv_seg] if plan.has_segments else []
+    delta = c.as_column(delta) - d_lse
 
     bq, bk = plan.block_q_dq, plan.block_k_dq
-    seg_specs = []
+    seg_specs, segs = [], []
     if plan.has_segments:
         seg_specs = [
-            c.seg_spec(plan, bq, lambda b, h, i: i),
-            c.seg_spec(plan, plan.s_pad, lambda b, h, i: 0),
+            c.seg_spec(plan, bq, lambda b, h, i: i, row=False),
+            c.seg_spec(plan, plan.s_pad, lambda b, h, i: 0, row=True),
         ]
+        segs = [c.as_column(q_seg), c.as_row(kv_seg)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -166,9 +166,12 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: c.Plan)
     bq, bk = plan.block_q_dkv, plan.block_k_dkv
     if plan.has_segments:
         seg_specs = [
-            c.seg_spec(plan, plan.t_pad, lambda b, h, i: 0),
-            c.seg_spec(plan, bk, lambda b, h, i: i),
+            c.seg_spec(plan, plan.t_pad, lambda b, h, i: 0, row=True),
+            c.seg_spec(plan, bk, lambda b, h, i: i, row=False),
         ]
+        segs = [c.as_row(q_seg), c.as_column(kv_seg)]
+    # The key-block kernel reads the statistics as rows: (B, N, Tp, 1) -> (B, N, 1, Tp) is free.
+    lse_row, delta_row = (x.reshape(batch, heads, 1, plan.t_pad) for x in (lse, delta))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, plan=plan),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -179,13 +182,13 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: c.Plan)
             c.seq_spec(plan, bk, hv, lambda b, h, i: (h, i)),
             *seg_specs,
             c.seq_spec(plan, plan.t_pad, hv, lambda b, h, i: (h, 0), head_block=g),
-            c.stat_spec(plan, plan.t_pad, lambda b, h, i: (h, 0), head_block=g),
-            c.stat_spec(plan, plan.t_pad, lambda b, h, i: (h, 0), head_block=g),
+            c.stat_spec(plan, plan.t_pad, lambda b, h, i: (h, 0), head_block=g, row=True),
+            c.stat_spec(plan, plan.t_pad, lambda b, h, i: (h, 0), head_block=g, row=True),
         ],
         out_specs=[
             c.seq_spec(plan, bk, hd, lambda b, h, i: (h, i)),
             c.seq_spec(plan, bk, hv, lambda b, h, i: (h, i)),
         ],
         **c.call_kwargs(plan, backward=True, name="jaxla_flash_dkdv"),
-    )(q, k, v, *segs, d_out, lse, delta)
+    )(q, k, v, *segs, d_out, lse_row, delta_row)
     return dq, dk, dv

@@ -256,26 +256,43 @@ def seq_spec(plan: Plan, rows: int, width: int, index, *, head_block: int | None
     return pl.BlockSpec(block_shape=shape, index_map=index_map)
 
 
-def stat_spec(plan: Plan, rows: int, index, *, head_block: int | None = None):
-    """BlockSpec over a per-row statistic stored (B, heads, L) in f32 (logsumexp, delta)."""
+def stat_spec(plan: Plan, rows: int, index, *, head_block: int | None = None, row: bool = False):
+    """BlockSpec over a per-query statistic (logsumexp, delta) in f32.
+
+    Stored (B, heads, Tp, 1) and read as a (rows, 1) column, or viewed (B, heads, 1, Tp) (a free
+    reshape) and read as a (1, rows) row with ``row=True``. Keeping two trailing dims, one of them
+    full-size, satisfies Mosaic TPU's tiling rule and lets tiles broadcast without transposes.
+    """
     head = SQUEEZED if head_block is None else head_block
+    shape = (SQUEEZED, head, 1, rows) if row else (SQUEEZED, head, rows, 1)
 
     def index_map(*g):
         b, h, i = _unpack(plan, g)
         hi, ri = index(b, h, i)
-        return (b, hi, ri)
+        return (b, hi, 0, ri) if row else (b, hi, ri, 0)
 
-    return pl.BlockSpec(block_shape=(SQUEEZED, head, rows), index_map=index_map)
+    return pl.BlockSpec(block_shape=shape, index_map=index_map)
 
 
-def seg_spec(plan: Plan, rows: int, index):
-    """BlockSpec over (B, L) int32 segment ids; ``index(b, h, i)`` gives the row block."""
+def seg_spec(plan: Plan, rows: int, index, *, row: bool):
+    """BlockSpec over int32 segment ids viewed (B, L, 1) (column) or (B, 1, L) (``row=True``)."""
+    shape = (SQUEEZED, 1, rows) if row else (SQUEEZED, rows, 1)
 
     def index_map(*g):
         b, h, i = _unpack(plan, g)
-        return (b, index(b, h, i))
+        return (b, 0, index(b, h, i)) if row else (b, index(b, h, i), 0)
 
-    return pl.BlockSpec(block_shape=(SQUEEZED, rows), index_map=index_map)
+    return pl.BlockSpec(block_shape=shape, index_map=index_map)
+
+
+def as_column(x: jax.Array) -> jax.Array:
+    """(..., L) -> (..., L, 1); the same bytes as ``as_row``, so both views are free."""
+    return x[..., None]
+
+
+def as_row(x: jax.Array) -> jax.Array:
+    """(..., L) -> (..., 1, L)."""
+    return x[..., None, :]
 
 
 def compiler_params(plan: Plan, *, backward: bool):

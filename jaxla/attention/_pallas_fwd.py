@@ -28,19 +28,18 @@ def _fwd_kernel(*refs, plan: c.Plan):
     q_start = pl.program_id(c.block_axis(plan)) * bq
     q = q_ref[...]
     hv = v_ref.shape[-1]
-    q_seg = None if qseg_ref is None else qseg_ref[...]
+    q_seg = None if qseg_ref is None else qseg_ref[...]  # (bq, 1)
 
     def body(j, carry):
         m_prev, l_prev, acc = carry
-        k_start = j * bk
+        k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         s, _ = c.soft_cap(c.dot_nt(q, k, plan) * plan.scale, plan)
         seg_q = seg_k = None
         if plan.has_segments:
-            kv_seg = kvseg_ref[pl.ds(k_start, bk)]
-            seg_q = jnp.broadcast_to(q_seg[:, None], (bq, bk))
-            seg_k = jnp.broadcast_to(kv_seg[None, :], (bq, bk))
+            seg_q = jnp.broadcast_to(q_seg, (bq, bk))
+            seg_k = jnp.broadcast_to(kvseg_ref[:, pl.ds(k_start, bk)], (bq, bk))
         mask = c.visible(
             plan,
             c.positions(q_start, (bq, bk), 0),
@@ -50,27 +49,27 @@ def _fwd_kernel(*refs, plan: c.Plan):
         )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         # Rows that have seen no visible key yet keep m = -inf; shift them by 0 instead so that
         # exp() sees -inf - 0 = -inf (→ 0) and never -inf - (-inf) = NaN.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_shift[:, None])
+        p = jnp.exp(s - m_shift)
         alpha = jnp.exp(m_prev - m_shift)
-        l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + c.dot_nn(p.astype(v.dtype), v, plan)
+        l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        acc = acc * alpha + c.dot_nn(p.astype(v.dtype), v, plan)
         return m_new, l_new, acc
 
     lo, hi = c.kv_block_range(plan, q_start, bq, bk)
     init = (
-        jnp.full((bq,), -jnp.inf, plan.acc),
-        jnp.zeros((bq,), plan.acc),
+        jnp.full((bq, 1), -jnp.inf, plan.acc),
+        jnp.zeros((bq, 1), plan.acc),
         jnp.zeros((bq, hv), plan.acc),
     )
     m, l, acc = lax.fori_loop(lo, hi, body, init)
     # A row with no visible key has l == 0 and acc == 0: it returns zeros and lse = -inf.
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
 
 
@@ -93,7 +92,7 @@ def flash_forward(
       plan: the static launch description.
 
     Returns:
-      ``(out, lse)``: out like ``q`` with width Hv in q's dtype; lse (B, N, Tp) f32.
+      ``(out, lse)``: out like ``q`` with width Hv in q's dtype; lse (B, N, Tp, 1) f32.
     """
     batch = q.shape[0]
     heads = q.shape[2] if plan.layout == "btnh" else q.shape[1]
@@ -107,14 +106,14 @@ def flash_forward(
     args = [q, k, v]
     if plan.has_segments:
         in_specs += [
-            c.seg_spec(plan, bq, lambda b, h, i: i),
-            c.seg_spec(plan, plan.s_pad, lambda b, h, i: 0),
+            c.seg_spec(plan, bq, lambda b, h, i: i, row=False),
+            c.seg_spec(plan, plan.s_pad, lambda b, h, i: 0, row=True),
         ]
-        args += [q_seg, kv_seg]
+        args += [c.as_column(q_seg), c.as_row(kv_seg)]
     o_shape = (*q.shape[:-1], hv)
     out_shape = [
         jax.ShapeDtypeStruct(o_shape, q.dtype),
-        jax.ShapeDtypeStruct((batch, heads, plan.t_pad), plan.acc),
+        jax.ShapeDtypeStruct((batch, heads, plan.t_pad, 1), plan.acc),
     ]
     out_specs = [
         c.seq_spec(plan, bq, hv, lambda b, h, i: (h, i)),
