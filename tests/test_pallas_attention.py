@@ -361,3 +361,27 @@ def test_gpu_benchmark_quick_smoke():
     timings = [r for r in rows if r["name"].startswith("T=")]
     assert checks and all(r["ok"] for r in checks)
     assert timings and all(r["pallas_tflops"] > 0 and r["xla_tflops"] > 0 for r in timings)
+
+
+@pytest.mark.parametrize("head_dim,dtype,features", [
+    (128, jnp.bfloat16, {"is_causal": True, "key_value_seq_lengths": jnp.array([100, 200])}),
+    (64, jnp.float16, {"local_window_size": (64, 32), "logits_soft_cap": 3.0}),
+    (256, jnp.float32, {"q_segment_ids": jnp.zeros((2, 300), jnp.int32),
+                        "kv_segment_ids": jnp.zeros((2, 260), jnp.int32)}),
+])
+def test_triton_lowering_without_a_gpu(monkeypatch, head_dim, dtype, features):
+    """Lowers forward and backward for CUDA from this CPU host: every kernel becomes Triton IR."""
+    pytest.importorskip("jax._src.lib.triton")
+    import jaxla.attention._pallas as pallas_module
+
+    monkeypatch.setattr(pallas_module, "_platform", lambda: "gpu")
+    q = jax.ShapeDtypeStruct((2, 300, 8, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((2, 260, 2, head_dim), dtype)
+
+    def loss(q, k, v):
+        out, lse = pallas_attention(q, k, v, scale=0.1, return_residual=True, **features)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
