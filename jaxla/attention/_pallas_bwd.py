@@ -46,18 +46,17 @@ def _dq_kernel(*refs, plan: c.Plan):
     delta = delta_ref[...]
     q_seg = None if qseg_ref is None else qseg_ref[...]
 
-    def body(j, dq):
+    def body(masked, j, dq):
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        seg_q = seg_k = None
-        if plan.has_segments:
+        seg_q = seg_k = mask = None
+        if masked and plan.has_segments:
             seg_q = jnp.broadcast_to(q_seg, (bq, bk))
             seg_k = jnp.broadcast_to(kvseg_ref[:, pl.ds(k_start, bk)], (bq, bk))
-        mask = c.visible(
-            plan, c.positions(q_start, (bq, bk), 0), c.positions(k_start, (bq, bk), 1),
-            seg_q, seg_k,
-        )
+        if masked:
+            mask = c.visible(plan, c.positions(q_start, (bq, bk), 0),
+                             c.positions(k_start, (bq, bk), 1), seg_q, seg_k)
         p, t = _probs(plan, c.dot_nt(q, k, plan) * plan.scale, lse, mask)
         ds = p * (c.dot_nt(do, v, plan) - delta)
         if t is not None:
@@ -65,7 +64,9 @@ def _dq_kernel(*refs, plan: c.Plan):
         return dq + c.dot_nn(ds.astype(k.dtype), k, plan)
 
     lo, hi = c.kv_block_range(plan, q_start, bq, bk)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, plan.acc))
+    ulo, uhi = c.kv_unmasked_range(plan, q_start, bq, bk, lo, hi)
+    dq = c.split_loop(lo, ulo, uhi, hi, lambda m: functools.partial(body, m),
+                      jnp.zeros(q.shape, plan.acc))
     dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
@@ -88,21 +89,20 @@ def _dkdv_kernel(*refs, plan: c.Plan):
         return ref[g, pl.ds(q_start, bq), :]
 
     # Tiles are (key, query): s^T = k·q^T, so dV = P^T·dO and dK = dS^T·Q need no transposes.
-    def q_body(g, qb, carry):
+    def q_body(masked, g, qb, carry):
         dk, dv = carry
         q_start = pl.multiple_of(qb * bq, bq)
         q = rows(q_ref, g, q_start)
         do = rows(do_ref, g, q_start)
         lse = lse_ref[g, :, pl.ds(q_start, bq)]  # (1, bq)
         delta = delta_ref[g, :, pl.ds(q_start, bq)]
-        seg_q = seg_k = None
-        if plan.has_segments:
+        seg_q = seg_k = mask = None
+        if masked and plan.has_segments:
             seg_q = jnp.broadcast_to(qseg_ref[:, pl.ds(q_start, bq)], (bk, bq))
             seg_k = jnp.broadcast_to(kv_seg, (bk, bq))
-        mask = c.visible(
-            plan, c.positions(q_start, (bk, bq), 1), c.positions(k_start, (bk, bq), 0),
-            seg_q, seg_k,
-        )
+        if masked:
+            mask = c.visible(plan, c.positions(q_start, (bk, bq), 1),
+                             c.positions(k_start, (bk, bq), 0), seg_q, seg_k)
         p, t = _probs(plan, c.dot_nt(k, q, plan) * plan.scale, lse, mask)
         dv = dv + c.dot_nn(p.astype(do.dtype), do, plan)
         ds = p * (c.dot_nt(v, do, plan) - delta)
@@ -112,9 +112,10 @@ def _dkdv_kernel(*refs, plan: c.Plan):
         return dk, dv
 
     lo, hi = c.q_block_range(plan, k_start, bq, bk)
+    ulo, uhi = c.q_unmasked_range(plan, k_start, bq, bk, lo, hi)
 
     def g_body(g, carry):
-        return lax.fori_loop(lo, hi, functools.partial(q_body, g), carry)
+        return c.split_loop(lo, ulo, uhi, hi, lambda m: functools.partial(q_body, m, g), carry)
 
     init = (jnp.zeros(k.shape, plan.acc), jnp.zeros(v.shape, plan.acc))
     dk, dv = lax.fori_loop(0, plan.groups, g_body, init)

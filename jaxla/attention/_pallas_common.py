@@ -194,7 +194,7 @@ def kv_block_range(plan: Plan, q_start: jax.Array, block_q: int, block_k: int):
     lo = jnp.int32(0)
     if plan.window_left is not None:
         lo = lax.div(jnp.maximum(q_start - plan.window_left, 0), jnp.int32(block_k))
-    return lo, hi
+    return lo, jnp.maximum(hi, lo)  # an empty range stays empty, so [lo, hi] brackets sub-ranges
 
 
 def q_block_range(plan: Plan, k_start: jax.Array, block_q: int, block_k: int):
@@ -211,7 +211,54 @@ def q_block_range(plan: Plan, k_start: jax.Array, block_q: int, block_k: int):
     hi_pos = jnp.where(k_start < plan.s_len, hi_pos, 0)
     lo = lax.div(lo_pos, jnp.int32(block_q))
     hi = lax.div(hi_pos + (block_q - 1), jnp.int32(block_q))
-    return lo, hi
+    return lo, jnp.maximum(hi, lo)
+
+
+def _clip(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def kv_unmasked_range(plan: Plan, q_start, block_q: int, block_k: int, lo, hi):
+    """Key blocks [ulo, uhi) within [lo, hi) whose every entry is visible to the query block.
+
+    Those blocks skip mask construction and the select. With segment ids nothing is known
+    statically, so the range is empty.
+    """
+    if plan.has_segments:
+        return lo, lo
+    uhi = jnp.int32(plan.s_len // block_k)
+    if plan.window_right is not None:
+        uhi = jnp.minimum(uhi, lax.div(q_start + plan.window_right + 1, jnp.int32(block_k)))
+    ulo = jnp.int32(0)
+    if plan.window_left is not None:
+        start = jnp.maximum(q_start + (block_q - 1 - plan.window_left), 0)
+        ulo = lax.div(start + (block_k - 1), jnp.int32(block_k))
+    ulo = _clip(ulo, lo, hi)
+    return ulo, _clip(uhi, ulo, hi)
+
+
+def q_unmasked_range(plan: Plan, k_start, block_q: int, block_k: int, lo, hi):
+    """Query blocks [ulo, uhi) within [lo, hi) that see every key of the key block."""
+    if plan.has_segments:
+        return lo, lo
+    ulo = jnp.int32(0)
+    if plan.window_right is not None:
+        start = jnp.maximum(k_start + (block_k - 1 - plan.window_right), 0)
+        ulo = lax.div(start + (block_q - 1), jnp.int32(block_q))
+    uhi = hi
+    if plan.window_left is not None:
+        uhi = lax.div(k_start + plan.window_left + 1, jnp.int32(block_q))
+    # A key block that reaches into the padding needs the padding mask everywhere.
+    uhi = jnp.where(k_start + block_k <= plan.s_len, uhi, ulo)
+    ulo = _clip(ulo, lo, hi)
+    return ulo, _clip(uhi, ulo, hi)
+
+
+def split_loop(lo, ulo, uhi, hi, body, init):
+    """``fori_loop`` over [lo, hi) with ``body(masked)(i, carry)``; [ulo, uhi) runs unmasked."""
+    carry = lax.fori_loop(lo, ulo, body(True), init)
+    carry = lax.fori_loop(ulo, uhi, body(False), carry)
+    return lax.fori_loop(uhi, hi, body(True), carry)
 
 
 def positions(start: jax.Array, shape: tuple[int, int], axis: int) -> jax.Array:

@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxla.attention import _pallas_common as c
@@ -30,23 +29,19 @@ def _fwd_kernel(*refs, plan: c.Plan):
     hv = v_ref.shape[-1]
     q_seg = None if qseg_ref is None else qseg_ref[...]  # (bq, 1)
 
-    def body(j, carry):
+    def body(masked, j, carry):
         m_prev, l_prev, acc = carry
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         s, _ = c.soft_cap(c.dot_nt(q, k, plan) * plan.scale, plan)
-        seg_q = seg_k = None
-        if plan.has_segments:
+        seg_q = seg_k = mask = None
+        if masked and plan.has_segments:
             seg_q = jnp.broadcast_to(q_seg, (bq, bk))
             seg_k = jnp.broadcast_to(kvseg_ref[:, pl.ds(k_start, bk)], (bq, bk))
-        mask = c.visible(
-            plan,
-            c.positions(q_start, (bq, bk), 0),
-            c.positions(k_start, (bq, bk), 1),
-            seg_q,
-            seg_k,
-        )
+        if masked:
+            mask = c.visible(plan, c.positions(q_start, (bq, bk), 0),
+                             c.positions(k_start, (bq, bk), 1), seg_q, seg_k)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -65,7 +60,8 @@ def _fwd_kernel(*refs, plan: c.Plan):
         jnp.zeros((bq, 1), plan.acc),
         jnp.zeros((bq, hv), plan.acc),
     )
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
+    ulo, uhi = c.kv_unmasked_range(plan, q_start, bq, bk, lo, hi)
+    m, l, acc = c.split_loop(lo, ulo, uhi, hi, lambda m: functools.partial(body, m), init)
     # A row with no visible key has l == 0 and acc == 0: it returns zeros and lse = -inf.
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
