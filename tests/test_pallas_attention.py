@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxla
 from jaxla.attention import _pallas_common as c
 from jaxla.attention._pallas import BlockSizes, _attention, pallas_attention, unsupported_reason
 
@@ -407,3 +408,10 @@ def test_triton_lowering_without_a_gpu(monkeypatch, head_dim, dtype, features):
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU has no compiled kernel")
+def test_public_api_explains_pallas_on_cpu():
+    q = jnp.ones((1, 8, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match=r'implementation="pallas".*GPU and TPU only.*chunked'):
+        jaxla.dot_product_attention(q, q, q, implementation="pallas")

@@ -112,7 +112,9 @@ def unsupported_reason(query, key, value, *, has_bias: bool, has_mask: bool, pla
         if not c.mosaic_available():
             return "jax.experimental.pallas.tpu is not available in this jaxlib"
     else:
-        return f"platform {platform} needs interpret mode"
+        return (f"platform {platform} has no compiled Pallas kernel (GPU and TPU only); use "
+                "implementation=\"chunked\" on CPU, or jaxla.attention._pallas.pallas_attention(..., "
+                "interpret=True) to debug the kernel in interpret mode")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if len(x.shape) != 4:
             return f"{name} must have rank 4, got shape {tuple(x.shape)}"
