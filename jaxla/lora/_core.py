@@ -188,15 +188,71 @@ def linear(
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _linear_jit(params, adapter, x, precision, compute, out_dtype):
     acc = _checks.accum_dtype(compute)
-    y = _linear.linear(params, x, precision=precision, preferred_element_type=acc, dtype=compute)
+    w = jnp.asarray(params["w"]).astype(compute)
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    xa = jax.lax.dot_general(x.astype(compute), a, dims, precision=precision,
-                             preferred_element_type=acc)
+    x = x.astype(compute)
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if rows >= w.shape[0] and compute != jnp.bfloat16 and compute != jnp.float16:
+        y = _merged_product(x, w, a, b, float(adapter.scale), precision)
+    else:
+        y = _factored_product(x, w, a, b, float(adapter.scale), precision, acc)
+    if params.get("b") is not None:
+        bias = jnp.asarray(params["b"]).astype(compute).astype(acc)
+        y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+    return y.astype(out_dtype)
+
+
+def _dot(x, y, contract_x, contract_y, precision, acc):
+    return jax.lax.dot_general(x, y, (((contract_x,), (contract_y,)), ((), ())), precision=precision,
+                               preferred_element_type=acc)
+
+
+def _factored_product(x, w, a, b, scale, precision, acc):
+    """``x·W + scale·((x·aᵀ)·bᵀ)``: two thin products beside the main one."""
+    last = x.ndim - 1
+    y = _dot(x, w, last, 0, precision, acc)
     # Scale the thin (..., r) intermediate: r multiplies per row instead of O.
-    xa = (xa * jnp.asarray(adapter.scale, acc)).astype(compute)
-    low = jax.lax.dot_general(xa, b, dims, precision=precision, preferred_element_type=acc)
-    return (y + low).astype(out_dtype)
+    xa = (_dot(x, a, last, 1, precision, acc) * jnp.asarray(scale, acc)).astype(x.dtype)
+    return y + _dot(xa, b, last, 1, precision, acc)
+
+
+# With many rows, adding the (rows, O) low-rank product costs a full extra pass over the output, while
+# folding the update into W costs one pass over the (I, O) weight: the forward multiplies by
+# W + scale·aᵀbᵀ (formed in f32; only for f32/f64 compute, since rounding W + ΔW to bf16 would lose
+# small updates). The backward stays factored, so gradients for a and b never form an (I, O) product
+# and W's gradient is only computed when something uses it (XLA removes it otherwise).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _merged_product(x, w, a, b, scale, precision):
+    acc = _checks.accum_dtype(x.dtype)
+    update = _dot(a, b, 0, 1, precision, acc) * jnp.asarray(scale, acc)  # (I, O)
+    w_eff = (w.astype(acc) + update).astype(x.dtype)
+    return _dot(x, w_eff, x.ndim - 1, 0, precision, acc)
+
+
+def _merged_product_fwd(x, w, a, b, scale, precision):
+    return _merged_product(x, w, a, b, scale, precision), (x, w, a, b)
+
+
+def _merged_product_bwd(scale, precision, residuals, g):
+    x, w, a, b = residuals
+    acc = _checks.accum_dtype(x.dtype)
+    g = g.astype(x.dtype)
+    last = x.ndim - 1
+    batch_axes = tuple(range(last))
+    s = jnp.asarray(scale, acc)
+    g_b = _dot(g, b, last, 0, precision, acc) * s  # (..., r) = scale · g·b
+    x_a = _dot(x, a, last, 1, precision, acc) * s  # (..., r) = scale · x·aᵀ
+    dx = _dot(g, w, last, 1, precision, acc) + _dot(g_b.astype(x.dtype), a, last, 0, precision, acc)
+    dw = jax.lax.dot_general(x, g, ((batch_axes, batch_axes), ((), ())), precision=precision,
+                             preferred_element_type=acc)
+    da = jax.lax.dot_general(g_b.astype(x.dtype), x, ((batch_axes, batch_axes), ((), ())),
+                             precision=precision, preferred_element_type=acc)
+    db = jax.lax.dot_general(g, x_a.astype(x.dtype), ((batch_axes, batch_axes), ((), ())),
+                             precision=precision, preferred_element_type=acc)
+    return (dx.astype(x.dtype), dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype))
+
+
+_merged_product.defvjp(_merged_product_fwd, _merged_product_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
