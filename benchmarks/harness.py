@@ -21,7 +21,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxla import _files
 
 __all__ = [
     "attention_flops",
@@ -231,18 +232,8 @@ def _jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: str, payload: Any) -> None:
     """Writes JSON through a temp file in the same directory, then renames it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(payload), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _files.write_atomic_text(path, json.dumps(_jsonable(payload), indent=2) + "\n")
 
 
 def run_suite(suite: str, run: Callable[..., list[dict]], *, quick: bool) -> dict[str, Any]:

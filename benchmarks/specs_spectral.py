@@ -13,7 +13,7 @@ LANCZOS_BENCH = {"n": 2048, "k": 4, "num_iters": 40}
 LANCZOS_QUICK = {"n": 256, "k": 4, "num_iters": 40}
 
 # MLP d_in -> hidden... -> d_out with tanh and squared loss; BENCH has 1,068,810 parameters.
-HESSIAN_BENCH = {"widths": (784, 1024, 256, 10), "batch": 256, "num_iters": 20}
+HESSIAN_BENCH = {"widths": (784, 1024, 256, 10), "batch": 256, "num_iters": 32}
 HESSIAN_QUICK = {"widths": (64, 128, 10), "batch": 64, "num_iters": 20}
 HESSIAN_TARGET_S = 10.0
 

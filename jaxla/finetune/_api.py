@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 
+from jaxla import _files
 from jaxla.finetune import _config, _mesh, _rundir, _runner
 
 __all__ = ["format_summary", "run_finetune"]
@@ -92,7 +93,7 @@ def run_finetune(
     summary["out"] = str(out)
     if not summary["interrupted"]:
         payload = {"title": summary["title"], "metrics": summary["metrics"]}
-        _rundir.atomic_write_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
+        _files.write_atomic_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
     return summary
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxla.finetune import _rundir
+from jaxla import _files
 
 __all__ = ["write_plots"]
 
@@ -33,7 +33,7 @@ def _save(plt, fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    _rundir.atomic_write_bytes(path, buf.getvalue())
+    _files.write_atomic(path, buf.getvalue())
 
 
 def write_plots(

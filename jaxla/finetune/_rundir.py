@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxla import _files
 from jaxla.finetune import _config
 
 __all__ = [
     "RunError",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "latest_checkpoint",
     "load_checkpoint",
     "prepare_run_dir",
@@ -43,27 +41,6 @@ _META = "__meta__"
 
 class RunError(Exception):
     """A problem with the run directory or a checkpoint that the user must fix (CLI exit status 2)."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def default_out_dir(cfg: _config.Config, root: str | Path = "runs") -> Path:
@@ -133,8 +110,8 @@ def prepare_run_dir(out: Path, cfg: _config.Config, *, resume: bool) -> None:
         "numeric": _config.numeric_dict(cfg),
         "config": _config.config_to_dict(cfg),
     }
-    atomic_write_text(out / "config.toml", _config.config_to_toml(cfg))
-    atomic_write_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
+    _files.write_atomic_text(out / "config.toml", _config.config_to_toml(cfg))
+    _files.write_atomic_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
 
 
 def to_host(tree: Any) -> Any:
@@ -166,7 +143,7 @@ def save_checkpoint(
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path = _step_path(directory, step)
-    atomic_write_bytes(path, buf.getvalue())
+    _files.write_atomic(path, buf.getvalue())
     for old in sorted(directory.glob("step_*.npz"))[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -237,7 +214,7 @@ class MetricsLog:
     def rewind(self, phase: str, step: int) -> None:
         """Drops records of ``phase`` with ``step >= step`` (they will be recomputed)."""
         kept = [r for r in self.records() if not (r.get("phase") == phase and r["step"] >= step)]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        _files.write_atomic_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

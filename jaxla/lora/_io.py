@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from jaxla._files import write_atomic
 from jaxla.lora._adapter import Adapter, Adapters
 from jaxla.lora._core import check_compatible
 
@@ -34,25 +34,6 @@ _DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to a temporary file next to ``path``, then renames it over ``path``."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {parent!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_safetensors(path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:

@@ -10,12 +10,14 @@ Dimension legend used in the docstrings:
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxla import _files
 
 __all__ = ["plot_pca_scatter", "plot_sharpness", "plot_singular_values"]
 
@@ -34,17 +36,9 @@ def _figure(figsize):
 def _save(fig, path: str | os.PathLike | None, dpi: int) -> None:
     if path is None:
         return
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _files.write_atomic(path, buf.getvalue())
 
 
 def _as_1d(values: Any, name: str) -> np.ndarray:
