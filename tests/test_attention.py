@@ -376,7 +376,7 @@ def test_classify_blocks_matches_brute_force(rng):
 def test_block_sizes_validation_and_split():
     with pytest.raises(ValueError, match="block_q"):
         jaxla.ChunkedBlockSizes(0, 8)
-    assert jaxla.ChunkedBlockSizes.default("cpu") == jaxla.ChunkedBlockSizes(256, 256)
+    assert jaxla.ChunkedBlockSizes.default("cpu") == jaxla.ChunkedBlockSizes(256, 512)
     from jaxla.attention._chunked import split_length
 
     assert split_length(7, 256) == 7

@@ -50,7 +50,7 @@ class ChunkedBlockSizes:
     """
 
     block_q: int = 256
-    block_k: int = 256
+    block_k: int = 512
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -60,15 +60,16 @@ class ChunkedBlockSizes:
     def default(cls, platform: str | None = None) -> ChunkedBlockSizes:
         """Defaults for ``platform`` ("cpu", "gpu", "tpu"; the default backend when None).
 
-        The CPU sizes were chosen by measuring N=8, H=64 f32 on 2 cores, T=2048 and 4096, forward
-        and forward+backward, causal and not, with tiles from 64 to 1024: 256 × 256 was fastest
-        or within noise of it (forward ~1.1-1.3× faster than 256 × 512; smaller tiles pay a fixed
-        cost per loop step, larger ones spill the cache and waste more of the causal diagonal).
+        The CPU sizes were chosen by measuring N=8, H=64 f32 on 2 cores, T=2048 and 4096, causal and
+        not, with tiles from 64 to 1024 on a quiet machine: 256 queries × 512 keys was fastest or
+        within noise of it (smaller tiles pay a fixed cost per loop step and, at 256 × 256, ran up
+        to 2× slower at T=4096; larger ones waste more of the causal diagonal). Under heavy
+        contention from other processes smaller tiles win instead, so measure on an idle machine.
         GPU/TPU use larger tiles for fewer, bigger loop steps (not tuned: there the Pallas kernel
         is the fast path).
         """
         platform = platform or jax.default_backend()
-        return cls(256, 256) if platform == "cpu" else cls(512, 512)
+        return cls(256, 512) if platform == "cpu" else cls(512, 512)
 
 
 def split_length(length: int, block: int) -> int:
