@@ -27,8 +27,8 @@ IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 
 # implementation=None uses "chunked" from this many score entries per (batch, head) on; below it the
 # scores are small and "xla" has no loop overhead. Measured on a 2-core CPU (f32, N=8, H=64, causal
-# and not): at T = S = 64 the two are within noise, at 128 chunked is ~1.4-1.8× faster forward and
-# ~1.4× forward+backward, at 512 ~3× forward.
+# and not): at T = S = 64 chunked is ~1.2× faster forward but ~0.95× forward+backward,
+# at 128 ~1.2-1.4× forward and ~1.07× forward+backward, at 256 ~1.4× and ~1.1×.
 _CHUNKED_MIN_SCORES = 128 * 128
 
 

@@ -60,11 +60,13 @@ class ChunkedBlockSizes:
     def default(cls, platform: str | None = None) -> ChunkedBlockSizes:
         """Defaults for ``platform`` ("cpu", "gpu", "tpu"; the default backend when None).
 
-        The CPU sizes were chosen by measuring T=2048, N=8, H=64 f32 on 2 cores with tiles from
-        128 to 512: 256 queries × 512 keys was fastest or within noise of it, causal and not
-        (smaller tiles pay a fixed cost per loop step, larger ones waste more of the causal
-        diagonal). GPU/TPU use larger tiles for fewer, bigger loop steps (not tuned: there the
-        Pallas kernel is the fast path).
+        The CPU sizes were chosen by measuring N=8, H=64 f32 on 2 cores, T=2048 and 4096, causal and
+        not, with tiles from 64 to 1024 on a quiet machine: 256 queries × 512 keys was fastest or
+        within noise of it (smaller tiles pay a fixed cost per loop step and, at 256 × 256, ran up
+        to 2× slower at T=4096; larger ones waste more of the causal diagonal). Under heavy
+        contention from other processes smaller tiles win instead, so measure on an idle machine.
+        GPU/TPU use larger tiles for fewer, bigger loop steps (not tuned: there the Pallas kernel
+        is the fast path).
         """
         platform = platform or jax.default_backend()
         return cls(256, 512) if platform == "cpu" else cls(512, 512)
@@ -227,15 +229,20 @@ def _forward_pairs(cfg, ops, pairs, masked, carry):
 def _backward_pairs(cfg, ops, pairs, masked, carry):
     bq, bk, g = cfg.block_q, cfg.block_k, ops["g"]
     r = bq * g
+    # Batched (B, K) contractions over the tile's rows, i.e. the tile on the left transposed, take a
+    # much slower path on XLA:CPU than plain row-by-column products. dK and dV are therefore built
+    # transposed, (H, s) = Qᵀ·dS and (Hv, s) = dOᵀ·P, from Qᵀ and dOᵀ laid out once before the loop.
+    contract_rows = (((3,), (2,)), ((0, 1), (0, 1)))
 
     def step(carry, ij):
-        dq, dk, dv, dbias = carry
+        dq, dk_t, dv_t, dbias = carry
         i, j = ij[0], ij[1]
         kb, z, tanh = _scores(cfg, ops, i, j, masked)
-        qb = lax.dynamic_slice_in_dim(ops["q"], i * r, r, 2)
+        q_t = lax.dynamic_slice_in_dim(ops["q_t"], i * r, r, 3)
         lse2 = lax.dynamic_slice_in_dim(ops["lse2"], i * r, r, 2)
         p = jnp.exp2(z - lse2[..., None])
         dob = lax.dynamic_slice_in_dim(ops["do"], i * r, r, 2)
+        do_t = lax.dynamic_slice_in_dim(ops["do_t"], i * r, r, 3)
         vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
         delta = lax.dynamic_slice_in_dim(ops["delta"], i * r, r, 2)
         dp = lax.dot_general(dob, vb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=p.dtype)
@@ -245,15 +252,15 @@ def _backward_pairs(cfg, ops, pairs, masked, carry):
         if dbias is not None:
             tile = dx.reshape(*dx.shape[:2], bq, g, dx.shape[3])
             dbias = _add_tile(dbias, tile, i * bq, j * bk)
-        ds = (dx * jnp.asarray(cfg.scale, dx.dtype)).astype(qb.dtype)
-        dq_b = lax.dot_general(ds, kb, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=dq.dtype)
-        dk_b = lax.dot_general(ds, qb, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=dk.dtype)
-        dv_b = lax.dot_general(p.astype(dob.dtype), dob, (((2,), (2,)), ((0, 1), (0, 1))),
-                               preferred_element_type=dv.dtype)
+        ds = (dx * jnp.asarray(cfg.scale, dx.dtype)).astype(kb.dtype)
+        dq_b = lax.dot_general(ds, kb, contract_rows, preferred_element_type=dq.dtype)
+        dk_b = lax.dot_general(q_t, ds, contract_rows, preferred_element_type=dk_t.dtype)
+        dv_b = lax.dot_general(do_t, p.astype(do_t.dtype), contract_rows,
+                               preferred_element_type=dv_t.dtype)
         dq = _add_slice(dq, dq_b, 2, i * r)
-        dk = _add_slice(dk, dk_b, 2, j * bk)
-        dv = _add_slice(dv, dv_b, 2, j * bk)
-        return (dq, dk, dv, dbias), None
+        dk_t = _add_slice(dk_t, dk_b, 3, j * bk)
+        dv_t = _add_slice(dv_t, dv_b, 3, j * bk)
+        return (dq, dk_t, dv_t, dbias), None
 
     return lax.scan(step, carry, pairs)[0]
 
@@ -367,20 +374,22 @@ def _flash_bwd(cfg, res, cotangents):
     tp = ops["q"].shape[2] // g
     ops["lse2"] = lse2
     ops["do"] = _q_layout(d_out.astype(v.dtype), kh, tp)
+    ops["q_t"] = jnp.swapaxes(ops["q"], 2, 3)
+    ops["do_t"] = jnp.swapaxes(ops["do"], 2, 3)
     # d lse / d logits is the probability row, so a residual cotangent just shifts delta.
     delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
     ops["delta"] = _q_layout(delta[..., None], kh, tp)[..., 0]
     dq = jnp.zeros(ops["q"].shape, acc)
-    dk = jnp.zeros(ops["k"].shape, acc)
-    dv = jnp.zeros(ops["v"].shape, acc)
+    dk = jnp.zeros(ops["q_t"].shape[:2] + ops["k"].shape[3:] + ops["k"].shape[2:3], acc)
+    dv = jnp.zeros(ops["do_t"].shape[:2] + ops["v"].shape[3:] + ops["v"].shape[2:3], acc)
     dbias = None if bias is None else jnp.zeros(ops["bias"].shape, acc)
     dynamic = any(ops[x] is not None for x in ("mask", "q_seg", "q_len", "kv_len"))
     for pairs, masked in _plan(cfg, t, k.shape[1], dynamic):
         dq, dk, dv, dbias = _backward_pairs(cfg, ops, pairs, masked, (dq, dk, dv, dbias))
     s = k.shape[1]
     dq = _q_unlayout(dq, t, g).astype(q.dtype)
-    dk = jnp.transpose(dk[:, :, :s], (0, 2, 1, 3)).astype(k.dtype)
-    dv = jnp.transpose(dv[:, :, :s], (0, 2, 1, 3)).astype(v.dtype)
+    dk = jnp.transpose(dk[..., :s], (0, 3, 1, 2)).astype(k.dtype)
+    dv = jnp.transpose(dv[..., :s], (0, 3, 1, 2)).astype(v.dtype)
     if dbias is not None:
         dbias = _pair_unlayout(dbias, bias.shape, t, s).astype(bias.dtype)
     return dq, dk, dv, dbias, None, None, None, None, None
