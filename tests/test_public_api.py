@@ -26,3 +26,30 @@ def test_public_functions_document_shapes():
         obj = getattr(jaxla, name)
         if callable(obj) and not isinstance(obj, type):
             assert obj.__doc__ and len(obj.__doc__) > 40, f"{name} lacks a docstring"
+
+
+def test_atomic_write_keeps_old_file_on_failure_and_normal_permissions(tmp_path):
+    from jaxla import _files
+
+    target = tmp_path / "out.bin"
+    _files.write_atomic(target, b"first")
+    assert target.read_bytes() == b"first"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+    # A failure while writing leaves the old content and no temp files behind.
+    import pytest
+
+    with pytest.raises(TypeError):
+        _files.write_atomic(target, object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _files.write_atomic(tmp_path / "missing" / "x.bin", b"")
+
+
+def _umask():
+    import os
+
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
