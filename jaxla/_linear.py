@@ -92,6 +92,21 @@ def check_linear_params(params: Params, name: str = "params") -> tuple[jax.Array
     return w, b
 
 
+def check_linear_input(w: jax.Array, x: ArrayLike, dtype, preferred_element_type):
+    """Validates ``x`` (..., d_in) against W (d_in, d_out); returns ``(x, compute dtype, output dtype)``."""
+    x = _checks.as_array(x, "x")
+    _checks.check_floating(x, "x")
+    _checks.check_min_rank(x, "x", 1, "(..., d_in)")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
+            f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)} (d_in, d_out)"
+        )
+    compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
+    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else compute
+    return x, compute, out_dtype
+
+
 def linear(
     params: Params,
     x: ArrayLike,
@@ -119,16 +134,7 @@ def linear(
       (4, 3072)
     """
     w, b = check_linear_params(params)
-    x = _checks.as_array(x, "x")
-    _checks.check_floating(x, "x")
-    _checks.check_min_rank(x, "x", 1, "(..., d_in)")
-    if x.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
-            f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)} (d_in, d_out)"
-        )
-    compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
-    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else compute
+    x, compute, out_dtype = check_linear_input(w, x, dtype, preferred_element_type)
     acc = _accum(compute)
     y = jax.lax.dot_general(
         x.astype(compute),

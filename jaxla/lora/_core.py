@@ -170,16 +170,7 @@ def linear(
             "adapters per layer first, e.g. jax.tree.map(lambda v: v[i], adapter)."
         )
     check_pair("adapter", w, adapter)
-    x = _checks.as_array(x, "x")
-    _checks.check_floating(x, "x")
-    _checks.check_min_rank(x, "x", 1, "(..., d_in)")
-    if x.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
-            f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)} (d_in, d_out)"
-        )
-    compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
-    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else compute
+    x, compute, out_dtype = _linear.check_linear_input(w, x, dtype, preferred_element_type)
     return _linear_jit(params, adapter, x, precision, compute, out_dtype)
 
 
