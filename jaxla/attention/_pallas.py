@@ -297,8 +297,8 @@ def _attention(query, key, value, *, scale, is_causal, local_window_size, q_segm
                                     platform=platform)
         if reason is not None:
             raise ValueError(f"pallas_attention cannot run these arguments: {reason}")
-    # In interpret mode any dtype runs, float64 included (the exact-reference tests rely on it).
-    elif jnp.dtype(query.dtype) not in SUPPORTED_DTYPES:
+    # Interpret mode also runs float64 (the exact-reference tests rely on it).
+    elif jnp.dtype(query.dtype) not in (*SUPPORTED_DTYPES, jnp.dtype(jnp.float64)):
         raise TypeError(f"query dtype {query.dtype} not in (float32, bfloat16, float16)")
     if layout is None:
         layout = "bnth" if backend == "mosaic" else "btnh"
