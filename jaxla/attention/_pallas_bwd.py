@@ -50,13 +50,8 @@ def _dq_kernel(*refs, plan: c.Plan):
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        seg_q = seg_k = mask = None
-        if masked and plan.has_segments:
-            seg_q = jnp.broadcast_to(q_seg, (bq, bk))
-            seg_k = jnp.broadcast_to(kvseg_ref[:, pl.ds(k_start, bk)], (bq, bk))
-        if masked:
-            mask = c.visible(plan, c.positions(q_start, (bq, bk), 0),
-                             c.positions(k_start, (bq, bk), 1), seg_q, seg_k)
+        mask = c.tile_mask(plan, masked, q_start, k_start, (bq, bk), 0, lambda: q_seg,
+                           lambda: kvseg_ref[:, pl.ds(k_start, bk)])
         p, t = _probs(plan, c.dot_nt(q, k, plan) * plan.scale, lse, mask)
         ds = p * (c.dot_nt(do, v, plan) - delta)
         if t is not None:
@@ -96,13 +91,8 @@ def _dkdv_kernel(*refs, plan: c.Plan):
         do = rows(do_ref, g, q_start)
         lse = lse_ref[g, :, pl.ds(q_start, bq)]  # (1, bq)
         delta = delta_ref[g, :, pl.ds(q_start, bq)]
-        seg_q = seg_k = mask = None
-        if masked and plan.has_segments:
-            seg_q = jnp.broadcast_to(qseg_ref[:, pl.ds(q_start, bq)], (bk, bq))
-            seg_k = jnp.broadcast_to(kv_seg, (bk, bq))
-        if masked:
-            mask = c.visible(plan, c.positions(q_start, (bk, bq), 1),
-                             c.positions(k_start, (bk, bq), 0), seg_q, seg_k)
+        mask = c.tile_mask(plan, masked, q_start, k_start, (bk, bq), 1,
+                           lambda: qseg_ref[:, pl.ds(q_start, bq)], lambda: kv_seg)
         p, t = _probs(plan, c.dot_nt(k, q, plan) * plan.scale, lse, mask)
         dv = dv + c.dot_nn(p.astype(do.dtype), do, plan)
         ds = p * (c.dot_nt(v, do, plan) - delta)

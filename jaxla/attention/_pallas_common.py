@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +260,24 @@ def split_loop(lo, ulo, uhi, hi, body, init):
     carry = lax.fori_loop(lo, ulo, body(True), init)
     carry = lax.fori_loop(ulo, uhi, body(False), carry)
     return lax.fori_loop(uhi, hi, body(True), carry)
+
+
+def tile_mask(plan, masked: bool, q_start, k_start, shape: tuple[int, int], q_axis: int,
+              q_seg: Callable[[], jax.Array], k_seg: Callable[[], jax.Array]) -> jax.Array | None:
+    """Visibility of one score tile, or None when the tile is known to be fully visible.
+
+    ``q_axis`` is the tile axis that holds queries (0 for forward/dQ tiles, 1 for the transposed
+    dK/dV tiles). ``q_seg``/``k_seg`` load the tile's segment ids; they are called only when the
+    plan has segments, so kernels without segment ids never read those refs.
+    """
+    if not masked:
+        return None
+    seg_q = seg_k = None
+    if plan.has_segments:
+        seg_q = jnp.broadcast_to(q_seg(), shape)
+        seg_k = jnp.broadcast_to(k_seg(), shape)
+    return visible(plan, positions(q_start, shape, q_axis), positions(k_start, shape, 1 - q_axis),
+                   seg_q, seg_k)
 
 
 def positions(start: jax.Array, shape: tuple[int, int], axis: int) -> jax.Array:

@@ -35,13 +35,8 @@ def _fwd_kernel(*refs, plan: c.Plan):
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         s, _ = c.soft_cap(c.dot_nt(q, k, plan) * plan.scale, plan)
-        seg_q = seg_k = mask = None
-        if masked and plan.has_segments:
-            seg_q = jnp.broadcast_to(q_seg, (bq, bk))
-            seg_k = jnp.broadcast_to(kvseg_ref[:, pl.ds(k_start, bk)], (bq, bk))
-        if masked:
-            mask = c.visible(plan, c.positions(q_start, (bq, bk), 0),
-                             c.positions(k_start, (bq, bk), 1), seg_q, seg_k)
+        mask = c.tile_mask(plan, masked, q_start, k_start, (bq, bk), 0, lambda: q_seg,
+                           lambda: kvseg_ref[:, pl.ds(k_start, bk)])
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
