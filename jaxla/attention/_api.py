@@ -18,12 +18,12 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxla import _checks
-from jaxla.attention import _chunked, _masks, _reference
+from jaxla.attention import _chunked, _cpu, _masks, _reference
 from jaxla.attention._chunked import ChunkedBlockSizes
 
 _log = logging.getLogger("jaxla.attention")
 
-IMPLEMENTATIONS = ("xla", "chunked", "pallas")
+IMPLEMENTATIONS = ("xla", "chunked", "cpu", "pallas")
 
 # implementation=None uses "chunked" from this many score entries per (batch, head) on; below it the
 # scores are small and "xla" has no loop overhead. Measured on a 2-core CPU (f32, N=8, H=64, causal
@@ -189,6 +189,16 @@ def _choose(implementation, args, block_sizes) -> tuple[str, Any]:
     if implementation in ("xla", "chunked"):
         return implementation, None
     platform = jax.default_backend()
+    if implementation == "cpu" or (implementation is None and platform == "cpu"):
+        reason = _cpu.unsupported_reason(
+            args["query"], args["key"], args["value"], has_bias=args["bias"] is not None,
+            has_mask=args["mask"] is not None, softcap=args.get("softcap"), platform=platform,
+        )
+        if reason is None:
+            return "cpu", None
+        if implementation == "cpu":
+            raise ValueError(f'implementation="cpu" cannot run these arguments: {reason}')
+        _log.debug("not using the compiled CPU attention kernel: %s", reason)
     if implementation == "pallas" or platform in ("gpu", "tpu", "cuda", "rocm"):
         pallas = _load_pallas()
         reason = (
@@ -296,6 +306,12 @@ def dot_product_attention(
         if name == "chunked":
             sizes = block_sizes or ChunkedBlockSizes.default()
             out, lse = _chunked.chunked_attention(*common, *rest, block_sizes=sizes, **kw)
+        elif name == "cpu":
+            sizes = None if block_sizes is None else (block_sizes.block_q, block_sizes.block_k)
+            out, lse = _cpu.cpu_attention(
+                *common, args["q_seg"], args["kv_seg"], args["q_len"], args["kv_len"],
+                scale=args["scale"], band=band, block_sizes=sizes,
+            )
         else:
             out, lse = _reference.xla_attention(*common, *rest, **kw)
     out = out.astype(args["out_dtype"])

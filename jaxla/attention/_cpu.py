@@ -1,0 +1,179 @@
+"""The ``"cpu"`` implementation: jaxla's compiled CPU attention kernels, called through XLA's FFI.
+
+``_cpu_ext.cc`` holds a tiled online-softmax forward pass and a blockwise backward pass (from the saved
+logsumexp) in float32, each run as whole tiles per thread on XLA's CPU thread pool. They cover the
+causal/window band, per-batch lengths and segment ids; arguments they do not cover (a bias or mask
+array, a logit soft cap, head dims that are not a multiple of 8, float64) go to ``"chunked"``.
+bfloat16/float16 inputs are computed in float32 and cast back.
+
+The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
+still works and uses ``"chunked"``). ``unsupported_reason`` says why the kernel cannot run.
+
+Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, H query/key head
+dim, Hv value head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from jaxla.attention import _cpu_ext
+except ImportError as e:  # pragma: no cover - depends on the build
+    _cpu_ext = None
+    _IMPORT_ERROR = str(e)
+else:
+    _IMPORT_ERROR = None
+
+_FWD, _BWD = "jaxla_attention_fwd", "jaxla_attention_bwd"
+_LN2 = math.log(2.0)
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        for name, capsule in _cpu_ext.registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        _registered = True
+
+
+def available() -> str | None:
+    """None when the compiled kernels can run on this machine, else why not."""
+    if _cpu_ext is None:
+        return f"the compiled extension jaxla.attention._cpu_ext is not built ({_IMPORT_ERROR})"
+    if not _cpu_ext.cpu_supported():
+        return "this CPU lacks the instruction set (AVX2 + FMA) the extension was compiled for"
+    return None
+
+
+def unsupported_reason(query, key, value, *, has_bias, has_mask, softcap, platform) -> str | None:
+    """None when the kernels can run these (canonical rank-4) arguments, else the reason."""
+    if platform != "cpu":
+        return f"it runs on CPU only (the default backend is {platform})"
+    reason = available()
+    if reason is not None:
+        return reason
+    if has_bias:
+        return "a bias array is not supported by the CPU kernel"
+    if has_mask:
+        return "a mask array is not supported by the CPU kernel"
+    if softcap is not None:
+        return "logits_soft_cap is not supported by the CPU kernel"
+    dtype = jnp.dtype(query.dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {dtype} (the CPU kernel computes in float32; float64 uses chunked)"
+    h, hv = query.shape[-1], value.shape[-1]
+    if h % 8 or hv % 8:
+        return f"head dims H={h}, Hv={hv} must be multiples of 8 for the CPU kernel"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    scale: float
+    left: int
+    right: int
+    has_seg: bool
+    block_q: int
+    block_k: int
+
+    def attrs(self):
+        return dict(scale=np.float32(self.scale), left=np.int64(self.left),
+                    right=np.int64(self.right), has_seg=self.has_seg,
+                    block_q=np.int64(self.block_q), block_k=np.int64(self.block_k))
+
+
+def _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
+    shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], jnp.float32),
+              jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
+    call = jax.ffi.ffi_call(_FWD, shapes, vmap_method="broadcast_all")
+    return call(q, k, v, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+
+
+def _lse_natural(lse2):
+    from jaxla.attention._reference import EMPTY_ROW_LSE
+
+    return jnp.where(jnp.isfinite(lse2), lse2 * _LN2, jnp.asarray(EMPTY_ROW_LSE, lse2.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
+    out, lse2 = _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg)
+    return out, _lse_natural(lse2)
+
+
+def _attention_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
+    out, lse2 = _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg)
+    return (out, _lse_natural(lse2)), (q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2)
+
+
+def _attention_bwd(cfg, res, cotangents):
+    q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2 = res
+    d_out, d_lse = cotangents
+    d_out = d_out.astype(jnp.float32)
+    # d lse / d logits is the probability row, so the residual's cotangent shifts delta.
+    delta = jnp.sum(d_out * out, axis=-1) - d_lse.astype(jnp.float32)
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+              jax.ShapeDtypeStruct(v.shape, jnp.float32))
+    call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="broadcast_all")
+    dq, dk, dv = call(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+    return dq, dk, dv, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def default_block_sizes(g: int) -> tuple[int, int]:
+    """(query positions, keys) per tile for G query heads per kv head.
+
+    Measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=8, H=64, T=2048 and 4096:
+    tiles of 32-64 query rows × 256 keys keep the score tile, the K/V panels and the output rows in
+    one core's L2 and were fastest forward and backward, causal and not.
+    """
+    return max(1, 48 // g), 256
+
+
+def cpu_attention(query, key, value, q_seg, kv_seg, q_len, kv_len, *, scale, band, block_sizes):
+    """Attention on canonical rank-4 arguments with the compiled CPU kernels.
+
+    Args:
+      query: (B, T, N, H); key: (B, S, K, H); value: (B, S, K, Hv); float32, bfloat16 or float16.
+      q_seg, kv_seg: int32 (B, T), (B, S) or None; q_len, kv_len: int32 (B,) or None.
+      scale: logit scale; band: the static causal/window band (``_masks.Band``).
+      block_sizes: ``(block_q, block_k)``, or None for ``default_block_sizes``.
+
+    Returns:
+      ``(out, lse)``: out (B, T, N, Hv) in the query dtype; lse (B, T, N) float32.
+    """
+    _register()
+    b, t, n, _ = query.shape
+    s, kh = key.shape[1], key.shape[2]
+    block_q, block_k = block_sizes or default_block_sizes(n // kh)
+    cfg = _Config(
+        scale=float(scale),
+        left=-1 if band.left is None else int(band.left),
+        right=-1 if band.right is None else int(band.right),
+        has_seg=q_seg is not None,
+        block_q=int(block_q),
+        block_k=int(block_k),
+    )
+    if band.right is not None and band.right < 0:  # pragma: no cover - the API rejects it
+        raise ValueError(f"the CPU kernel needs a band with right >= 0, got {band}")
+    q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len.astype(jnp.int32)
+    kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len.astype(jnp.int32)
+    if q_seg is None:
+        q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+    f32 = [x.astype(jnp.float32) for x in (query, key, value)]
+    out, lse = _attention(cfg, *f32, q_len, kv_len, q_seg.astype(jnp.int32),
+                          kv_seg.astype(jnp.int32))
+    return out.astype(query.dtype), lse
+
+
+__all__ = ["available", "cpu_attention", "default_block_sizes", "unsupported_reason"]

@@ -1,0 +1,43 @@
+"""Builds jaxla's one compiled piece, the CPU attention kernels (jaxla/attention/_cpu_ext.cc).
+
+Everything else is declared in pyproject.toml. The extension is optional: without a C++ compiler,
+or on a platform it does not build for, the install still succeeds and attention uses the plain-JAX
+"chunked" implementation. It compiles against the XLA FFI headers that ship inside jaxlib.
+"""
+
+import os
+import platform
+
+from setuptools import Extension, setup
+
+
+def _ffi_include():
+    try:
+        import jaxlib
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(jaxlib.__file__), "include")
+    return path if os.path.isfile(os.path.join(path, "xla", "ffi", "api", "ffi.h")) else None
+
+
+def _ext_modules():
+    include = _ffi_include()
+    if include is None or os.name == "nt":  # the kernels use GCC/Clang vector extensions
+        return []
+    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden", "-Wno-return-type"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # jaxla checks at run time that the CPU has these (_cpu_ext.cpu_supported).
+        flags += ["-mavx2", "-mfma"]
+    return [
+        Extension(
+            "jaxla.attention._cpu_ext",
+            sources=["jaxla/attention/_cpu_ext.cc"],
+            include_dirs=[include],
+            language="c++",
+            extra_compile_args=flags,
+            optional=True,
+        )
+    ]
+
+
+setup(ext_modules=_ext_modules())
