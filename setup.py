@@ -24,7 +24,8 @@ def _ext_modules():
     include = _ffi_include()
     if include is None or os.name == "nt":  # the kernels use GCC/Clang vector extensions
         return []
-    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden", "-Wno-return-type"]
+    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden", "-Wno-return-type",
+             "-Wno-psabi"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         # jaxla checks at run time that the CPU has these (_cpu_ext.cpu_supported).
         flags += ["-mavx2", "-mfma"]

@@ -2,15 +2,22 @@
 ``scaled_dot_product_attention`` when torch is importable), on the same inputs in one run.
 
 Rows: forward causal/non-causal over a T sweep, forward+backward, GQA, and the peak-memory row (causal
-forward+backward at long T; jax.nn is only compiled there, for its XLA memory analysis). Throughput uses
-the FlashAttention convention (``harness.attention_flops``); ``temp_MB`` is XLA's scratch memory beyond
-the arguments and outputs. ``ok`` checks jaxla's output (or dQ) against jax.nn's.
+forward+backward at long T; jax.nn is only compiled there, for its XLA memory analysis). ``impl`` is
+what ``implementation=None`` picked (``"cpu"``: the compiled kernels); ``chunked_ms`` times jaxla's
+plain-JAX ``"chunked"`` path on the same inputs. Throughput uses the FlashAttention convention
+(``harness.attention_flops``); ``temp_MB`` is XLA's scratch memory beyond the arguments and outputs,
+which does not see scratch a compiled kernel allocates itself, so the memory row also measures the
+process's peak resident memory during the run in a fresh process (``run_peak_MB``, beyond the inputs;
+Linux). ``ok`` checks jaxla's output (or dQ) against jax.nn's.
 
     python -m benchmarks.attention --quick
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -37,15 +44,25 @@ def _inputs(b, t, n, k, h, seed=0):
     return q, kk, v, do
 
 
-def _jax_fn(attn, causal, backward):
+def _jax_fn(attn, causal, backward, **kw):
     if not backward:
-        return jax.jit(lambda q, k, v, do: attn(q, k, v, is_causal=causal))
+        return jax.jit(lambda q, k, v, do: attn(q, k, v, is_causal=causal, **kw))
 
     def grads(q, k, v, do):
-        _out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, is_causal=causal), q, k, v)
+        _out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, is_causal=causal, **kw), q, k, v)
         return vjp(do)
 
     return jax.jit(grads)
+
+
+def _memory_probe(t):
+    """Runs benchmarks.attention_memory in a fresh process; its JSON, or None if it failed."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.attention_memory", str(t)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"memory probe failed: {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _torch_ms(q, k, v, do, causal, backward, iters):
@@ -77,7 +94,7 @@ def _torch_ms(q, k, v, do, causal, backward, iters):
     return float(np.median(times)) * 1e3
 
 
-def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True):
+def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True, chunked=False):
     q, kk, v, do = _inputs(b, t, n, k, h)
     args = [jnp.asarray(x) for x in (q, kk, v, do)]
     flops = harness.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
@@ -95,6 +112,11 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True)
         "frac_of_matmul_ceiling": flops / ours["median_s"] / ceiling,
         "jaxla_temp_MB": None if ours["temp_bytes"] is None else ours["temp_bytes"] / 2**20,
     }
+    if chunked and row["impl"] != "chunked":
+        alt = harness.measure(_jax_fn(jaxla.dot_product_attention, causal, backward,
+                                      implementation="chunked"),
+                              *args, iters=iters, warmup=1 if iters > 1 else 0)
+        row["chunked_ms"] = alt["median_s"] * 1e3
     ref_fn = _jax_fn(jax.nn.dot_product_attention, causal, backward)
     if compare:
         ref = harness.measure(ref_fn, *args, iters=iters, warmup=1 if iters > 1 else 0)
@@ -111,6 +133,9 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True)
     else:  # too big to run jax.nn here: its compiled memory analysis only
         analysis = ref_fn.lower(*args).compile().memory_analysis()
         row["jax_nn_temp_MB"] = None if analysis is None else analysis.temp_size_in_bytes / 2**20
+        probe = _memory_probe(t) if jax.default_backend() == "cpu" else None
+        if probe is not None:
+            row["run_peak_MB"] = probe["run_peak_MB"]
     torch_ms = _torch_ms(q, kk, v, do, causal, backward, iters) if compare else None
     if torch_ms is not None:
         row["torch_ms"] = torch_ms
@@ -137,12 +162,12 @@ def run(*, quick: bool) -> list[dict]:
     for t in fwd_t:
         for causal in (False, True):
             rows.append(_row(f"fwd T={t}", b, t, n, k, h, causal=causal, backward=False,
-                             iters=iters, ceiling=ceiling))
+                             iters=iters, ceiling=ceiling, chunked=on_cpu))
     for t in bwd_t:
         for causal in (False, True):
             # Two timed runs (after a warm-up) keep the suite within its 2-minute budget on 2 cores.
             rows.append(_row(f"fwd+bwd T={t}", b, t, n, k, h, causal=causal, backward=True,
-                             iters=min(iters, 2), ceiling=ceiling))
+                             iters=min(iters, 2), ceiling=ceiling, chunked=on_cpu))
     g = gqa
     rows.append(_row(f"gqa N={g['N']} K={g['K']} T={g['T']}", g["B"], g["T"], g["N"], g["K"],
                      g["H"], causal=True, backward=False, iters=iters, ceiling=ceiling))

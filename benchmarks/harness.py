@@ -160,6 +160,32 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def run_peak_growth_bytes(fn: Callable, *args: Any) -> int | None:
+    """Peak resident memory while ``fn(*args)`` runs, beyond what the process held just before.
+
+    Counts everything the run allocates (XLA buffers, outputs, and scratch that custom kernels
+    allocate themselves, which XLA's memory analysis does not see). Linux only (None elsewhere): the
+    kernel's high-water mark is reset through /proc/self/clear_refs first. Run it in a fresh process
+    so freed memory from earlier work cannot hide allocations.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+    except (OSError, KeyError):
+        return None
+    _block(fn(*args))
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
 def machine_info() -> dict[str, Any]:
     """Machine, software versions and the command, recorded with every result."""
     dev = jax.devices()[0]

@@ -267,12 +267,15 @@ def dot_product_attention(
         ((T,), (S,) for rank 3): tokens attend only within their segment (packed sequences).
       logits_soft_cap: ``c > 0`` replaces the logits by ``c·tanh(logits / c)`` before masking.
       implementation: ``"xla"`` (materialises the T×S scores; the readable reference), ``"chunked"``
-        (tiled online softmax, O(T + S) memory, skips blocks outside causal/window bands),
-        ``"pallas"`` (fused GPU/TPU kernel, when available for the arguments), or None: Pallas on
-        GPU/TPU when it supports the arguments, else ``"chunked"`` when T·S >= 128² (measured
-        faster from there on CPU), else ``"xla"``.
+        (tiled online softmax in plain JAX, O(T + S) memory, skips blocks outside causal/window
+        bands), ``"cpu"`` (jaxla's compiled CPU kernels: float32 compute, no bias/mask arrays or
+        soft cap, head dims multiples of 8), ``"pallas"`` (fused GPU/TPU kernel, when available for
+        the arguments), or None: Pallas on GPU/TPU when it supports the arguments; on CPU ``"cpu"``
+        when it supports them; else ``"chunked"`` when T·S >= 128² (measured faster from there on
+        CPU), else ``"xla"``.
       return_residual: also return the logsumexp of the visible logits.
-      block_sizes: tile sizes of ``"chunked"``; ``ChunkedBlockSizes.default()`` for the platform.
+      block_sizes: tile sizes (query positions, keys) of ``"chunked"`` and ``"cpu"``; by default
+        ``ChunkedBlockSizes.default()`` for chunked and ``_cpu.default_block_sizes`` for cpu.
 
     Returns:
       The output BTNHv (TNHv) in the query dtype, and with ``return_residual`` also the logsumexp

@@ -131,13 +131,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def default_block_sizes(g: int) -> tuple[int, int]:
-    """(query positions, keys) per tile for G query heads per kv head.
+    """(query positions, keys) per tile for G query heads per kv head: about 96 query rows × 256 keys.
 
-    Measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=8, H=64, T=2048 and 4096:
-    tiles of 32-64 query rows × 256 keys keep the score tile, the K/V panels and the output rows in
-    one core's L2 and were fastest forward and backward, causal and not.
+    Measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=K=8, H=64, T=2048 and 4096,
+    causal and not, forward and forward+backward, best of 4 runs (benchmarks/RESULTS.md): among
+    32-128 rows × 128-512 keys, 96 × 256 was fastest or within 8% of the fastest in every case;
+    128-key tiles or 32-48 rows lost 10-25% on the backward pass. The score tile, the K/V panels and the
+    output rows of one tile stay in one core's L2.
     """
-    return max(1, 48 // g), 256
+    return max(1, 96 // g), 256
 
 
 def cpu_attention(query, key, value, q_seg, kv_seg, q_len, kv_len, *, scale, band, block_sizes):

@@ -68,7 +68,7 @@ inline v8f exp2v(v8f x) {
   p = p * f + splat(1.0f);
   v8i n = __builtin_convertvector(r, v8i);
   v8i bits = (n + 127) << 23;
-  v8f scale = reinterpret_cast<v8f&>(bits);
+  v8f scale = (v8f)bits;  // same-size vector cast: the bits reinterpreted
   v8f y = p * scale;
   return x < lo ? v8f{} : y;
 }
@@ -116,26 +116,6 @@ inline void micro_rows(int mr, int64_t kd, const float* a, int64_t lda, int64_t 
     case 2: micro<2, NV>(kd, a, lda, aks, b, ldb, c, ldc, accumulate); break;
     default: micro<1, NV>(kd, a, lda, aks, b, ldb, c, ldc, accumulate); break;
   }
-}
-
-// C[m x n] (+)= A[m x kd] * B[kd x n] with A(r, p) = a[r * lda + p * aks]; n a multiple of 8.
-void gemm_s(int64_t m, int64_t n, int64_t kd, const float* a, int64_t lda, int64_t aks,
-            const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int64_t i = 0; i < m; i += 6)
-      micro_rows<2>(static_cast<int>(std::min<int64_t>(6, m - i)), kd, a + i * lda, lda, aks, b + j,
-                    ldb, c + i * ldc + j, ldc, accumulate);
-  for (; j < n; j += 8)
-    for (int64_t i = 0; i < m; i += 6)
-      micro_rows<1>(static_cast<int>(std::min<int64_t>(6, m - i)), kd, a + i * lda, lda, aks, b + j,
-                    ldb, c + i * ldc + j, ldc, accumulate);
-}
-
-// Row-major A.
-inline void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t lda, const float* b,
-                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  gemm_s(m, n, kd, a, lda, 1, b, ldb, c, ldc, accumulate);
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -728,7 +708,7 @@ PyMethodDef methods[] = {
 };
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_ext", "jaxla's compiled CPU attention kernels.",
-                      -1, methods};
+                      -1, methods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
