@@ -1,4 +1,4 @@
-"""Plots the attention suite's T sweep: time and XLA temp memory vs T for jaxla, jax.nn and torch.
+"""Plots the attention suite's T sweep: time and memory vs T for jaxla, jax.nn and torch.
 
     python -m benchmarks.plot_attention benchmarks/results/cpu_attention.json benchmarks/attention_sweep.png
 
@@ -33,8 +33,9 @@ def plot(json_path: str, png_path: str) -> None:
     for ax, ((kind, causal), rs) in zip(axes, sorted(groups.items()), strict=False):
         rs = sorted(rs, key=lambda r: r["T"])
         ts = [r["T"] for r in rs]
-        for col, label in (("jaxla_ms", "jaxla (chunked)"), ("jax_nn_ms", "jax.nn (xla)"),
-                           ("torch_ms", "torch SDPA")):
+        impl = rs[0].get("impl", "chunked")
+        for col, label in (("jaxla_ms", f"jaxla ({impl})"), ("chunked_ms", "jaxla (chunked)"),
+                           ("jax_nn_ms", "jax.nn (xla)"), ("torch_ms", "torch SDPA")):
             pts = [(t, r[col]) for t, r in zip(ts, rs, strict=True) if r.get(col) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
@@ -44,14 +45,19 @@ def plot(json_path: str, png_path: str) -> None:
     mem = sorted((r for r in rows if r["name"].startswith("fwd+bwd") or r["name"].startswith("memory")),
                  key=lambda r: r["T"])
     ax = axes[-1]
+    impl = mem[0].get("impl", "chunked") if mem else "chunked"
     pts = [(r["T"], r["jaxla_temp_MB"]) for r in mem if r.get("jaxla_temp_MB") is not None]
     if pts:
-        ax.plot(*zip(*pts, strict=True), marker="o", label="jaxla (chunked)")
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"jaxla ({impl}) XLA temp")
+    pts = [(r["T"], r["run_peak_MB"]) for r in mem if r.get("run_peak_MB") is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), marker="s", linestyle="none",
+                label=f"jaxla ({impl}) peak RSS beyond inputs")
     pts = [(r["T"], r["jax_nn_temp_MB"]) for r in mem if r.get("jax_nn_temp_MB") is not None]
     if pts:
-        ax.plot(*zip(*pts, strict=True), marker="o", label="jax.nn (xla)")
-    ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="XLA temp MB",
-           title="fwd+bwd XLA scratch")
+        ax.plot(*zip(*pts, strict=True), marker="o", label="jax.nn (xla) XLA temp")
+    ax.set(xscale="log", yscale="log", xlabel="T = S", ylabel="MB",
+           title="causal fwd+bwd memory")
     ax.legend(fontsize=8)
     info = payload["machine"]
     fig.suptitle(f"attention, f32 B=1 N=8 H=64 — {info['device']} x{info['device_count']}, "
