@@ -30,6 +30,8 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -227,50 +229,55 @@ struct Problem {
 
 // Per-thread scratch for one forward work item.
 struct FwdScratch {
-  std::vector<float> q, sc, o, m, l;
+  std::vector<float> q, kt, vp, sc, o, m, l;
   std::vector<int64_t> lo, hi;
 };
 
-// One (batch row, kv head) of x (Bt, S, K, h) in key panels, padded to sp (a multiple of 16) keys.
-void pack_key_panels(const Problem& pr, const float* x, int64_t h, int64_t bh, int64_t sp, float* out) {
-  const int64_t b = bh / pr.kh, kvh = bh % pr.kh;
-  for (int64_t j = 0; j < pr.s; ++j) {
-    const float* src = x + ((b * pr.s + j) * pr.kh + kvh) * h;
+// Keys [j0, j0 + cols) of one (batch row, kv head) of x (Bt, S, K, h) in key panels, zero-padded
+// to cpad keys (a multiple of 16).
+void pack_key_panels(const Problem& pr, const float* x, int64_t h, int64_t b, int64_t kvh, int64_t j0,
+                     int64_t cols, int64_t cpad, float* out) {
+  for (int64_t j = 0; j < cpad; ++j) {
     float* dst = out + (j / 16) * h * 16 + j % 16;
-    for (int64_t d = 0; d < h; ++d) dst[d * 16] = src[d];
-  }
-  for (int64_t j = pr.s; j < sp; ++j) {
-    float* dst = out + (j / 16) * h * 16 + j % 16;
-    for (int64_t d = 0; d < h; ++d) dst[d * 16] = 0.0f;
+    if (j < cols) {
+      const float* src = x + ((b * pr.s + j0 + j) * pr.kh + kvh) * h;
+      for (int64_t d = 0; d < h; ++d) dst[d * 16] = src[d];
+    } else {
+      for (int64_t d = 0; d < h; ++d) dst[d * 16] = 0.0f;
+    }
   }
 }
 
-// One (batch row, kv head) of x (Bt, S, K, h) in column panels of sp rows (rows past S unset).
-void pack_col_panels(const Problem& pr, const float* x, int64_t h, int64_t bh, int64_t sp, float* out) {
-  const int64_t b = bh / pr.kh, kvh = bh % pr.kh;
-  for (int64_t j = 0; j < pr.s; ++j) put_row_cp(out, sp, j, x + ((b * pr.s + j) * pr.kh + kvh) * h, h);
+// Keys [j0, j0 + cols) of one (batch row, kv head) of x (Bt, S, K, h) in column panels of prow rows.
+void pack_col_panels(const Problem& pr, const float* x, int64_t h, int64_t b, int64_t kvh, int64_t j0,
+                     int64_t cols, int64_t prow, float* out) {
+  for (int64_t j = 0; j < cols; ++j)
+    put_row_cp(out, prow, j, x + ((b * pr.s + j0 + j) * pr.kh + kvh) * h, h);
 }
 
-// Packed operands of one call: K in key panels and V in column panels, per (batch row, kv head).
-struct Packed {
+// K and V of a whole call packed once (kt in key panels, v in column panels, sp = S rounded up to 16
+// rows per (batch row, kv head)), or nullptr to pack each tile on the fly.
+struct Prepacked {
   const float *kt, *v;
-  int64_t sp;  // S rounded up to 16
+  int64_t sp;
 };
 
-void forward_item(const Problem& pr, const float* q, const Packed& pk, float* out, float* lse2,
-                  int64_t item, FwdScratch& w) {
+void forward_item(const Problem& pr, const float* q, const float* k, const float* v,
+                  const Prepacked& pre, float* out, float* lse2, int64_t item, FwdScratch& w) {
   const int64_t nqb = (pr.t + pr.block_q - 1) / pr.block_q;
   // Later query blocks first: under a causal band they are the expensive ones.
   const int64_t qb = nqb - 1 - item % nqb;
-  const int64_t bk_ = item / nqb;
-  const int64_t kvh = bk_ % pr.kh, b = bk_ / pr.kh;
+  const int64_t bh = item / nqb;
+  const int64_t kvh = bh % pr.kh, b = bh / pr.kh;
   const int64_t t0 = qb * pr.block_q, tq = std::min(pr.block_q, pr.t - t0);
   const int64_t g = pr.g, h = pr.h, hv = pr.hv, rows = tq * g;
   const int64_t ld = round_up(pr.block_k, 16);
 
   w.q.resize(rows * h);
-  const float* kt = pk.kt + bk_ * pk.sp * h;
-  const float* vpan = pk.v + bk_ * pk.sp * hv;
+  if (pre.kt == nullptr) {
+    w.kt.resize(ld * h);
+    w.vp.resize(pr.block_k * hv);
+  }
   w.sc.resize(rows * ld);
   w.o.assign(rows * hv, 0.0f);
   w.m.assign(rows, -kInf);
@@ -298,7 +305,22 @@ void forward_item(const Problem& pr, const float* q, const Packed& pk, float* ou
   for (int64_t kb = kmin - kmin % 16; kb < kmax; kb += pr.block_k) {
     const int64_t cols = std::min(pr.block_k, kmax - kb);
     const int64_t cpad = round_up(cols, 16);
-    gemm_kp(rows, cpad, h, w.q.data(), h, kt + kb * h, w.sc.data(), ld);
+    const float *kt, *vp;
+    int64_t vrows, vrow0;
+    if (pre.kt != nullptr) {
+      kt = pre.kt + bh * pre.sp * h + kb * h;
+      vp = pre.v + bh * pre.sp * hv;
+      vrows = pre.sp;
+      vrow0 = kb;
+    } else {  // this tile only, into thread-local buffers that persist across calls
+      pack_key_panels(pr, k, h, b, kvh, kb, cols, cpad, w.kt.data());
+      pack_col_panels(pr, v, hv, b, kvh, kb, cols, pr.block_k, w.vp.data());
+      kt = w.kt.data();
+      vp = w.vp.data();
+      vrows = pr.block_k;
+      vrow0 = 0;
+    }
+    gemm_kp(rows, cpad, h, w.q.data(), h, kt, w.sc.data(), ld);
     for (int64_t i = 0; i < tq; ++i) {
       const int64_t lo = std::max<int64_t>(w.lo[i] - kb, 0);
       const int64_t hi = std::min<int64_t>(w.hi[i] - kb, cols);
@@ -344,7 +366,7 @@ void forward_item(const Problem& pr, const float* q, const Packed& pk, float* ou
         }
       }
     }
-    gemm_cp(rows, hv, cols, w.sc.data(), ld, 1, vpan, pk.sp, kb, w.o.data(), hv, true);
+    gemm_cp(rows, hv, cols, w.sc.data(), ld, 1, vp, vrows, vrow0, w.o.data(), hv, true);
   }
   for (int64_t i = 0; i < tq; ++i)
     for (int64_t gg = 0; gg < g; ++gg) {
@@ -394,7 +416,7 @@ ffi::Error check_problem(Problem& pr, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error ForwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
                        ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::AnyBuffer> lse2, float scale, int64_t left, int64_t right,
@@ -415,19 +437,25 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
   const int64_t nqb = (pr.t + pr.block_q - 1) / pr.block_q;
   const int64_t items = pr.bt * pr.kh * nqb;
   if (items == 0) return ffi::Error::Success();
-  Packed pk{};
-  pk.sp = round_up(pr.s, 16);
-  std::unique_ptr<float[]> kt(new float[pr.bt * pr.kh * pk.sp * pr.h]);
-  std::unique_ptr<float[]> vpan(new float[pr.bt * pr.kh * pk.sp * pr.hv]);
-  parallel_for(pool, pr.bt * pr.kh, [&](int64_t bh, int64_t) {
-    pack_key_panels(pr, kp, pr.h, bh, pk.sp, kt.get() + bh * pk.sp * pr.h);
-    pack_col_panels(pr, vp, pr.hv, bh, pk.sp, vpan.get() + bh * pk.sp * pr.hv);
-  });
-  pk.kt = kt.get();
-  pk.v = vpan.get();
+  // With several query blocks per (batch row, kv head), every key tile is used several times: pack
+  // K and V once for the call. With one (decoding, short queries) pack each tile as it is used,
+  // which avoids allocating (and page-faulting) a copy of K and V for a call that reads them once.
+  Prepacked pre{nullptr, nullptr, round_up(pr.s, 16)};
+  std::unique_ptr<float[]> kt, vpan;
+  if (nqb > 1) {
+    kt.reset(new float[pr.bt * pr.kh * pre.sp * pr.h]);
+    vpan.reset(new float[pr.bt * pr.kh * pre.sp * pr.hv]);
+    parallel_for(pool, pr.bt * pr.kh, [&](int64_t bh, int64_t) {
+      const int64_t b = bh / pr.kh, kvh = bh % pr.kh;
+      pack_key_panels(pr, kp, pr.h, b, kvh, 0, pr.s, pre.sp, kt.get() + bh * pre.sp * pr.h);
+      pack_col_panels(pr, vp, pr.hv, b, kvh, 0, pr.s, pre.sp, vpan.get() + bh * pre.sp * pr.hv);
+    });
+    pre.kt = kt.get();
+    pre.v = vpan.get();
+  }
   parallel_for(pool, items, [&](int64_t item, int64_t) {
     thread_local FwdScratch scratch;
-    forward_item(pr, qp, pk, op, lp, item, scratch);
+    forward_item(pr, qp, kp, vp, pre, op, lp, item, scratch);
   });
   return ffi::Error::Success();
 }
@@ -435,14 +463,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
 
 // Per-thread scratch for one backward work item.
 struct BwdScratch {
-  std::vector<float> q, qp, dout, doutp, sc, dp, dq, dk, dv, lse, delta;
+  std::vector<float> q, qp, dout, doutp, kt, vt, kpan, sc, dp, dq, dk, dv, lse, delta;
   std::vector<int64_t> lo, hi;
 };
 
 struct BwdArgs {
   const float *q, *k, *v, *dout, *lse2, *delta;
-  const float *kt, *vt, *kpan;  // K and V in key panels, K in column panels
-  int64_t sp;  // S rounded up to 16
   float scale;  // natural-units logit scale
   float *dk, *dv;
 };
@@ -471,9 +497,13 @@ void backward_item(const Problem& pr, const BwdArgs& a, float* dq, int64_t item,
   w.dv.assign(cols * hv, 0.0f);
   w.lo.resize(pr.block_q);
   w.hi.resize(pr.block_q);
-  const float* kt = a.kt + bh * a.sp * h + kb * h;
-  const float* vt = a.vt + bh * a.sp * hv + kb * hv;
-  const float* kpan = a.kpan + bh * a.sp * h;
+  // The block's keys and values, packed once for the whole item.
+  w.kt.resize(cpad * h);
+  w.vt.resize(cpad * hv);
+  w.kpan.resize(cols * h);
+  pack_key_panels(pr, a.k, h, b, kvh, kb, cols, cpad, w.kt.data());
+  pack_key_panels(pr, a.v, hv, b, kvh, kb, cols, cpad, w.vt.data());
+  pack_col_panels(pr, a.k, h, b, kvh, kb, cols, cols, w.kpan.data());
   const float c2 = pr.scale;  // scale * log2(e): logits in base-2 units
   const int32_t* ks = pr.has_seg ? pr.kv_seg + b * pr.s + kb : nullptr;
 
@@ -498,8 +528,8 @@ void backward_item(const Problem& pr, const BwdArgs& a, float* dq, int64_t item,
         w.lse[r] = a.lse2[idx];
         w.delta[r] = a.delta[idx];
       }
-    gemm_kp(rows, cpad, h, w.q.data(), h, kt, w.sc.data(), ld);         // logits
-    gemm_kp(rows, cpad, hv, w.dout.data(), hv, vt, w.dp.data(), ld);    // dO·Vᵀ
+    gemm_kp(rows, cpad, h, w.q.data(), h, w.kt.data(), w.sc.data(), ld);       // logits
+    gemm_kp(rows, cpad, hv, w.dout.data(), hv, w.vt.data(), w.dp.data(), ld);  // dO·Vᵀ
     const v8f c2v = splat(c2), sv = splat(a.scale);
     for (int64_t i = 0; i < tq; ++i) {
       const int64_t lo = w.lo[i], hi = w.hi[i];
@@ -533,7 +563,8 @@ void backward_item(const Problem& pr, const BwdArgs& a, float* dq, int64_t item,
             true);  // dV += Pᵀ·dO
     gemm_cp(cols, h, rows, w.dp.data(), 1, ld, w.qp.data(), rows_max, 0, w.dk.data(), h,
             true);  // dK += dSᵀ·Q
-    gemm_cp(rows, h, cols, w.dp.data(), ld, 1, kpan, a.sp, kb, w.dq.data(), h, false);  // dS·K
+    gemm_cp(rows, h, cols, w.dp.data(), ld, 1, w.kpan.data(), cols, 0, w.dq.data(), h,
+            false);  // dS·K
     for (int64_t i = 0; i < tq; ++i)
       for (int64_t gg = 0; gg < g; ++gg) {
         float* dst = dq + ((b * pr.t + t0 + i) * pr.n + kvh * g + gg) * h;
@@ -548,7 +579,7 @@ void backward_item(const Problem& pr, const BwdArgs& a, float* dq, int64_t item,
   }
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer dout, ffi::AnyBuffer lse2, ffi::AnyBuffer delta,
                         ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
                         ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> dq,
@@ -582,19 +613,6 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     std::fill(a.dv, a.dv + pr.bt * pr.s * pr.kh * pr.hv, 0.0f);
     return ffi::Error::Success();
   }
-  a.sp = round_up(pr.s, 16);
-  const int64_t per_bh = a.sp * pr.h, per_bh_v = a.sp * pr.hv;
-  std::unique_ptr<float[]> kt(new float[pr.bt * pr.kh * per_bh]);
-  std::unique_ptr<float[]> vt(new float[pr.bt * pr.kh * per_bh_v]);
-  std::unique_ptr<float[]> kpan(new float[pr.bt * pr.kh * per_bh]);
-  parallel_for(pool, pr.bt * pr.kh, [&](int64_t bh, int64_t) {
-    pack_key_panels(pr, a.k, pr.h, bh, a.sp, kt.get() + bh * per_bh);
-    pack_key_panels(pr, a.v, pr.hv, bh, a.sp, vt.get() + bh * per_bh_v);
-    pack_col_panels(pr, a.k, pr.h, bh, a.sp, kpan.get() + bh * per_bh);
-  });
-  a.kt = kt.get();
-  a.vt = vt.get();
-  a.kpan = kpan.get();
   const int64_t nkb = (pr.s + pr.block_k - 1) / pr.block_k;
   const int64_t items = pr.bt * pr.kh * nkb;
   const int64_t workers = num_workers(pool, items);
@@ -623,6 +641,34 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     });
   }
   return ffi::Error::Success();
+}
+
+// C++ exceptions (std::bad_alloc for a huge call) must not cross into XLA: they become FFI errors.
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                       ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
+                       ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::AnyBuffer> lse2, float scale, int64_t left, int64_t right,
+                       bool has_seg, int64_t block_q, int64_t block_k) {
+  try {
+    return ForwardBody(pool, q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2, scale, left, right,
+                       has_seg, block_q, block_k);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jaxla attention forward kernel: ") + e.what());
+  }
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::AnyBuffer dout, ffi::AnyBuffer lse2, ffi::AnyBuffer delta,
+                        ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
+                        ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> dq,
+                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, float scale,
+                        int64_t left, int64_t right, bool has_seg, int64_t block_q, int64_t block_k) {
+  try {
+    return BackwardBody(pool, q, k, v, dout, lse2, delta, q_len, kv_len, q_seg, kv_seg, dq, dk, dv,
+                        scale, left, right, has_seg, block_q, block_k);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jaxla attention backward kernel: ") + e.what());
+  }
 }
 
 }  // namespace
