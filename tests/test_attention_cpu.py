@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 import jaxla
 from jaxla.attention import _api, _cpu
 from jaxla.attention._reference import EMPTY_ROW_LSE
-from tests.test_attention import np_attention
+from tests.test_attention import _draw_case, np_attention
 
 REASON = _cpu.available()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"CPU kernel unavailable: {REASON}")
@@ -37,35 +37,14 @@ def test_kernel_is_built_where_it_can_be():
 
 
 def _draw(rng):
-    """A random problem within the kernel's features: (q, k, v, do), jaxla kwargs, reference kwargs."""
-    b = int(rng.integers(1, 3))
-    t = int(rng.choice([1, 7, 20, 45]))
-    s = t if rng.random() < 0.5 else int(rng.choice([1, 9, 33, 50]))
-    kh = int(rng.choice([1, 2]))
-    n = kh * int(rng.choice([1, 3]))
-    h, hv = int(rng.choice([8, 16])), int(rng.choice([8, 24]))
-    arrays = (rng.normal(size=(b, t, n, h)), rng.normal(size=(b, s, kh, h)),
-              rng.normal(size=(b, s, kh, hv)), rng.normal(size=(b, t, n, hv)))
-    kw, ref = {}, {}
-    if rng.random() < 0.5:
-        kw["is_causal"] = ref["causal"] = True
-    if rng.random() < 0.4:
-        w = (int(rng.integers(0, 9)), int(rng.integers(0, 9)))
-        kw["local_window_size"] = ref["window"] = w
-    if rng.random() < 0.4:
-        ql = rng.integers(0, t + 1, size=b).astype(np.int32)
-        kw["query_seq_lengths"], ref["q_len"] = ql, ql
-    if rng.random() < 0.4:
-        kl = rng.integers(0, s + 1, size=b).astype(np.int32)
-        kw["key_value_seq_lengths"], ref["kv_len"] = kl, kl
-    if rng.random() < 0.4:
-        qs = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
-        ks = np.sort(rng.integers(0, 3, size=(b, s)), axis=1).astype(np.int32)
-        kw["segment_ids"] = (qs, ks)
-        ref["q_seg"], ref["kv_seg"] = qs, ks
-    if rng.random() < 0.3:
-        kw["scale"] = ref["scale"] = 0.3
-    return arrays, kw, ref
+    """A random case from test_attention's generator, restricted to what the kernel runs."""
+    (q, k, v, _bias, _mask), kw, ref = _draw_case(rng, max_len=45)
+    kw.pop("logits_soft_cap", None)
+    ref.pop("softcap", None)
+    if v.shape[-1] % 8:
+        v = rng.normal(size=(*v.shape[:-1], 16))
+    do = rng.normal(size=(*q.shape[:-1], v.shape[-1]))
+    return (q, k, v, do), kw, ref
 
 
 def _loss_and_grads(impl, kw, q, k, v, do, block_sizes=None):

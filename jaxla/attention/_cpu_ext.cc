@@ -32,6 +32,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -386,9 +387,11 @@ int64_t leading(const ffi::AnyBuffer::Dimensions& dims, int keep) {
   return p;
 }
 
-ffi::Error check_problem(Problem& pr, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+// Fills pr from the operands and attributes of a call, checking the shapes.
+ffi::Error setup_problem(Problem& pr, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                          ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
-                         ffi::AnyBuffer kv_seg) {
+                         ffi::AnyBuffer kv_seg, float scale, int64_t left, int64_t right, bool has_seg,
+                         int64_t block_q, int64_t block_k) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() < 4 || kd.size() != qd.size() || vd.size() != qd.size())
     return ffi::Error::InvalidArgument("jaxla attention kernel: q, k, v must have equal rank >= 4");
@@ -413,6 +416,12 @@ ffi::Error check_problem(Problem& pr, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
   pr.kv_len = reinterpret_cast<const int32_t*>(kv_len.untyped_data());
   pr.q_seg = reinterpret_cast<const int32_t*>(q_seg.untyped_data());
   pr.kv_seg = reinterpret_cast<const int32_t*>(kv_seg.untyped_data());
+  pr.scale = scale * 1.4426950408889634f;  // base-2 units: the softmax uses exp2
+  pr.left = left;
+  pr.right = right;
+  pr.has_seg = has_seg;
+  pr.block_q = std::max<int64_t>(1, block_q);
+  pr.block_k = round_up(std::max<int64_t>(16, block_k), 16);
   return ffi::Error::Success();
 }
 
@@ -422,13 +431,10 @@ ffi::Error ForwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::Result<ffi::AnyBuffer> lse2, float scale, int64_t left, int64_t right,
                        bool has_seg, int64_t block_q, int64_t block_k) {
   Problem pr{};
-  if (auto err = check_problem(pr, q, k, v, q_len, kv_len, q_seg, kv_seg); !err.success()) return err;
-  pr.scale = scale * 1.4426950408889634f;  // base-2 units: the softmax uses exp2
-  pr.left = left;
-  pr.right = right;
-  pr.has_seg = has_seg;
-  pr.block_q = std::max<int64_t>(1, block_q);
-  pr.block_k = round_up(std::max<int64_t>(16, block_k), 16);
+  if (auto err = setup_problem(pr, q, k, v, q_len, kv_len, q_seg, kv_seg, scale, left, right, has_seg,
+                               block_q, block_k);
+      !err.success())
+    return err;
   const float* qp = reinterpret_cast<const float*>(q.untyped_data());
   const float* kp = reinterpret_cast<const float*>(k.untyped_data());
   const float* vp = reinterpret_cast<const float*>(v.untyped_data());
@@ -586,15 +592,12 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, float scale,
                         int64_t left, int64_t right, bool has_seg, int64_t block_q, int64_t block_k) {
   Problem pr{};
-  if (auto err = check_problem(pr, q, k, v, q_len, kv_len, q_seg, kv_seg); !err.success()) return err;
+  if (auto err = setup_problem(pr, q, k, v, q_len, kv_len, q_seg, kv_seg, scale, left, right, has_seg,
+                               block_q, block_k);
+      !err.success())
+    return err;
   if (pr.h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxla attention kernel: H must be a multiple of 8");
-  pr.scale = scale * 1.4426950408889634f;
-  pr.left = left;
-  pr.right = right;
-  pr.has_seg = has_seg;
-  pr.block_q = std::max<int64_t>(1, block_q);
-  pr.block_k = round_up(std::max<int64_t>(16, block_k), 16);
   BwdArgs a{};
   a.q = reinterpret_cast<const float*>(q.untyped_data());
   a.k = reinterpret_cast<const float*>(k.untyped_data());
@@ -673,8 +676,20 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 }  // namespace
 
+// The attributes both kernels take, after their buffers.
+template <typename Binding>
+auto with_attrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("left")
+      .template Attr<int64_t>("right")
+      .template Attr<bool>("has_seg")
+      .template Attr<int64_t>("block_q")
+      .template Attr<int64_t>("block_k");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind()
+                              with_attrs(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // q
                                   .Arg<ffi::AnyBuffer>()  // k
@@ -684,16 +699,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaAttentionForward, ForwardImpl,
                                   .Arg<ffi::AnyBuffer>()  // q_seg
                                   .Arg<ffi::AnyBuffer>()  // kv_seg
                                   .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse2
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("left")
-                                  .Attr<int64_t>("right")
-                                  .Attr<bool>("has_seg")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"));
+                                  .Ret<ffi::AnyBuffer>()));  // lse2
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
+                              with_attrs(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // q
                                   .Arg<ffi::AnyBuffer>()  // k
@@ -707,13 +716,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaAttentionBackward, BackwardImpl,
                                   .Arg<ffi::AnyBuffer>()  // kv_seg
                                   .Ret<ffi::AnyBuffer>()  // dq
                                   .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("left")
-                                  .Attr<int64_t>("right")
-                                  .Attr<bool>("has_seg")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"));
+                                  .Ret<ffi::AnyBuffer>()));  // dv
 
 namespace {
 
