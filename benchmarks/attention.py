@@ -16,9 +16,11 @@ Linux). ``ok`` checks jaxla's output (or dQ) against jax.nn's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +58,12 @@ def _jax_fn(attn, causal, backward, **kw):
 
 
 def _memory_probe(t):
-    """Runs benchmarks.attention_memory in a fresh process; its JSON, or None if it failed."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.attention_memory", str(t)],
-                          capture_output=True, text=True, check=False)
+    """Runs benchmarks._attention_memory in a fresh process; its JSON, or None if it failed."""
+    root = Path(__file__).resolve().parent.parent  # the child imports benchmarks from the checkout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks._attention_memory", str(t)],
+                          capture_output=True, text=True, check=False, cwd=root, env=env)
     if proc.returncode != 0:
         print(f"memory probe failed: {proc.stderr[-2000:]}", file=sys.stderr)
         return None
