@@ -39,10 +39,13 @@ _LN2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedBlockSizes:
-    """Tile sizes of the ``"chunked"`` implementation.
+    """Tile sizes of the ``"chunked"`` implementation (and of ``"cpu"`` when passed to it).
 
     Any T and S work with any sizes: a length is cut into ``ceil(T / block_q)`` equal blocks (rounded
     up to a multiple of 8), padded and masked at the end; a length up to ``block_q`` is one block.
+    The compiled ``"cpu"`` kernel takes ``block_q`` query positions (times the G query heads of a kv
+    head) and ``block_k`` keys (rounded up to a multiple of 16) per tile; its defaults come from
+    ``jaxla.attention._cpu.default_block_sizes``.
 
     Attributes:
       block_q: query positions per tile (all heads of those positions are processed together).
