@@ -338,7 +338,7 @@ void forward_item(const Problem& pr, const float* q, const float* k, const float
           const v8i qid = v8i{} + qs[i];
           for (int64_t j = 0; j < cpad; j += 8) {
             v8i kid;
-            for (int e = 0; e < 8; ++e) kid[e] = kb + j + e < pr.s ? ks[kb + j + e] : qs[i] + 1;
+            for (int e = 0; e < 8; ++e) kid[e] = kb + j + e < pr.s ? ks[kb + j + e] : ~qs[i];
             v8f x = load(row + j);
             store(row + j, kid == qid ? x : splat(-kInf));
           }
