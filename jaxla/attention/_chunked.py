@@ -34,7 +34,6 @@ from jaxla import _checks
 from jaxla.attention import _masks
 
 _LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,10 +349,9 @@ def _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
 
 
 def _lse_natural(lse2, t, g):
-    from jaxla.attention._reference import EMPTY_ROW_LSE
+    from jaxla.attention._reference import lse_from_base2
 
-    lse = jnp.where(jnp.isfinite(lse2), lse2 * _LN2, jnp.asarray(EMPTY_ROW_LSE, lse2.dtype))
-    return _q_unlayout(lse[..., None], t, g)[..., 0]
+    return _q_unlayout(lse_from_base2(lse2)[..., None], t, g)[..., 0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

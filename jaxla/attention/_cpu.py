@@ -16,12 +16,13 @@ dim, Hv value head dim.
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxla.attention import _reference
 
 try:
     from jaxla.attention import _cpu_ext
@@ -32,7 +33,6 @@ else:
     _IMPORT_ERROR = None
 
 _FWD, _BWD = "jaxla_attention_fwd", "jaxla_attention_bwd"
-_LN2 = math.log(2.0)
 _registered = False
 
 
@@ -97,21 +97,15 @@ def _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
     return call(q, k, v, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
 
 
-def _lse_natural(lse2):
-    from jaxla.attention._reference import EMPTY_ROW_LSE
-
-    return jnp.where(jnp.isfinite(lse2), lse2 * _LN2, jnp.asarray(EMPTY_ROW_LSE, lse2.dtype))
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
     out, lse2 = _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg)
-    return out, _lse_natural(lse2)
+    return out, _reference.lse_from_base2(lse2)
 
 
 def _attention_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
     out, lse2 = _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg)
-    return (out, _lse_natural(lse2)), (q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2)
+    return (out, _reference.lse_from_base2(lse2)), (q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2)
 
 
 def _attention_bwd(cfg, res, cotangents):
@@ -166,8 +160,6 @@ def cpu_attention(query, key, value, q_seg, kv_seg, q_len, kv_len, *, scale, ban
         block_q=int(block_q),
         block_k=int(block_k),
     )
-    if band.right is not None and band.right < 0:  # pragma: no cover - the API rejects it
-        raise ValueError(f"the CPU kernel needs a band with right >= 0, got {band}")
     q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len.astype(jnp.int32)
     kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len.astype(jnp.int32)
     if q_seg is None:

@@ -10,6 +10,8 @@ heads per kv head, H query/key head dim, Hv value head dim.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,11 @@ from jaxla.attention import _masks
 # and so negative that exp(lse - anything finite) is 0: merging such a row's partial result with others
 # (as blockwise/ring attention does) gives it zero weight. Same magnitude jax.nn uses for masked logits.
 EMPTY_ROW_LSE = float(np.float32(-0.7 * float(np.finfo(np.float32).max)))
+
+
+def lse_from_base2(lse2: jax.Array) -> jax.Array:
+    """Natural-log logsumexp from the base-2 one the blockwise paths keep (+inf marks an empty row)."""
+    return jnp.where(jnp.isfinite(lse2), lse2 * math.log(2.0), jnp.asarray(EMPTY_ROW_LSE, lse2.dtype))
 
 
 def logits_and_visibility(
