@@ -176,6 +176,21 @@ def _check_fit(fit: Any) -> None:
         )
 
 
+def _matrix_input(x, name, layout, width, what):
+    """``x`` as a floating (rows, width) array, or a ValueError/TypeError naming ``name``."""
+    x = _checks.as_array(x, name)
+    _checks.check_floating(x, name)
+    _checks.check_rank(x, name, 2, layout)
+    _checks.check_axis_size(x, name, 1, width, what)
+    return x
+
+
+def _whiten_scale(fit):
+    """√explained_variance, clipped below at eps: what whitening divides by (and its inverse undoes)."""
+    scale = jnp.sqrt(fit.explained_variance)
+    return jnp.maximum(scale, jnp.finfo(scale.dtype).eps)
+
+
 def pca_transform(fit: PCAResult, x: Any) -> jax.Array:
     """Projects ``x`` ``(N, D)`` onto the principal axes: ``(x − mean) @ componentsᵀ`` ``(N, C)``.
 
@@ -190,16 +205,11 @@ def pca_transform(fit: PCAResult, x: Any) -> jax.Array:
       ``(N, C)`` in the fit's dtype.
     """
     _check_fit(fit)
-    x = _checks.as_array(x, "x")
-    _checks.check_floating(x, "x")
-    _checks.check_rank(x, "x", 2, "(N, D)")
-    _checks.check_axis_size(x, "x", 1, fit.mean.shape[0], "the number of features seen by pca")
+    x = _matrix_input(x, "x", "(N, D)", fit.mean.shape[0], "the number of features seen by pca")
     x = x.astype(fit.components.dtype)
     z = jnp.matmul(x - fit.mean[None, :], fit.components.T, precision=HIGHEST)
     if fit.whiten:
-        scale = jnp.sqrt(fit.explained_variance)
-        scale = jnp.maximum(scale, jnp.finfo(scale.dtype).eps)
-        z = z / scale[None, :]
+        z = z / _whiten_scale(fit)[None, :]
     return z
 
 
@@ -207,7 +217,8 @@ def pca_inverse_transform(fit: PCAResult, z: Any) -> jax.Array:
     """Maps component scores ``z`` ``(N, C)`` back to feature space ``(N, D)``.
 
     ``z @ components + mean``; with ``whiten`` the components are first scaled by
-    √explained_variance, the exact inverse of :func:`pca_transform` on the kept subspace.
+    √explained_variance (clipped below at eps, as in :func:`pca_transform`), the exact inverse of
+    :func:`pca_transform` on the kept subspace.
 
     Args:
       fit: a :class:`PCAResult`.
@@ -217,11 +228,8 @@ def pca_inverse_transform(fit: PCAResult, z: Any) -> jax.Array:
       ``(N, D)`` in the fit's dtype.
     """
     _check_fit(fit)
-    z = _checks.as_array(z, "z")
-    _checks.check_floating(z, "z")
-    _checks.check_rank(z, "z", 2, "(N, C)")
-    _checks.check_axis_size(z, "z", 1, fit.n_components, "the number of components of the fit")
+    z = _matrix_input(z, "z", "(N, C)", fit.n_components, "the number of components of the fit")
     comps = fit.components
     if fit.whiten:
-        comps = jnp.sqrt(fit.explained_variance)[:, None] * comps
+        comps = _whiten_scale(fit)[:, None] * comps
     return jnp.matmul(z.astype(comps.dtype), comps, precision=HIGHEST) + fit.mean[None, :]
