@@ -105,7 +105,7 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True,
     flops = harness.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
     ours = harness.measure(_jax_fn(jaxla.dot_product_attention, causal, backward), *args,
                            iters=iters, warmup=1 if iters > 1 else 0)
-    canon = dict(query=args[0], key=args[1], value=args[2], bias=None, mask=None, window=None,
+    canon = dict(query=args[0], key=args[1], value=args[2], bias=None, mask=None, softcap=None, window=None,
                  is_causal=causal)
     row = {
         "name": name,

@@ -339,7 +339,8 @@ def test_implementation_none_dispatch(rng):
 
 
 def _args(q, k):
-    return dict(query=q, key=k, value=k, bias=None, mask=None, window=None, is_causal=False)
+    return dict(query=q, key=k, value=k, bias=None, mask=None, softcap=None, window=None,
+                is_causal=False)
 
 
 def test_pallas_unavailable_is_a_clear_error_and_none_falls_back(rng):

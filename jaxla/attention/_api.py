@@ -192,7 +192,7 @@ def _choose(implementation, args, block_sizes) -> tuple[str, Any]:
     if implementation == "cpu" or (implementation is None and platform == "cpu"):
         reason = _cpu.unsupported_reason(
             args["query"], args["key"], args["value"], has_bias=args["bias"] is not None,
-            has_mask=args["mask"] is not None, softcap=args.get("softcap"), platform=platform,
+            has_mask=args["mask"] is not None, softcap=args["softcap"], platform=platform,
         )
         if reason is None:
             return "cpu", None
