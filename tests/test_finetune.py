@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxla import cli, finetune, lora
-from jaxla.finetune import _lowrank, _rundir, _runner
+from jaxla.finetune import _mesh, _rundir, _runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,47 +154,40 @@ def test_mesh_matches_single_device(full_run, tmp_path):
         full_run[1]["metrics"]["singular_values_learned"], rtol=1e-4)
 
 
-def test_plots_are_written_atomically(tmp_path):
-    pytest.importorskip("matplotlib")
-    from jaxla.finetune import _plots
-
-    records = [{"phase": p, "step": i, "loss": 1.0 / (i + 1)} for p in ("a", "b") for i in range(5)]
-    names = _plots.write_plots(tmp_path, records, {"learned": np.array([2.0, 1.0, 0.5])})
-    assert names == ["loss.png", "singular_values.png"]
-    for name in names:
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == names
-
-
-def test_mesh_shards_by_rule():
+def test_mesh_shards_by_path_rule():
     from jax.sharding import PartitionSpec as P
-
-    from jaxla.finetune import _mesh
 
     mesh = _mesh.make_mesh(finetune.MeshConfig(data=4, model=2))
     tree = {"base": {"w": np.zeros((16, 32))}, "ad": {"w": lora.Adapter(np.zeros((2, 16)),
                                                                          np.zeros((32, 2)), 2.0)},
-            "norm": {"b": np.zeros(32)}, "odd": {"w": np.zeros((4, 5))}}
+            "norm": {"b": np.zeros(32)}, "odd": {"w": np.zeros((4, 5))},
+            # Stacked layers: kernels (L, d_in, d_out) and biases (L, d_out). The old rule took any
+            # rank-2 leaf named "b" for a LoRA b and split the bias along its layer axis.
+            "stack": {"w": np.zeros((4, 16, 32)), "b": np.zeros((4, 32))},
+            "stack_ad": {"stack/w": lora.Adapter(np.zeros((4, 2, 16)), np.zeros((4, 32, 2)), 2.0)}}
     specs = jax.tree.map(lambda s: s.spec, _mesh.tree_shardings(tree, mesh))
     assert specs["base"]["w"] == P(None, "model")
     assert specs["ad"]["w"].a == P(None, None)
     assert specs["ad"]["w"].b == P("model", None)
     assert specs["norm"]["b"] == P(None)
     assert specs["odd"]["w"] == P(None, None)  # 5 is not divisible by the model axis
+    assert specs["stack"]["w"] == P(None, None, "model")
+    assert specs["stack"]["b"] == P(None, None)
+    assert specs["stack_ad"]["stack/w"].b == P(None, "model", None)
+    assert specs["stack_ad"]["stack/w"].a == P(None, None, None)
 
 
-def test_low_rank_helpers_match_dense(rng):
-    a, b = rng.standard_normal((3, 7)), rng.standard_normal((9, 3))
-    left, s, right = _lowrank.low_rank_factors(a, b, 0.5)
-    dense = 0.5 * a.T @ b.T
-    np.testing.assert_allclose((left * s) @ right.T, dense, atol=1e-12)
-    np.testing.assert_allclose(s, np.linalg.svd(dense, compute_uv=False)[:3], rtol=1e-12)
-    q, _ = np.linalg.qr(rng.standard_normal((7, 2)))
-    rot = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
-    np.testing.assert_allclose(_lowrank.principal_angles(q, q @ rot), [0, 0], atol=1e-7)
-    e = np.eye(7)
-    np.testing.assert_allclose(
-        _lowrank.principal_angles(e[:, :1], (e[:, :1] + e[:, 1:2]) / np.sqrt(2)), [np.pi / 4])
+def test_optimizer_state_follows_its_parameter():
+    import optax
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _mesh.make_mesh(finetune.MeshConfig(data=1, model=2))
+    params = {"layers": {"w": np.zeros((3, 8, 6), np.float32), "b": np.zeros((3, 6), np.float32)}}
+    state = optax.adam(0.1).init(params)
+    specs = jax.tree.map(lambda s: s.spec, _mesh.tree_shardings(state, mesh))
+    assert specs[0].mu["layers"]["w"] == P(None, None, "model")
+    assert specs[0].nu["layers"]["b"] == P(None, None)
+    assert specs[0].count == P()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""One fine-tune run end to end: resolve the run directory, run the demo, write its summary."""
+"""One fine-tune run end to end: check everything, resolve the run directory, run the demo."""
 
 from __future__ import annotations
 
@@ -7,37 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from jaxla import _files
-from jaxla.finetune import _config, _mesh, _rundir, _runner
+from jaxla.finetune import _loader, _memory, _mesh, _registry, _rundir, _runner
+from jaxla.finetune._errors import RunError
 
 __all__ = ["format_summary", "run_finetune"]
 
 
-def _demo(name: str):
-    """The demo's module (imported lazily: each pulls in its own model code)."""
-    if name == "lowrank":
-        from jaxla.finetune import _lowrank
-
-        return _lowrank
-    from jaxla.finetune import _tiny_lm
-
-    return _tiny_lm
-
-
-def check_lora_targets(init_adapters: Callable[[], Any], targets) -> None:
-    """Traces ``init_adapters`` (shapes only) and turns a LoRA target error into a ConfigError."""
-    try:
-        jax.eval_shape(init_adapters)
-    except (ValueError, TypeError) as e:
-        raise _config.ConfigError(
-            f"config key lora.targets = {list(targets)!r} does not fit the model: {e}"
-        ) from None
-
-
 def run_finetune(
-    config: _config.Config,
+    config: _loader.Config,
     *,
     out: str | Path | None = None,
     resume: bool = False,
@@ -64,30 +42,21 @@ def run_finetune(
       ``summary.json`` in the run directory holds the same (when the run finished).
 
     Raises:
-      ConfigError: LoRA targets that match no matrix of the model.
+      ConfigError: LoRA targets that match no matrix of the model, or a config whose estimated
+        memory exceeds what the machine has available (raised before anything is written).
       RunError: unusable run directory, nothing to resume, a checkpoint from another config, or a mesh
         needing more devices than exist (raised before anything is written).
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    if out is None:
-        if resume:
-            out = _rundir.latest_run_dir(config, runs_root)
-            if out is None:
-                raise _rundir.RunError(
-                    f"--resume: no earlier run named {config.run.name!r} under {str(runs_root)!r} to "
-                    "resume; pass --out with the run directory."
-                )
-        else:
-            out = _rundir.default_out_dir(config, runs_root)
-    out = Path(out)
+    demo = _registry.get(config.run.demo)
     # Everything that can fail on the user's input fails here, before anything is created.
-    _mesh.make_mesh(config.mesh)
-    demo = _demo(config.run.demo)
-    demo.check(config)
+    _memory.check_fits(demo.memory(config), available=_memory.available_bytes())
+    mesh = _mesh.make_mesh(config.mesh)
+    demo.preflight(config)
+    out = _resolve_out(config, out, resume=resume, runs_root=runs_root)
     _rundir.prepare_run_dir(out, config, resume=resume)
-    ctx = _runner.RunContext(
-        out=out, config=config, resume=resume, progress=progress, stop_after=stop_after, echo=echo
-    )
+    ctx = _runner.RunContext(out=out, config=config, mesh=mesh, resume=resume, progress=progress,
+                             stop_after=stop_after, echo=echo)
     with _runner.handle_interrupts(ctx):
         summary = demo.run(ctx)
     summary["out"] = str(out)
@@ -95,6 +64,23 @@ def run_finetune(
         payload = {"title": summary["title"], "metrics": summary["metrics"]}
         _files.write_atomic_text(out / "summary.json", json.dumps(payload, indent=2) + "\n")
     return summary
+
+
+def _resolve_out(config, out, *, resume: bool, runs_root) -> Path:
+    """``out``, or the default run directory under ``runs_root`` (the newest one with ``resume``)."""
+    if out is not None:
+        if str(out) == "":
+            raise RunError("--out is empty: expected the path of a run directory.")
+        return Path(out)
+    if not resume:
+        return _rundir.default_out_dir(config, runs_root)
+    latest = _rundir.latest_run_dir(config, runs_root)
+    if latest is None:
+        raise RunError(
+            f"--resume: no earlier run named {config.run.name!r} under {str(runs_root)!r} to "
+            "resume; pass --out with the run directory."
+        )
+    return latest
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -6,11 +6,15 @@ step's inputs and outputs plus one ``with_sharding_constraint`` on each generate
 partitioner inserts the collectives. The default mesh is 1 × 1, so the same program runs unchanged on
 one device, and the loss trajectory on a larger mesh matches it up to float reassociation.
 
-Sharding rules (applied to parameter and optimizer-state pytrees alike, by the leaf's dict key):
+Sharding rules (:data:`SHARDING_RULES`) are regular expressions over a leaf's "/"-joined pytree path,
+matched against a trailing run of whole path components exactly as ``jaxla.lora`` targets are, and
+applied to parameter and optimizer-state pytrees alike (optimizer state paths end with the
+parameter's path, e.g. ``0/mu/layers/0/attn/q/w``). The first rule that matches decides:
 
-- ``"w"`` kernels ``(..., d_in, d_out)``: ``d_out`` over ``model``;
-- LoRA ``"b"`` ``(..., d_out, r)`` (rank ≥ 2): ``d_out`` over ``model``, matching the kernel;
-- LoRA ``"a"`` ``(..., r, d_in)``, biases, norms, embeddings, scalars: replicated;
+- ``w`` kernels ``(..., d_in, d_out)``: ``d_out`` over ``model``;
+- ``w/b``, the LoRA ``b`` ``(..., d_out, r)`` of a kernel ``w``: ``d_out`` over ``model``, matching it;
+- everything else (LoRA ``a``, biases ``b`` even when stacked ``(L, d_out)``, norms, embeddings,
+  scalars): replicated;
 - a dimension not divisible by the ``model`` size stays replicated.
 
 Multi-host use: run the same command on every host, with the same config, after JAX's distributed
@@ -31,17 +35,47 @@ resumes the run. The batch is generated inside the step from (seed, step), so no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxla.finetune import _config, _rundir
+from jaxla.finetune import _config
+from jaxla.finetune._errors import RunError
+from jaxla.lora._targets import path_str, predicate
 
-__all__ = ["batch_sharding", "make_mesh", "partition_spec", "replicated", "tree_shardings"]
+__all__ = [
+    "SHARDING_RULES",
+    "ShardRule",
+    "batch_sharding",
+    "constrain_batch",
+    "make_mesh",
+    "partition_spec",
+    "replicated",
+    "tree_shardings",
+]
 
 AXES = ("data", "model")
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """Leaves whose path matches ``pattern`` (and have at least ``min_ndim`` axes) put their axis
+    ``axis`` (counted like a Python index, usually from the end) on the mesh axis ``mesh_axis``."""
+
+    pattern: str
+    axis: int
+    mesh_axis: str = "model"
+    min_ndim: int = 2
+
+
+SHARDING_RULES: tuple[ShardRule, ...] = (
+    ShardRule(r"w", axis=-1),    # kernel (..., d_in, d_out)
+    ShardRule(r"w/b", axis=-2),  # LoRA b (..., d_out, r) of a kernel w
+)
 
 
 def make_mesh(mesh_cfg: _config.MeshConfig) -> Mesh:
@@ -53,7 +87,7 @@ def make_mesh(mesh_cfg: _config.MeshConfig) -> Mesh:
     devices = jax.devices()
     need = mesh_cfg.data * mesh_cfg.model
     if need > len(devices):
-        raise _rundir.RunError(
+        raise RunError(
             f"the mesh needs mesh.data × mesh.model = {mesh_cfg.data} × {mesh_cfg.model} = {need} "
             f"devices but only {len(devices)} {devices[0].platform} device(s) exist. Lower mesh.data"
             " / mesh.model (e.g. --set mesh.data=1 --set mesh.model=1), or on CPU simulate devices "
@@ -64,30 +98,28 @@ def make_mesh(mesh_cfg: _config.MeshConfig) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def partition_spec(path: tuple, shape: tuple[int, ...], model_size: int) -> PartitionSpec:
-    """The rule above for one leaf, given its pytree path and shape."""
-    name = None
-    for entry in reversed(path):
-        # Dict keys name kernels; attribute names name the fields of a jaxla.lora.Adapter.
-        if isinstance(entry, jax.tree_util.DictKey):
-            name = entry.key
-            break
-        if isinstance(entry, jax.tree_util.GetAttrKey):
-            name = entry.name
-            break
+def partition_spec(
+    path: str, shape: tuple[int, ...], mesh_shape: dict[str, int],
+    rules: Sequence[ShardRule] = SHARDING_RULES,
+) -> PartitionSpec:
+    """The ``PartitionSpec`` of one leaf from the first rule matching its path ``path``."""
     spec = [None] * len(shape)
-    if len(shape) >= 2 and name in ("w", "b"):
-        axis = len(shape) - 1 if name == "w" else len(shape) - 2
-        if shape[axis] % model_size == 0 and model_size > 1:
-            spec[axis] = "model"
+    for rule in rules:
+        if not predicate(rule.pattern, "sharding rule")(path, None):
+            continue
+        size = mesh_shape.get(rule.mesh_axis, 1)
+        if len(shape) >= rule.min_ndim and size > 1 and shape[rule.axis] % size == 0:
+            spec[rule.axis] = rule.mesh_axis
+        break
     return PartitionSpec(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """A pytree of ``NamedSharding`` for ``tree`` (arrays or shape-dtype structs) by the rules."""
-    model_size = mesh.shape["model"]
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[ShardRule] = SHARDING_RULES) -> Any:
+    """A pytree of ``NamedSharding`` for ``tree`` (arrays or shape-dtype structs) by ``rules``."""
+    mesh_shape = dict(mesh.shape)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, partition_spec(path, np.shape(x), model_size)), tree
+        lambda p, x: NamedSharding(mesh, partition_spec(path_str(p), np.shape(x), mesh_shape, rules)),
+        tree,
     )
 
 

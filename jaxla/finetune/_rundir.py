@@ -39,8 +39,7 @@ __all__ = [
 _META = "__meta__"
 
 
-class RunError(Exception):
-    """A problem with the run directory or a checkpoint that the user must fix (CLI exit status 2)."""
+from jaxla.finetune._errors import RunError  # noqa: E402  (one error module for the package)
 
 
 def default_out_dir(cfg: _config.Config, root: str | Path = "runs") -> Path:

@@ -1,10 +1,14 @@
-"""The training loop shared by the demos: jitted step, checkpoints, exact resume, faults, progress.
+"""The plain training loop shared by the demos: one phase, resumable bit for bit.
 
 A *phase* trains one state pytree ``{"params": ..., "opt": ...}`` for a fixed number of steps with a
-jitted ``step_fn(state, frozen, step) -> (state, metrics)``. The step function draws its own batch
-from ``fold_in(key, step)``, so the data a step sees depends only on the seed and the step number:
-restoring a checkpoint's exact bytes and replaying from its step reproduces an uninterrupted run bit
-for bit (same machine, same compiled program).
+step ``step_fn(state, frozen, step) -> (state, metrics)`` built by :func:`make_step` on
+:func:`jaxla.lora.train_step`. The step draws its own batch from ``fold_in(key, step)``, so the data
+a step sees depends only on the seed and the step number: restoring a checkpoint's exact bytes and
+replaying from its step reproduces an uninterrupted run bit for bit (same machine, same program).
+
+:func:`train_phase` is a sequence of small pieces: restore or initialise the state, lay it out on
+the mesh, compile the step once, then the loop, which checks each step's metrics (NaN policy),
+writes deferred checkpoints (:class:`_DeferredSave`) and reports progress (:class:`_Progress`).
 
 Faults: a non-finite loss stops the run (:class:`NonFiniteLossError`) without writing the bad state,
 so the last checkpoint stays the last good one. SIGINT/SIGTERM (Ctrl-C) finish the current step,
@@ -29,15 +33,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxla.finetune import _config, _mesh, _rundir
+from jaxla import lora, spectral
+from jaxla.finetune import _checkpoints, _config, _mesh
+from jaxla.finetune._errors import ConfigError, NonFiniteLossError
 
 __all__ = [
-    "NonFiniteLossError",
     "PhaseResult",
     "RunContext",
+    "check_lora_targets",
     "handle_interrupts",
+    "interrupted_summary",
     "make_optimizer",
     "make_step",
+    "plot_losses",
+    "stream_key",
     "train_phase",
 ]
 
@@ -46,20 +55,18 @@ __all__ = [
 _JIT_TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
-
-
 @dataclass
 class RunContext:
-    """What every phase of one run shares: where it writes, how it reports, when it must stop.
+    """What every phase of one run shares: where it writes, its mesh, how it reports, when to stop.
 
-    ``stop_after`` (tests and benchmarks) stops the run like Ctrl-C after that many steps executed by
-    this process, across phases.
+    ``mesh`` is built once by the API (it also validated the device count). ``stop_after`` (tests
+    and benchmarks) stops the run like Ctrl-C after that many steps executed by this process,
+    across phases.
     """
 
     out: Path
-    config: _config.Config
+    config: Any
+    mesh: jax.sharding.Mesh
     resume: bool = False
     progress: bool | None = None
     stop_after: int | None = None
@@ -68,7 +75,7 @@ class RunContext:
     interrupt: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
-        self.metrics = _rundir.MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = _checkpoints.metrics_log(self.out)
         self.fingerprint = _config.config_fingerprint(self.config)
         if self.progress is None:
             self.progress = sys.stderr.isatty()
@@ -78,6 +85,16 @@ class RunContext:
         if self.config.run.fast_compile and _JIT_TAKES_OPTIONS:
             kwargs["compiler_options"] = {"xla_backend_optimization_level": 0}
         return jax.jit(fn, **kwargs)
+
+    def checkpoints(self, phase: str) -> _checkpoints.Checkpoints:
+        return _checkpoints.Checkpoints.for_phase(
+            self.out, phase, fingerprint=self.fingerprint, keep=self.config.run.keep_checkpoints
+        )
+
+    def should_stop(self) -> bool:
+        return self.interrupt.is_set() or (
+            self.stop_after is not None and self.steps_done >= self.stop_after
+        )
 
 
 @dataclass(frozen=True)
@@ -133,10 +150,6 @@ def stream_key(seed: int, stream: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), _STREAMS[stream])
 
 
-# optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
-_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
-
-
 def make_step(
     loss_fn: Callable[[Any, Any, Any], jax.Array],
     optimizer: optax.GradientTransformation,
@@ -145,23 +158,24 @@ def make_step(
 ) -> Callable:
     """A step ``(state, frozen, step) -> (state, metrics)`` for :func:`train_phase`.
 
+    The update itself is :func:`jaxla.lora.train_step` (unjitted, so it composes under the
+    sharded jit of :func:`train_phase`); ``state["params"]`` plays its ``adapters`` role, so the
+    same step serves adapters and full fine-tunes.
+
     Args:
-      loss_fn: ``loss_fn(trainable, frozen, batch) -> scalar``; differentiated in ``trainable`` only.
+      loss_fn: ``loss_fn(frozen, trainable, batch) -> scalar``; differentiated in ``trainable``.
       optimizer: any Optax transformation.
       schedule: the learning-rate schedule (reported per step).
       batch_fn: ``batch_fn(frozen, step) -> batch``, deterministic in ``step``.
     """
+    update = lora.train_step(loss_fn, optimizer, jit=False, grad_norm=True)
 
     def step_fn(state, frozen, step):
         batch = batch_fn(frozen, step)
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, batch)
-        # Optax mixes int32 step counts with Python floats; keep it working for users who run
-        # with jax_numpy_dtype_promotion="strict".
+        params, opt_state, loss, grad_norm = update(frozen, state["params"], state["opt"], batch)
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
             lr = jnp.asarray(schedule(step), jnp.float32)
-        metrics = {"loss": loss, "grad_norm": _tree_norm(grads), "lr": lr}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
         return {"params": params, "opt": opt_state}, metrics
 
     return step_fn
@@ -221,6 +235,64 @@ class _Progress:
             self.bar.close()
 
 
+class _DeferredSave:
+    """Periodic checkpoints written one step late.
+
+    The state after step k is saved only once step k + 1 has shown that state's loss to be finite,
+    so the newest checkpoint is always a good one. The final (or interrupted) state is saved at once.
+    """
+
+    def __init__(self, ckpts: _checkpoints.Checkpoints, every: int):
+        self.ckpts, self.every, self.pending = ckpts, every, None
+
+    def confirmed(self) -> None:
+        """The pending state's loss proved finite: write it."""
+        if self.pending is not None:
+            self.ckpts.save(*self.pending)
+            self.pending = None
+
+    def after_step(self, done: int, state: Any, *, final: bool) -> None:
+        if final:
+            self.ckpts.save(done, state)
+        elif done % self.every == 0:
+            self.pending = (done, state)
+
+
+def _restore_or_init(ctx: RunContext, ckpts, init_state: Callable, init_args: tuple):
+    """``(start step, state, template)``: the newest checkpoint when resuming, else a fresh state."""
+    template = jax.eval_shape(init_state, *init_args)
+    restored = ckpts.restore(template) if ctx.resume else None
+    if restored is not None:
+        start, state = restored
+        return start, state, template
+    return 0, ctx.jit(init_state)(*init_args), template
+
+
+def _compile(ctx: RunContext, step_fn: Callable, state, frozen, start: int, sharding):
+    """The step compiled once for these shapes and layouts; returns ``(compiled, seconds)``."""
+    kw = {}
+    if sharding is not None:
+        kw = dict(in_shardings=(sharding, None, None), out_shardings=(sharding, None))
+    t0 = time.perf_counter()
+    compiled = ctx.jit(step_fn, **kw).lower(state, frozen, jnp.int32(start)).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _check_finite(phase: str, step: int, m: dict[str, float], ckpts) -> None:
+    """Raises :class:`NonFiniteLossError` when the loss or the gradient norm is NaN/inf."""
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(m[k])]
+    if not bad:
+        return
+    last = ckpts.latest()
+    kept = (f"the last good checkpoint {str(last)!r} was kept" if last
+            else "no checkpoint had been written yet")
+    what = "loss" if bad[0] == "loss" else "gradient norm"
+    raise NonFiniteLossError(
+        f"[{phase}] the {what} became {m[bad[0]]} at step {step}: training stopped and {kept}. "
+        "Lower optim.learning_rate, set optim.grad_clip, or check the data."
+    )
+
+
 def train_phase(
     ctx: RunContext,
     *,
@@ -232,12 +304,11 @@ def train_phase(
     steps: int,
     items_per_step: int,
     unit: str = "examples",
-    mesh: Any = None,
 ) -> PhaseResult:
     """Runs (or resumes) one phase and returns its final state.
 
     Args:
-      ctx: the run context.
+      ctx: the run context (its mesh lays the state out by :func:`_mesh.tree_shardings`).
       phase: name used for the checkpoint folder, metrics records and progress.
       init_state: ``init_state(*init_args) -> state``, the initial trainable state pytree; jitted
         here, and not run when resuming from a checkpoint (its ``jax.eval_shape`` is the template
@@ -245,96 +316,60 @@ def train_phase(
       init_args: arrays passed to ``init_state``.
       frozen: pytree of arrays the step reads but does not train (passed as an argument so large
         frozen weights are not baked into the compiled program as constants).
-      step_fn: ``(state, frozen, step) -> (state, {"loss", "grad_norm", "lr"})``, jitted here.
+      step_fn: ``(state, frozen, step) -> (state, {"loss", "grad_norm", "lr"})`` (see
+        :func:`make_step`), jitted here.
       steps: total steps of the phase.
       items_per_step: examples (or tokens) per step, for the reported rate.
       unit: name of the items.
-      mesh: the device mesh; the state is laid out on it by :func:`_mesh.tree_shardings`.
 
     Returns:
       A :class:`PhaseResult`.
 
     Raises:
-      NonFiniteLossError: when the loss becomes NaN or inf.
+      NonFiniteLossError: when the loss or the gradient norm becomes NaN or inf.
       RunError: when a checkpoint to resume from is unusable.
     """
-    ckpt_dir = ctx.out / "checkpoints" / phase
-    start = 0
-    latest = _rundir.latest_checkpoint(ckpt_dir) if ctx.resume else None
-    template = jax.eval_shape(init_state, *init_args)
-    if latest is not None:
-        start, state = _rundir.load_checkpoint(latest, template, fingerprint=ctx.fingerprint)
-    else:
-        state = ctx.jit(init_state)(*init_args)
-    state_sharding = None if mesh is None else _mesh.tree_shardings(template, mesh)
-    if state_sharding is not None:
-        state = jax.device_put(state, state_sharding)
+    ckpts = ctx.checkpoints(phase)
+    start, state, template = _restore_or_init(ctx, ckpts, init_state, init_args)
+    sharding = _mesh.tree_shardings(template, ctx.mesh)
+    state = jax.device_put(state, sharding)
     if start >= steps:
         done = [r["loss"] for r in ctx.metrics.records() if r.get("phase") == phase]
         return PhaseResult(state, False, start, start, 0.0, 0.0, done[-1] if done else float("nan"))
     ctx.metrics.rewind(phase, start)
+    compiled, compile_s = _compile(ctx, step_fn, state, frozen, start, sharding)
+    state, end, loss, interrupted, run_s = _loop(
+        ctx, phase, compiled, state, frozen, start, steps, ckpts, items_per_step, unit)
+    return PhaseResult(state, interrupted, start, end, compile_s, run_s, loss)
 
-    shard_kw = {}
-    if state_sharding is not None:
-        shard_kw = dict(in_shardings=(state_sharding, None, None), out_shardings=(state_sharding, None))
-    t0 = time.perf_counter()
-    compiled = ctx.jit(step_fn, **shard_kw).lower(state, frozen, jnp.int32(start)).compile()
-    compile_s = time.perf_counter() - t0
 
-    def save(step, st):
-        _rundir.save_checkpoint(
-            ckpt_dir, step, st, fingerprint=ctx.fingerprint, keep=ctx.config.run.keep_checkpoints
-        )
-
+def _loop(ctx, phase, compiled, state, frozen, start, steps, ckpts, items_per_step, unit):
+    """The loop proper: ``(state, steps done, last loss, interrupted, seconds)``."""
     progress = _Progress(ctx, phase, start, steps, unit)
-    every = ctx.config.run.checkpoint_every
-    interrupted = False
-    loss = float("nan")
-    done = start
-    # A periodic checkpoint of the state after step k is written once step k + 1 has shown that
-    # state's loss to be finite, so the newest checkpoint is always a good one.
-    pending = None
+    saver = _DeferredSave(ckpts, ctx.config.run.checkpoint_every)
+    loss, done, interrupted = float("nan"), start, False
     t_run = time.perf_counter()
     try:
         for step in range(start, steps):
             t_step = time.perf_counter()
             new_state, metrics = compiled(state, frozen, jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            loss = m["loss"]
-            if not (math.isfinite(loss) and math.isfinite(m["grad_norm"])):
-                last = _rundir.latest_checkpoint(ckpt_dir)
-                kept = f"the last good checkpoint {str(last)!r} was kept" if last else (
-                    "no checkpoint had been written yet")
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                raise NonFiniteLossError(
-                    f"[{phase}] the {what} became {m['loss' if what == 'loss' else 'grad_norm']} at "
-                    f"step {step}: training stopped and {kept}. Lower optim.learning_rate, set "
-                    "optim.grad_clip, or check the data."
-                )
-            if pending is not None:
-                save(*pending)
-                pending = None
-            state = new_state
+            _check_finite(phase, step, m, ckpts)
+            saver.confirmed()
+            state, loss, done = new_state, m["loss"], step + 1
             m[f"{unit}_per_s"] = items_per_step / max(time.perf_counter() - t_step, 1e-9)
             ctx.metrics.append({"phase": phase, "step": step, **m})
             progress.update(step, m)
             ctx.steps_done += 1
-            done = step + 1
-            stop = ctx.interrupt.is_set() or (
-                ctx.stop_after is not None and ctx.steps_done >= ctx.stop_after
-            )
-            if stop or done == steps:
-                save(done, state)
-            elif done % every == 0:
-                pending = (done, state)
+            stop = ctx.should_stop()
+            saver.after_step(done, state, final=stop or done == steps)
             if stop and done < steps:
                 interrupted = True
                 break
     finally:
         progress.close()
     jax.block_until_ready(state)
-    run_s = time.perf_counter() - t_run
-    return PhaseResult(state, interrupted, start, done, compile_s, run_s, loss)
+    return state, done, loss, interrupted, time.perf_counter() - t_run
 
 
 def interrupted_summary(ctx: RunContext, title: str, res: PhaseResult) -> dict[str, Any]:
@@ -345,3 +380,28 @@ def interrupted_summary(ctx: RunContext, title: str, res: PhaseResult) -> dict[s
         ("resume with", f"jaxla finetune ... --out {ctx.out} --resume"),
     ]
     return {"title": title, "rows": rows, "metrics": {"steps": res.end_step}, "interrupted": True}
+
+
+def check_lora_targets(init_adapters: Callable[[], Any], targets) -> None:
+    """Traces ``init_adapters`` (shapes only) and turns a LoRA target error into a ConfigError."""
+    try:
+        jax.eval_shape(init_adapters)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"config key lora.targets = {list(targets)!r} does not fit the model: {e}"
+        ) from None
+
+
+def plot_losses(ctx: RunContext, path: Path) -> None:
+    """Writes the loss of every phase recorded in ``metrics.jsonl`` to ``path`` as a PNG.
+
+    Raises:
+      ImportError: matplotlib is not installed (the demos then skip their plots).
+    """
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for r in ctx.metrics.records():
+        steps, losses = curves.setdefault(r["phase"], ([], []))
+        steps.append(r["step"])
+        losses.append(r["loss"])
+    if curves:
+        spectral.plot_training_curves(curves, path=path)

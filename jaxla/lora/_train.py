@@ -17,6 +17,9 @@ from jaxla.lora._adapter import Adapter, Adapters, is_adapter
 
 __all__ = ["loraplus", "scale_b", "train_step"]
 
+# optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 def scale_b(ratio: float) -> optax.GradientTransformation:
     """An Optax transformation multiplying the updates of every ``b`` by ``ratio`` (``a`` untouched).
@@ -72,8 +75,9 @@ def train_step(
     has_aux: bool = False,
     jit: bool = True,
     donate: bool = False,
+    grad_norm: bool = False,
 ) -> Callable[..., Any]:
-    """Builds ``step(params, adapters, opt_state, *batch) -> (adapters, opt_state, loss[, aux])``.
+    """Builds ``step(params, adapters, opt_state, *batch) -> (adapters, opt_state, loss[, aux][, gnorm])``.
 
     The loss is differentiated with respect to ``adapters`` only (``params`` is also wrapped in
     ``stop_gradient``), then ``optimizer`` turns the gradients into updates that are added to the
@@ -84,12 +88,17 @@ def train_step(
         ``has_aux``), e.g. built from :func:`jaxla.lora.wrap` or :func:`jaxla.lora.linear`.
       optimizer: any Optax transformation (see :func:`loraplus`).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      jit: return the step compiled with ``jax.jit``.
+      jit: return the step compiled with ``jax.jit``; with ``jit=False`` the step composes under
+        the caller's own ``jax.jit`` (e.g. one with ``in_shardings``/``out_shardings`` for a mesh).
       donate: let XLA reuse the buffers of ``adapters`` and ``opt_state`` for the new values (the
         old ones must not be used afterwards).
+      grad_norm: also return the global L2 norm of the gradients (float32 scalar), last in the
+        tuple, for logging and for stopping on a non-finite gradient.
 
     Returns:
-      The step function.
+      The step function. Since only ``adapters`` is differentiated, any pytree of arrays can play
+      that role: pass every parameter as ``adapters`` (and ``{}`` as ``params``) for a full
+      fine-tune with the same step.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -109,7 +118,9 @@ def train_step(
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, adapters)
             adapters = optax.apply_updates(adapters, updates)
-        return (adapters, opt_state, loss, aux) if has_aux else (adapters, opt_state, loss)
+            norm = _tree_norm(grads).astype(jnp.float32) if grad_norm else None
+        out = (adapters, opt_state, loss) + ((aux,) if has_aux else ())
+        return out + ((norm,) if grad_norm else ())
 
     if not jit:
         return step

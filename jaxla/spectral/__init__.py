@@ -29,7 +29,12 @@ from jaxla.spectral._metrics import (
     weight_report,
 )
 from jaxla.spectral._pca import PCAResult, pca, pca_inverse_transform, pca_transform
-from jaxla.spectral._plot import plot_pca_scatter, plot_sharpness, plot_singular_values
+from jaxla.spectral._plot import (
+    plot_pca_scatter,
+    plot_sharpness,
+    plot_singular_values,
+    plot_training_curves,
+)
 from jaxla.spectral._svd import LowRankResult, SVDResult, low_rank_approx, randomized_svd
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "plot_pca_scatter",
     "plot_sharpness",
     "plot_singular_values",
+    "plot_training_curves",
     "power_iteration",
     "randomized_svd",
     "sharpness",

@@ -1,11 +1,12 @@
-"""Optional matplotlib plots: singular value spectra, 2-D PCA scatter, sharpness over training.
+"""Optional matplotlib plots: singular value spectra, 2-D PCA scatter, sharpness and losses over training.
 
 matplotlib is imported only when a plot is requested (install the ``jaxla[plot]`` extra). Figures
 are built with the object-oriented API (no pyplot global state) and, when ``path`` is given, written
 as PNG atomically: rendered to a temporary file in the same directory, then renamed over ``path``.
 
 Dimension legend used in the docstrings:
-  K  number of singular values, N number of points, C number of PCA components (>= 2)
+  K  number of singular values, N number of points, C number of PCA components (>= 2),
+  M  number of recorded training steps
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from jaxla import _files
 
-__all__ = ["plot_pca_scatter", "plot_sharpness", "plot_singular_values"]
+__all__ = ["plot_pca_scatter", "plot_sharpness", "plot_singular_values", "plot_training_curves"]
 
 
 def _figure(figsize):
@@ -186,6 +187,58 @@ def plot_sharpness(
     ax.set_xlabel("step")
     ax.set_ylabel("sharpness")
     ax.set_title(title)
+    ax.legend()
+    _save(fig, path, dpi)
+    return fig
+
+
+def plot_training_curves(
+    curves: Mapping[str, tuple[Any, Any]],
+    *,
+    path: str | os.PathLike | None = None,
+    log: bool = True,
+    ylabel: str = "loss",
+    title: str = "Training loss",
+    dpi: int = 120,
+):
+    """Plots one curve per name, e.g. the loss of each training phase against its steps.
+
+    Args:
+      curves: mapping ``name -> (steps (M,), values (M,))``; at least one curve.
+      path: if given, the PNG is written there atomically.
+      log: logarithmic y axis (non-positive values are dropped from a log plot).
+      ylabel: y axis label.
+      title: axes title.
+      dpi: resolution of the saved PNG.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError(f"curves must be a non-empty mapping name -> (steps, values), got {curves!r}")
+    checked = []
+    for name, pair in curves.items():
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(f"curves[{name!r}] must be a pair (steps, values), got {pair!r}")
+        steps = _as_1d(pair[0], f"curves[{name!r}] steps")
+        values = _as_1d(pair[1], f"curves[{name!r}] values")
+        if steps.shape != values.shape:
+            raise ValueError(
+                f"curves[{name!r}]: steps {steps.shape} and values {values.shape} must have equal "
+                "length"
+            )
+        checked.append((str(name), steps, values))
+    fig = _figure((6, 3.5))
+    ax = fig.add_subplot()
+    for name, steps, values in checked:
+        keep = values > 0 if log else np.ones_like(values, dtype=bool)
+        ax.plot(steps[keep], values[keep], label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     _save(fig, path, dpi)
     return fig

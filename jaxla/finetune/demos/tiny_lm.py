@@ -1,4 +1,4 @@
-"""The tiny-LM demo: pretrain a small transformer on one task, freeze it, LoRA-adapt it to another.
+"""The ``tiny_lm`` demo: pretrain a small transformer on one task, freeze it, LoRA-adapt it to another.
 
 Three phases, each checkpointed and resumable (see :mod:`jaxla.finetune._runner`):
 
@@ -11,20 +11,50 @@ Three phases, each checkpointed and resumable (see :mod:`jaxla.finetune._runner`
 The report compares held-out accuracy (per answer token and per whole answer) of the base, adapted
 and fully fine-tuned models on both tasks, gives the trainable fraction, and prints generations of
 the adapted model decoded greedily with the KV cache.
+
+Dimension legend: B batch, n task length, T = 2n tokens the model reads, D ``d_model``, F ``d_ff``,
+L layers, V vocabulary (digits + separator), E eval examples.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxla import lora
-from jaxla.finetune import _mesh, _plots, _rundir, _runner
+from jaxla.finetune import _checkpoints, _mesh, _runner
 from jaxla.finetune import _transformer as tfm
+from jaxla.finetune._config import NONNEG, POS, choice
+from jaxla.finetune._demo import Demo, MemoryTerm
+from jaxla.finetune._errors import ConfigError
 
-__all__ = ["check", "run"]
+__all__ = ["DEMO", "TinyLMConfig"]
+
+_TASKS = choice("copy", "reverse", "sort", "shift")
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """The ``[tiny_lm]`` section: pretrain a tiny decoder-only transformer, LoRA-adapt it to a task."""
+
+    digits: int = field(default=10, metadata=POS)
+    length: int = field(default=6, metadata=POS)
+    d_model: int = field(default=64, metadata=POS)
+    n_heads: int = field(default=4, metadata=POS)
+    n_layers: int = field(default=2, metadata=POS)
+    d_ff: int = field(default=256, metadata=POS)
+    pretrain_task: str = field(default="copy", metadata=_TASKS)
+    adapt_task: str = field(default="reverse", metadata=_TASKS)
+    pretrain_steps: int = field(default=600, metadata=POS)
+    pretrain_learning_rate: float = field(default=3e-3, metadata=POS)
+    full_ft_learning_rate: float = field(default=1e-3, metadata=POS)
+    full_ft_baseline: bool = True
+    eval_examples: int = field(default=512, metadata=POS)
+    # How many generations are printed: reporting only, a checkpoint stays valid across it.
+    generations: int = field(default=4, metadata={**NONNEG, "operational": True})
 
 
 def _eval_set(seed: int, task: str, n_examples: int, length: int, digits: int) -> np.ndarray:
@@ -35,29 +65,70 @@ def _eval_set(seed: int, task: str, n_examples: int, length: int, digits: int) -
     return np.concatenate([x, np.full((n_examples, 1), digits, np.int32), y], axis=1)
 
 
-def check(cfg) -> None:
-    """Fails early (ConfigError) when ``lora.targets`` do not fit the model's matrices."""
-    from jaxla.finetune._api import check_lora_targets
-
+def validate(cfg) -> None:
+    """Cross-key checks of the model shape and the tasks (ConfigError)."""
     tl = cfg.tiny_lm
+    if tl.d_model % tl.n_heads or (tl.d_model // tl.n_heads) % 2:
+        raise ConfigError(
+            f"config key tiny_lm.n_heads = {tl.n_heads} does not fit tiny_lm.d_model = "
+            f"{tl.d_model}: expected d_model divisible by n_heads with an even head dimension "
+            "(RoPE rotates pairs of features)."
+        )
+    if cfg.lora.rank > tl.d_model:
+        raise ConfigError(
+            f"config key lora.rank = {cfg.lora.rank} is too large: expected at most "
+            f"tiny_lm.d_model = {tl.d_model}."
+        )
+    if tl.pretrain_task == tl.adapt_task:
+        raise ConfigError(
+            f"config key tiny_lm.adapt_task = {tl.adapt_task!r} equals tiny_lm.pretrain_task: "
+            "expected a different task to adapt to."
+        )
+
+
+def _arch(tl) -> dict[str, int]:
+    return dict(vocab=tl.digits + 1, d_model=tl.d_model, n_heads=tl.n_heads,
+                n_layers=tl.n_layers, d_ff=tl.d_ff)
+
+
+def preflight(cfg) -> None:
+    """Fails early (ConfigError) when ``lora.targets`` do not fit the model's matrices."""
 
     def init_adapters():
-        params = tfm.init(jax.random.key(0), vocab=tl.digits + 1, d_model=tl.d_model,
-                          n_heads=tl.n_heads, n_layers=tl.n_layers, d_ff=tl.d_ff)
+        params = tfm.init(jax.random.key(0), **_arch(cfg.tiny_lm))
         return lora.init(jax.random.key(1), params, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                          targets=list(cfg.lora.targets))
 
-    check_lora_targets(init_adapters, cfg.lora.targets)
+    _runner.check_lora_targets(init_adapters, cfg.lora.targets)
+
+
+def memory(cfg) -> list[MemoryTerm]:
+    """Rough upper estimate of the bytes a run needs.
+
+    Parameters P = L(4D² + 2DF + 4D) + 2VD + V: base, pretrained, full fine-tune and merged copies
+    with gradients and two Adam moments, host and device (4 bytes · 12 · P). One step keeps per
+    layer and token about 12D + 2F activations plus the N·T attention scores, and the T·V logits,
+    twice for the backward pass; the evaluation does the same for E sequences (no backward).
+    """
+    tl, b = cfg.tiny_lm, cfg.train.batch_size
+    v, d, f, t = tl.digits + 1, tl.d_model, tl.d_ff, 2 * tl.length
+    params = tl.n_layers * (4 * d * d + 2 * d * f + 4 * d) + 2 * v * d + v
+    per_seq = t * (tl.n_layers * (12 * d + 2 * f + tl.n_heads * t) + 3 * v)
+    arch = ("tiny_lm.d_model", "tiny_lm.d_ff", "tiny_lm.n_layers", "tiny_lm.digits")
+    seq = ("tiny_lm.length", "tiny_lm.n_heads", "tiny_lm.d_model", "tiny_lm.d_ff")
+    return [
+        MemoryTerm("parameters and optimizer state", 48 * params, arch),
+        MemoryTerm("one step's activations", 8 * b * per_seq, ("train.batch_size", *seq)),
+        MemoryTerm("the evaluation", 4 * 2 * tl.eval_examples * per_seq,
+                   ("tiny_lm.eval_examples", *seq)),
+    ]
 
 
 def run(ctx: _runner.RunContext) -> dict[str, Any]:
     """Runs the three phases, evaluates, generates, and writes the adapter and plots."""
     cfg = ctx.config
-    tl, bsz, seed = cfg.tiny_lm, cfg.train.batch_size, cfg.run.seed
-    mesh = _mesh.make_mesh(cfg.mesh)
-    n, vocab = tl.length, tl.digits + 1
-    arch = dict(vocab=vocab, d_model=tl.d_model, n_heads=tl.n_heads, n_layers=tl.n_layers,
-                d_ff=tl.d_ff)
+    tl, bsz, seed, mesh = cfg.tiny_lm, cfg.train.batch_size, cfg.run.seed, ctx.mesh
+    n, arch = tl.length, _arch(tl)
     title = (f"tiny_lm: {tl.n_layers}-layer transformer (d_model {tl.d_model}, {tl.n_heads} heads), "
              f"{tl.pretrain_task} → {tl.adapt_task}, mesh {cfg.mesh.data}×{cfg.mesh.model}")
     tokens_per_step = bsz * 2 * n
@@ -70,12 +141,12 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
         return batch_fn
 
-    def full_loss(params, frozen, seqs):
+    def full_loss(frozen, params, seqs):
         return tfm.loss_and_accuracy(tfm.apply(params, seqs[:, :-1], n_heads=tl.n_heads), seqs, n)[0]
 
     adapted_apply = lora.wrap(lambda p, tokens: tfm.apply(p, tokens, n_heads=tl.n_heads))
 
-    def lora_loss(adapters, frozen, seqs):
+    def lora_loss(frozen, adapters, seqs):
         logits = adapted_apply(frozen["base"], adapters, seqs[:, :-1])
         return tfm.loss_and_accuracy(logits, seqs, n)[0]
 
@@ -88,7 +159,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         step_fn = _runner.make_step(full_loss, optimizer, schedule, batch_fn_for(task, stream))
         return _runner.train_phase(
             ctx, phase=phase, init_state=init_state, init_args=init_args, frozen={},
-            step_fn=step_fn, steps=steps, items_per_step=tokens_per_step, unit="tokens", mesh=mesh,
+            step_fn=step_fn, steps=steps, items_per_step=tokens_per_step, unit="tokens",
         )
 
     def init_pretrain():
@@ -100,7 +171,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     phases["pretrain"] = res
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
-    base = _rundir.to_host(res.state["params"])
+    base = _checkpoints.to_host(res.state["params"])
 
     optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
 
@@ -115,12 +186,12 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         ctx, phase="adapt", init_state=init_adapters, init_args=(base,), frozen=frozen,
         step_fn=_runner.make_step(lora_loss, optimizer, schedule,
                                   batch_fn_for(tl.adapt_task, "data")),
-        steps=cfg.train.steps, items_per_step=tokens_per_step, unit="tokens", mesh=mesh,
+        steps=cfg.train.steps, items_per_step=tokens_per_step, unit="tokens",
     )
     phases["adapt"] = res
     if res.interrupted:
         return _runner.interrupted_summary(ctx, title, res)
-    adapters = _rundir.to_host(res.state["params"])
+    adapters = _checkpoints.to_host(res.state["params"])
 
     full = None
     if tl.full_ft_baseline:
@@ -129,7 +200,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         phases["full_ft"] = res
         if res.interrupted:
             return _runner.interrupted_summary(ctx, title, res)
-        full = _rundir.to_host(res.state["params"])
+        full = _checkpoints.to_host(res.state["params"])
 
     merged = ctx.jit(lambda b, a: lora.merge(b, a)[0])(base, adapters)
     evaluate = ctx.jit(
@@ -155,7 +226,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
     count = lora.count_params(base, adapters)
     lora.save(ctx.out / "adapter.safetensors", adapters, config={"demo": "tiny_lm"})
-    plots = _plots.write_plots(ctx.out, ctx.metrics.records()) if cfg.run.plots else []
+    plots = _write_plots(ctx) if cfg.run.plots else []
 
     def acc_text(m, t):
         tok, exact = acc[(m, t)]
@@ -185,3 +256,23 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         "steps": phases["adapt"].end_step,
     }
     return {"title": title, "rows": rows, "metrics": metrics, "interrupted": False}
+
+
+def _write_plots(ctx: _runner.RunContext) -> list[str]:
+    """``loss.png``, one curve per phase (none without matplotlib)."""
+    try:
+        _runner.plot_losses(ctx, ctx.out / "loss.png")
+    except ImportError:
+        return []
+    return ["loss.png"]
+
+
+DEMO = Demo(
+    name="tiny_lm",
+    section=TinyLMConfig,
+    run=run,
+    validate=validate,
+    preflight=preflight,
+    memory=memory,
+    summary="a tiny transformer pretrained on one task and LoRA-adapted to another",
+)
