@@ -183,3 +183,33 @@ def test_flax_nnx_state(key):
     merged, _ = lora.merge(state, adapters)
     np.testing.assert_allclose(apply(merged, x), out, rtol=1e-5, atol=1e-6)
     assert not np.allclose(apply(state, x), out)
+
+
+def test_train_step_grad_norm_and_full_fine_tune(key):
+    params = _stack_params()
+    adapters = _init(key, params)
+    tx = optax.sgd(0.1)
+    x, y = _data()
+    step = lora.train_step(_loss, tx, grad_norm=True)
+    new, _, loss, gnorm = step(params, adapters, tx.init(adapters), x, y)
+    grads = jax.grad(_loss, argnums=1)(params, adapters, x, y)
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
+                           for g in jax.tree.leaves(grads)))
+    assert gnorm.dtype == jnp.float32 and gnorm.shape == ()
+    np.testing.assert_allclose(float(gnorm), expected, rtol=1e-5)
+    # Without the option the step's outputs are unchanged.
+    plain = lora.train_step(_loss, tx)(params, adapters, tx.init(adapters), x, y)
+    assert len(plain) == 3
+    for u, v in zip(jax.tree.leaves(new), jax.tree.leaves(plain[0]), strict=True):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(loss, plain[2])
+
+    # Every parameter as the trained argument, nothing frozen: a full fine-tune with the same step.
+    def full_loss(frozen, p, x, y):
+        return _loss(p, _init(key, params), x, y)
+
+    full = lora.train_step(full_loss, tx, has_aux=False, jit=False, grad_norm=True)
+    new_params, _, _, gfull = jax.jit(full)({}, params, tx.init(params), x, y)
+    assert jax.tree.structure(new_params) == jax.tree.structure(params)
+    assert float(gfull) > 0
+    assert not np.array_equal(new_params["up"]["w"], params["up"]["w"])

@@ -94,3 +94,63 @@ def test_bad_input(rng):
         spectral.adapter_report(w, delta_w=w, top_k=0)
     with pytest.raises(ValueError, match="NaN"):
         spectral.adapter_report(w, delta_w=np.full((6, 5), np.nan))
+
+
+def _angles64(q1, q2):
+    """Principal angles in float64 from the sines (accurate for small angles)."""
+    c = q1.T @ q2
+    s = np.linalg.svd(q2 - q1 @ c, compute_uv=False)
+    return np.sort(np.arcsin(np.clip(s, 0, 1)))
+
+
+def test_report_against_a_reference_update(x64, rng):
+    d_in, d_out, k = 12, 9, 3
+    u, _ = np.linalg.qr(rng.normal(size=(d_in, k)))
+    v, _ = np.linalg.qr(rng.normal(size=(d_out, k)))
+    sigma = np.array([2.0, 1.5, 1.0])
+    truth = (u * sigma) @ v.T
+    # A learned update close to the truth: a small perturbation of its factors.
+    a = (u + 1e-3 * rng.normal(size=u.shape)).T        # (k, d_in)
+    b = v * sigma + 1e-3 * rng.normal(size=v.shape)    # (d_out, k)
+    dw = a.T @ b.T
+    want_err = np.linalg.norm(dw - truth) / np.linalg.norm(truth)
+    uw, _, vwt = np.linalg.svd(dw)
+    want_in = _angles64(uw[:, :k], u)
+    want_out = _angles64(vwt[:k].T, v)
+    dense = spectral.adapter_report(None, a=a, b=b, scale=1.0, top_k=k, reference=truth)
+    factored = spectral.adapter_report(None, a=a, b=b, scale=1.0, top_k=k,
+                                       reference=(u.T, v * sigma, 1.0))
+    for rep in (dense, factored):
+        np.testing.assert_allclose(rep.reference_relative_error, want_err, rtol=1e-8)
+        np.testing.assert_allclose(rep.reference_input_angles, want_in, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(rep.reference_output_angles, want_out, rtol=1e-6, atol=1e-12)
+        assert rep.relative_norm is None and rep.input_cosines is None
+    assert "angles to ref" in str(factored) and "cosines with W" not in str(factored)
+    # With w the report still compares with W as before.
+    w = rng.normal(size=(d_in, d_out))
+    with_w = spectral.adapter_report(w, a=a, b=b, scale=1.0, top_k=k, reference=truth)
+    plain = spectral.adapter_report(w, a=a, b=b, scale=1.0, top_k=k)
+    np.testing.assert_allclose(with_w.input_cosines, plain.input_cosines, rtol=1e-12)
+    assert plain.reference_relative_error is None
+
+
+def test_small_angles_survive_float32(rng):
+    """arccos of a float32 cosine rounds angles below ~0.02° to 0; the report keeps them."""
+    d, k = 64, 2
+    q, _ = np.linalg.qr(rng.normal(size=(d, 2 * k)))
+    theta = np.radians([0.003, 0.01])
+    rotated = q[:, :k] * np.cos(theta) + q[:, k:] * np.sin(theta)
+    a = jnp.asarray(rotated.T, jnp.float32)
+    b = jnp.asarray(np.eye(k) * [2.0, 1.0], jnp.float32)[:, :]  # d_out = k
+    ref = (jnp.asarray(q[:, :k].T, jnp.float32), b, 1.0)
+    rep = jax.jit(lambda a, b: spectral.adapter_report(None, a=a, b=b, reference=ref))(a, b)
+    assert rep.reference_input_angles.dtype == jnp.float32
+    np.testing.assert_allclose(np.degrees(rep.reference_input_angles), [0.003, 0.01], rtol=0.02)
+
+
+def test_bad_reference(rng):
+    a, b = rng.normal(size=(2, 6)), rng.normal(size=(5, 2))
+    with pytest.raises(ValueError, match="reference"):
+        spectral.adapter_report(None, a=a, b=b, reference=np.ones((5, 6)))
+    with pytest.raises(ValueError, match="tuple"):
+        spectral.adapter_report(None, a=a, b=b, reference=(a, b))

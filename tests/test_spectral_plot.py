@@ -49,3 +49,17 @@ def test_missing_matplotlib_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"jaxla\[plot\]"):
         spectral.plot_singular_values(np.ones(3))
+
+
+def test_training_curves(tmp_path):
+    curves = {"pretrain": ([0, 1, 2], [3.0, 2.0, 1.0]), "adapt": ([0, 1], [1.0, 0.0])}
+    fig = spectral.plot_training_curves(curves, path=tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["pretrain", "adapt"]
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        spectral.plot_training_curves({})
+    with pytest.raises(ValueError, match="pair"):
+        spectral.plot_training_curves({"a": [1, 2, 3]})
+    with pytest.raises(ValueError, match="equal length"):
+        spectral.plot_training_curves({"a": ([1, 2], [1.0])})

@@ -84,8 +84,8 @@ def _update_svd(shape, dtype, delta_w, a, b, scale, what="delta_w"):
         dw = _operator.check_matrix(delta_w, what)
         if shape is not None and dw.shape != tuple(shape):
             raise ValueError(
-                f"{what} has shape {tuple(dw.shape)} but w has shape {tuple(shape)}; both are "
-                "(d_in, d_out)"
+                f"{what} has shape {tuple(dw.shape)}, expected (d_in, d_out) = {tuple(shape)} "
+                "like w and the update"
             )
         dtype = dtype or _checks.accum_dtype(dw.dtype)
         return jnp.linalg.svd(dw.astype(dtype), full_matrices=False)
