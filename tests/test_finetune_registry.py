@@ -174,3 +174,24 @@ def test_a_new_demo_is_one_module(tmp_path, monkeypatch):
         monkeypatch.undo()
         _registry._all.cache_clear()
 
+
+
+def test_every_key_of_every_demo_is_documented_in_its_file():
+    import dataclasses
+
+    root = demos.__path__[0]
+    for name in finetune.demo_names():
+        text = open(f"{root}/{name}.toml").read()
+        for section, cls in [*finetune._config.SHARED_SECTIONS.items(),
+                             (name, _registry.get(name).section)]:
+            assert f"[{section}]" in text, (name, section)
+            for f in dataclasses.fields(cls):
+                assert f"\n{f.name} = " in text, f"{name}.toml: {section}.{f.name}"
+
+
+def test_checkout_configs_are_the_packaged_files():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for name in finetune.builtin_configs():
+        assert (configs / f"{name}.toml").resolve() == Path(demos.__path__[0], f"{name}.toml").resolve()
