@@ -30,6 +30,8 @@ def test_builtin_configs_by_name_equal_the_files():
     with pytest.raises(finetune.ConfigError) as info:
         finetune.load_config("tiny_lmm")
     assert "does not exist" in str(info.value) and "tiny_lm_mesh" in str(info.value)
+    with pytest.raises(finetune.ConfigError, match="does not exist"):
+        finetune.load_config("./tiny_lm")  # a path: never the built-in
 
 
 def test_builtin_configs_work_from_another_directory(tmp_path, monkeypatch):

@@ -40,7 +40,6 @@ class Demo:
       memory: ``memory(cfg) -> [MemoryTerm]``, a documented rough upper estimate of the host
         memory the run needs (parameters, optimizer state, one step's activations); the core
         compares the sum with the memory available before any work starts.
-      summary: one line for listings.
     """
 
     name: str
@@ -49,4 +48,3 @@ class Demo:
     validate: Callable[[Any], None]
     preflight: Callable[[Any], None]
     memory: Callable[[Any], Sequence[MemoryTerm]]
-    summary: str = ""

@@ -12,6 +12,7 @@ file ``jaxla/finetune/demos/tiny_lm.toml`` of the installed package); a path tha
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,7 +125,10 @@ def _read(path: str | Path) -> tuple[str, str]:
     try:
         return p.read_bytes().decode("utf-8"), str(p)
     except FileNotFoundError:
-        builtin = None if len(p.parts) != 1 else _registry.builtin_config_text(p.name)
+        # Only a bare name ("tiny_lm", "tiny_lm.toml") may mean a built-in; "./x" means a file.
+        text = os.fspath(path)
+        bare = not any(sep and sep in text for sep in (os.sep, os.altsep, "/"))
+        builtin = _registry.builtin_config_text(text) if bare else None
         if builtin is not None:
             return builtin, f"built-in config {p.name!r}"
         raise ConfigError(

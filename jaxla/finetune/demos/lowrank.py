@@ -229,5 +229,4 @@ DEMO = Demo(
     validate=validate,
     preflight=preflight,
     memory=memory,
-    summary="LoRA recovers a known low-rank update of a frozen matrix (the default)",
 )

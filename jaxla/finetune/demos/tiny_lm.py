@@ -274,5 +274,4 @@ DEMO = Demo(
     validate=validate,
     preflight=preflight,
     memory=memory,
-    summary="a tiny transformer pretrained on one task and LoRA-adapted to another",
 )
