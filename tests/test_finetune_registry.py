@@ -124,7 +124,7 @@ from dataclasses import dataclass, field
 
 import jax.numpy as jnp
 
-from jaxla.finetune import _runner
+from jaxla.finetune import _runner, _steps
 from jaxla.finetune._config import POS
 from jaxla.finetune._demo import Demo, MemoryTerm
 
@@ -136,13 +136,13 @@ class ToyConfig:
 
 def run(ctx):
     width = ctx.config.toydemo.width
-    opt, sched = _runner.make_optimizer(ctx.config.optim, steps=ctx.config.train.steps)
+    opt, sched = _steps.make_optimizer(ctx.config.optim, steps=ctx.config.train.steps)
 
     def init_state():
         p = {"w": jnp.ones((width,), jnp.float32)}
         return {"params": p, "opt": opt.init(p)}
 
-    step = _runner.make_step(lambda fr, p, b: jnp.sum(jnp.square(p["w"] - b)), opt, sched,
+    step = _steps.make_step(lambda fr, p, b: jnp.sum(jnp.square(p["w"] - b)), opt, sched,
                              lambda fr, s: jnp.zeros((width,), jnp.float32))
     res = _runner.train_phase(ctx, phase="toy", init_state=init_state, frozen={}, step_fn=step,
                               steps=ctx.config.train.steps, items_per_step=1)

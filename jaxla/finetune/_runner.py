@@ -1,10 +1,11 @@
 """The plain training loop shared by the demos: one phase, resumable bit for bit.
 
 A *phase* trains one state pytree ``{"params": ..., "opt": ...}`` for a fixed number of steps with a
-step ``step_fn(state, frozen, step) -> (state, metrics)`` built by :func:`make_step` on
-:func:`jaxla.lora.train_step`. The step draws its own batch from ``fold_in(key, step)``, so the data
-a step sees depends only on the seed and the step number: restoring a checkpoint's exact bytes and
-replaying from its step reproduces an uninterrupted run bit for bit (same machine, same program).
+step ``step_fn(state, frozen, step) -> (state, metrics)`` built by
+:func:`jaxla.finetune._steps.make_step` on :func:`jaxla.lora.train_step`. The step draws its own
+batch from ``fold_in(key, step)``, so the data a step sees depends only on the seed and the step
+number: restoring a checkpoint's exact bytes and replaying from its step reproduces an
+uninterrupted run bit for bit (same machine, same program).
 
 :func:`train_phase` is a sequence of small pieces: restore or initialise the state, lay it out on
 the mesh, compile the step once, then the loop, which checks each step's metrics (NaN policy),
@@ -31,22 +32,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxla import lora, spectral
+from jaxla import spectral
 from jaxla.finetune import _checkpoints, _config, _mesh
-from jaxla.finetune._errors import ConfigError, NonFiniteLossError
+from jaxla.finetune._errors import NonFiniteLossError
 
 __all__ = [
     "PhaseResult",
     "RunContext",
-    "check_lora_targets",
     "handle_interrupts",
     "interrupted_summary",
-    "make_optimizer",
-    "make_step",
     "plot_losses",
-    "stream_key",
     "train_phase",
 ]
 
@@ -113,72 +109,6 @@ class PhaseResult:
     def steps_per_s(self) -> float:
         n = self.end_step - self.start_step
         return n / self.run_s if n and self.run_s > 0 else float("nan")
-
-
-def make_optimizer(
-    optim: _config.OptimConfig, *, steps: int, learning_rate: float | None = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The Optax optimizer and its schedule: linear warmup, then constant or cosine decay to 0."""
-    lr = optim.learning_rate if learning_rate is None else learning_rate
-    warmup = min(optim.warmup_steps, max(steps - 1, 0))
-    if optim.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1), end_value=0.0
-        )
-    elif warmup:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
-        )
-    else:
-        schedule = optax.constant_schedule(lr)
-    if optim.optimizer == "adam":
-        opt = optax.adam(schedule)
-    elif optim.optimizer == "adamw":
-        opt = optax.adamw(schedule, weight_decay=optim.weight_decay)
-    else:
-        opt = optax.sgd(schedule, momentum=0.9)
-    if optim.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
-    return opt, schedule
-
-
-_STREAMS = {"data": 1, "eval": 2, "adapter": 3, "model": 4, "pretrain": 5, "full_ft": 6}
-
-
-def stream_key(seed: int, stream: str) -> jax.Array:
-    """The PRNG key of one named random stream of a run (call inside jit: it is two cheap ops)."""
-    return jax.random.fold_in(jax.random.key(seed), _STREAMS[stream])
-
-
-def make_step(
-    loss_fn: Callable[[Any, Any, Any], jax.Array],
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    batch_fn: Callable[[Any, jax.Array], Any],
-) -> Callable:
-    """A step ``(state, frozen, step) -> (state, metrics)`` for :func:`train_phase`.
-
-    The update itself is :func:`jaxla.lora.train_step` (unjitted, so it composes under the
-    sharded jit of :func:`train_phase`); ``state["params"]`` plays its ``adapters`` role, so the
-    same step serves adapters and full fine-tunes.
-
-    Args:
-      loss_fn: ``loss_fn(frozen, trainable, batch) -> scalar``; differentiated in ``trainable``.
-      optimizer: any Optax transformation.
-      schedule: the learning-rate schedule (reported per step).
-      batch_fn: ``batch_fn(frozen, step) -> batch``, deterministic in ``step``.
-    """
-    update = lora.train_step(loss_fn, optimizer, jit=False, grad_norm=True)
-
-    def step_fn(state, frozen, step):
-        batch = batch_fn(frozen, step)
-        params, opt_state, loss, grad_norm = update(frozen, state["params"], state["opt"], batch)
-        with jax.numpy_dtype_promotion("standard"):
-            lr = jnp.asarray(schedule(step), jnp.float32)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
-        return {"params": params, "opt": opt_state}, metrics
-
-    return step_fn
 
 
 @contextlib.contextmanager
@@ -317,7 +247,7 @@ def train_phase(
       frozen: pytree of arrays the step reads but does not train (passed as an argument so large
         frozen weights are not baked into the compiled program as constants).
       step_fn: ``(state, frozen, step) -> (state, {"loss", "grad_norm", "lr"})`` (see
-        :func:`make_step`), jitted here.
+        :func:`jaxla.finetune._steps.make_step`), jitted here.
       steps: total steps of the phase.
       items_per_step: examples (or tokens) per step, for the reported rate.
       unit: name of the items.
@@ -380,16 +310,6 @@ def interrupted_summary(ctx: RunContext, title: str, res: PhaseResult) -> dict[s
         ("resume with", f"jaxla finetune ... --out {ctx.out} --resume"),
     ]
     return {"title": title, "rows": rows, "metrics": {"steps": res.end_step}, "interrupted": True}
-
-
-def check_lora_targets(init_adapters: Callable[[], Any], targets) -> None:
-    """Traces ``init_adapters`` (shapes only) and turns a LoRA target error into a ConfigError."""
-    try:
-        jax.eval_shape(init_adapters)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(
-            f"config key lora.targets = {list(targets)!r} does not fit the model: {e}"
-        ) from None
 
 
 def plot_losses(ctx: RunContext, path: Path) -> None:

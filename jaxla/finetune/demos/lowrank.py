@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxla import lora, spectral
-from jaxla.finetune import _checkpoints, _mesh, _runner
+from jaxla.finetune import _checkpoints, _mesh, _runner, _steps
 from jaxla.finetune._config import NONNEG, POS
 from jaxla.finetune._demo import Demo, MemoryTerm
 from jaxla.finetune._errors import ConfigError
@@ -72,7 +72,7 @@ def preflight(cfg) -> None:
     """Fails early (ConfigError) when ``lora.targets`` do not select W."""
     lc = cfg.lowrank
     w = jax.ShapeDtypeStruct((lc.d_in, lc.d_out), jnp.float32)
-    _runner.check_lora_targets(
+    _steps.check_lora_targets(
         lambda: lora.init(jax.random.key(0), {"w": w}, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                           targets=list(cfg.lora.targets)),
         cfg.lora.targets)
@@ -114,12 +114,12 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     w, u64, v64, sig64 = make_problem(cfg.run.seed, lc.d_in, lc.d_out, lc.true_rank, lc.delta_scale)
     teacher = (w + (u64 * sig64) @ v64.T).astype(np.float32)
     params = {"w": w}
-    optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
+    optimizer, schedule = _steps.make_optimizer(cfg.optim, steps=cfg.train.steps)
 
     # One compiled program instead of a dozen eager ones.
     def init_state(params):
         adapters = lora.init(
-            _runner.stream_key(cfg.run.seed, "adapter"), params, rank=cfg.lora.rank,
+            _steps.stream_key(cfg.run.seed, "adapter"), params, rank=cfg.lora.rank,
             alpha=cfg.lora.alpha, targets=list(cfg.lora.targets), init=cfg.lora.init,
         )
         return {"params": adapters, "opt": optimizer.init(adapters)}
@@ -128,7 +128,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     frozen = jax.device_put(frozen, _mesh.tree_shardings(frozen, mesh))
 
     def batch_fn(frozen, step):
-        kx, kn = jax.random.split(jax.random.fold_in(_runner.stream_key(cfg.run.seed, "data"), step))
+        kx, kn = jax.random.split(jax.random.fold_in(_steps.stream_key(cfg.run.seed, "data"), step))
         x = _mesh.constrain_batch(jax.random.normal(kx, (bsz, lc.d_in), jnp.float32), mesh)
         y = x @ frozen["teacher"]["w"]
         if lc.noise:
@@ -137,7 +137,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
     res = _runner.train_phase(
         ctx, phase="adapt", init_state=init_state, init_args=(params,), frozen=frozen,
-        step_fn=_runner.make_step(_loss, optimizer, schedule, batch_fn), steps=cfg.train.steps,
+        step_fn=_steps.make_step(_loss, optimizer, schedule, batch_fn), steps=cfg.train.steps,
         items_per_step=bsz,
     )
     title = (f"lowrank: frozen W {lc.d_in}×{lc.d_out}, ΔW* of rank {lc.true_rank}, "
@@ -204,7 +204,7 @@ def _eval_loss(lc, seed):
     """Held-out loss on fresh inputs from a key the training stream never uses."""
 
     def fn(adapters, frozen):
-        x = jax.random.normal(_runner.stream_key(seed, "eval"), (lc.eval_examples, lc.d_in),
+        x = jax.random.normal(_steps.stream_key(seed, "eval"), (lc.eval_examples, lc.d_in),
                               jnp.float32)
         return _loss(frozen, adapters, (x, x @ frozen["teacher"]["w"]))
 

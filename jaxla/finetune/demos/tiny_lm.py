@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxla import lora
-from jaxla.finetune import _checkpoints, _mesh, _runner
+from jaxla.finetune import _checkpoints, _mesh, _runner, _steps
 from jaxla.finetune import _transformer as tfm
 from jaxla.finetune._config import NONNEG, POS, choice
 from jaxla.finetune._demo import Demo, MemoryTerm
@@ -99,7 +99,7 @@ def preflight(cfg) -> None:
         return lora.init(jax.random.key(1), params, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                          targets=list(cfg.lora.targets))
 
-    _runner.check_lora_targets(init_adapters, cfg.lora.targets)
+    _steps.check_lora_targets(init_adapters, cfg.lora.targets)
 
 
 def memory(cfg) -> list[MemoryTerm]:
@@ -135,7 +135,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
     def batch_fn_for(task, stream):
         def batch_fn(frozen, step):
-            key = jax.random.fold_in(_runner.stream_key(seed, stream), step)
+            key = jax.random.fold_in(_steps.stream_key(seed, stream), step)
             seqs = tfm.make_sequences(key, task, batch=bsz, length=n, digits=tl.digits)
             return _mesh.constrain_batch(seqs, mesh)
 
@@ -152,18 +152,18 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
     def init_full(params):
         # The optimizer state's structure does not depend on the learning rate.
-        return {"params": params, "opt": _runner.make_optimizer(cfg.optim, steps=1)[0].init(params)}
+        return {"params": params, "opt": _steps.make_optimizer(cfg.optim, steps=1)[0].init(params)}
 
     def full_phase(phase, init_state, init_args, steps, lr, task, stream):
-        optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=steps, learning_rate=lr)
-        step_fn = _runner.make_step(full_loss, optimizer, schedule, batch_fn_for(task, stream))
+        optimizer, schedule = _steps.make_optimizer(cfg.optim, steps=steps, learning_rate=lr)
+        step_fn = _steps.make_step(full_loss, optimizer, schedule, batch_fn_for(task, stream))
         return _runner.train_phase(
             ctx, phase=phase, init_state=init_state, init_args=init_args, frozen={},
             step_fn=step_fn, steps=steps, items_per_step=tokens_per_step, unit="tokens",
         )
 
     def init_pretrain():
-        return init_full(tfm.init(_runner.stream_key(seed, "model"), **arch))
+        return init_full(tfm.init(_steps.stream_key(seed, "model"), **arch))
 
     phases = {}
     res = full_phase("pretrain", init_pretrain, (), tl.pretrain_steps, tl.pretrain_learning_rate,
@@ -173,10 +173,10 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         return _runner.interrupted_summary(ctx, title, res)
     base = _checkpoints.to_host(res.state["params"])
 
-    optimizer, schedule = _runner.make_optimizer(cfg.optim, steps=cfg.train.steps)
+    optimizer, schedule = _steps.make_optimizer(cfg.optim, steps=cfg.train.steps)
 
     def init_adapters(base):
-        adapters = lora.init(_runner.stream_key(seed, "adapter"), base, rank=cfg.lora.rank,
+        adapters = lora.init(_steps.stream_key(seed, "adapter"), base, rank=cfg.lora.rank,
                              alpha=cfg.lora.alpha, targets=list(cfg.lora.targets),
                              init=cfg.lora.init)
         return {"params": adapters, "opt": optimizer.init(adapters)}
@@ -184,7 +184,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     frozen = jax.device_put({"base": base}, _mesh.tree_shardings({"base": base}, mesh))
     res = _runner.train_phase(
         ctx, phase="adapt", init_state=init_adapters, init_args=(base,), frozen=frozen,
-        step_fn=_runner.make_step(lora_loss, optimizer, schedule,
+        step_fn=_steps.make_step(lora_loss, optimizer, schedule,
                                   batch_fn_for(tl.adapt_task, "data")),
         steps=cfg.train.steps, items_per_step=tokens_per_step, unit="tokens",
     )
