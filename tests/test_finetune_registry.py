@@ -100,6 +100,13 @@ def test_sizes_that_cannot_fit_fail_before_work_starts(override, key, tmp_path, 
     assert not out.exists()
 
 
+def test_empty_out_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(finetune.RunError, match="--out is empty"):
+        finetune.run_finetune(finetune.Config(), out="", progress=False, echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_memory_check_names_the_largest_terms():
     terms = [MemoryTerm("weights", 10 * 2**30, ("a.x", "a.y")), MemoryTerm("tiny", 10, ("b.z",))]
     _memory.check_fits(terms, available=None)  # unknown: no check
