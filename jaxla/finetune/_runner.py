@@ -69,7 +69,7 @@ class RunContext:
 
     def __post_init__(self):
         self.metrics = _rundir.MetricsLog(self.out / "metrics.jsonl")
-        self.fingerprint = _config.config_fingerprint(self.config)
+        self.fingerprint = _rundir.checkpoint_fingerprint(self.config)
         if self.progress is None:
             self.progress = sys.stderr.isatty()
 
@@ -308,8 +308,8 @@ def train_phase(
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise NonFiniteLossError(
                     f"[{phase}] the {what} became {m['loss' if what == 'loss' else 'grad_norm']} at "
-                    f"step {step}: training stopped and {kept}. Lower optim.learning_rate, set "
-                    "optim.grad_clip, or check the data."
+                    f"step {step}: training stopped and {kept}. "
+                    + _rundir.nonfinite_advice(ctx.config, phase, ctx.out)
                 )
             if pending is not None:
                 save(*pending)
