@@ -32,6 +32,7 @@ import io
 import json
 import math
 import re
+import struct
 import tempfile
 import time
 import warnings
@@ -111,9 +112,16 @@ def structural_change(key: str, before: Any, after: Any) -> str | None:
     if key == "optim.optimizer" and before != after:
         return (f"optim.optimizer {before!r} -> {after!r} gives the optimizer state another "
                 "structure")
-    if key == "optim.grad_clip" and (before > 0) != (after > 0):
+    if key == "optim.grad_clip" and _clips(before) != _clips(after):
         return (f"optim.grad_clip {before!r} -> {after!r} adds or removes the clipping stage of "
                 "the optimizer (it may change between positive values)")
+    return None
+
+
+def _clips(grad_clip: Any) -> bool | None:
+    """Whether a grad_clip value turns clipping on (None for a value that is not a number)."""
+    if isinstance(grad_clip, int | float) and not isinstance(grad_clip, bool):
+        return grad_clip > 0
     return None
 
 
@@ -274,7 +282,8 @@ def _resume_changes(out: Path, saved: dict[str, Any], cfg: _config.Config) -> di
     before, now = saved["numeric"], _config.numeric_dict(cfg)
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k)}
-    fixed = [k for k in changed if k not in RESUME_ADJUSTABLE]
+    problems = {k: p for k, (a, b) in changed.items() if (p := structural_change(k, a, b))}
+    fixed = [k for k in changed if k not in RESUME_ADJUSTABLE and k not in problems]
     if fixed or not changed:
         diffs = _differences({k: before.get(k) for k in fixed}, {k: now.get(k) for k in fixed})
         raise RunError(
@@ -283,13 +292,11 @@ def _resume_changes(out: Path, saved: dict[str, Any], cfg: _config.Config) -> di
             + "). Resume with the same config and overrides (only the optimizer settings "
             + ", ".join(sorted(RESUME_ADJUSTABLE)) + " may change), or start a new run elsewhere."
         )
-    problems = [p for k, (a, b) in changed.items() if (p := structural_change(k, a, b))]
-    # optim.optimizer is not adjustable, so it was refused above; grad_clip is checked here.
     if problems:
         raise RunError(
             f"--resume: cannot change the optimizer of the run in {str(out)!r}: "
-            + "; ".join(problems) + ", so its checkpoints would not load. Keep the run's value, or "
-            "start a new run elsewhere."
+            + "; ".join(problems.values()) + ", so its checkpoints would not load. Keep the run's "
+            "value, or start a new run elsewhere."
         )
     return changed
 
@@ -410,12 +417,13 @@ def nonfinite_advice(cfg: _config.Config, phase: str, out: Path) -> str:
            "full_ft": "tiny_lm.full_ft_learning_rate"}.get(phase, "optim.learning_rate")
     section, name = key.split(".")
     lower = getattr(getattr(cfg, section), name) / 10
-    clip = (f" (or a lower optim.grad_clip than {cfg.optim.grad_clip:g})"
-            if cfg.optim.grad_clip > 0 else "")
-    return (f"To continue with a lower learning rate, rerun the same command with --out {out} "
-            f"--resume --set {key}={lower:.3g}{clip}: --resume accepts changed optimizer settings "
-            "and records them in resume.jsonl. Otherwise check the data, or start a new run with "
-            "optim.grad_clip > 0.")
+    if cfg.optim.grad_clip > 0:
+        other = f"lower optim.grad_clip than {cfg.optim.grad_clip:g} the same way"
+    else:
+        other = "start a new run with optim.grad_clip > 0"
+    return (f"To continue with a lower learning rate, rerun the same command (--out {out}) with "
+            f"--resume --set {key}={lower:.3g}: --resume accepts changed optimizer settings and "
+            f"records them in resume.jsonl. Or {other}, or check the data.")
 
 
 def to_host(tree: Any) -> Any:
@@ -547,51 +555,60 @@ def _valid_meta(meta: Any) -> bool:
     )
 
 
+# What zipfile and the .npy header parser raise on corrupt bytes (a bad offset makes seek fail
+# with OSError, an unknown compression method is NotImplementedError, an "encrypted" flag is
+# RuntimeError, a truncated structure is EOFError or struct.error).
+_CORRUPT = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+            OverflowError, struct.error)
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Reads and verifies a checkpoint (no pickle); raises :class:`_Damaged` on any inconsistency.
 
-    OSError (the file cannot be opened) passes through: that is not damage to the file.
+    An OSError opening the file (missing, permissions) passes through: that is not damage to it.
     """
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise _Damaged(f"not a zip archive: {e}") from None
-    except (EOFError, ValueError, NotImplementedError) as e:
-        raise _Damaged(f"unreadable zip structure: {e}") from None
-    with zf:
+    with open(path, "rb") as raw_file:
         try:
-            raw = _read_member(zf, _META, _MAX_META_BYTES)
-            try:
-                meta = json.loads(raw.tobytes().decode("utf-8"))
-            except ValueError as e:
-                raise _Damaged(f"its metadata is not valid JSON ({e})") from None
-            if not _valid_meta(meta):
-                raise _Damaged("its metadata is not that of a jaxla checkpoint (format "
-                               f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
-                               f"expected {_FORMAT})")
-            names = {f"leaf_{i:05d}.npy" for i in range(len(meta["leaves"]))} | {f"{_META}.npy"}
-            extra = sorted(set(zf.namelist()) - names)
-            if extra:
-                raise _Damaged(f"unexpected members {extra[:3]}")
-            arrays = []
-            for i, entry in enumerate(meta["leaves"]):
-                name = f"leaf_{i:05d}"
-                arr = _read_member(zf, name)
-                if (list(arr.shape) != entry["shape"]
-                        or np.lib.format.dtype_to_descr(arr.dtype) != entry["dtype"]):
-                    raise _Damaged(f"member {name!r} has shape {arr.shape} and dtype {arr.dtype}, "
-                                   f"its metadata says {tuple(entry['shape'])} and "
-                                   f"{entry['dtype']}")
-                if hashlib.sha256(arr.tobytes()).hexdigest() != entry["sha256"]:
-                    raise _Damaged(f"member {name!r} fails its SHA-256 check")
-                arrays.append(arr)
-        except zipfile.BadZipFile as e:  # e.g. "Bad CRC-32 for file 'leaf_00003.npy'"
-            raise _Damaged(str(e)) from None
-        except (EOFError, ValueError, NotImplementedError, RuntimeError) as e:
-            raise _Damaged(f"{type(e).__name__}: {e}") from None
+            meta, arrays = _read_zip(raw_file)
+        except _CORRUPT as e:  # e.g. "Bad CRC-32 for file 'leaf_00003.npy'"
+            reason = str(e) if isinstance(e, zipfile.BadZipFile) else f"{type(e).__name__}: {e}"
+            raise _Damaged(reason) from None
     match = _STEP_FILE.fullmatch(path.name)
     if match and int(match.group(1)) != meta["step"]:
         raise _Damaged(f"its metadata says step {meta['step']}, its name step {match.group(1)}")
+    return meta, arrays
+
+
+def _read_zip(raw_file) -> tuple[dict[str, Any], list[np.ndarray]]:
+    try:
+        zf = zipfile.ZipFile(raw_file)
+    except zipfile.BadZipFile as e:
+        raise _Damaged(f"not a zip archive ({e})") from None
+    with zf:
+        raw = _read_member(zf, _META, _MAX_META_BYTES)
+        try:
+            meta = json.loads(raw.tobytes().decode("utf-8"))
+        except ValueError as e:
+            raise _Damaged(f"its metadata is not valid JSON ({e})") from None
+        if not _valid_meta(meta):
+            raise _Damaged("its metadata is not that of a jaxla checkpoint (format "
+                           f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
+                           f"expected {_FORMAT})")
+        names = {f"leaf_{i:05d}.npy" for i in range(len(meta["leaves"]))} | {f"{_META}.npy"}
+        extra = sorted(set(zf.namelist()) - names)
+        if extra:
+            raise _Damaged(f"unexpected members {extra[:3]}")
+        arrays = []
+        for i, entry in enumerate(meta["leaves"]):
+            name = f"leaf_{i:05d}"
+            arr = _read_member(zf, name)
+            if (list(arr.shape) != entry["shape"]
+                    or np.lib.format.dtype_to_descr(arr.dtype) != entry["dtype"]):
+                raise _Damaged(f"member {name!r} has shape {arr.shape} and dtype {arr.dtype}, "
+                               f"its metadata says {tuple(entry['shape'])} and {entry['dtype']}")
+            if hashlib.sha256(arr.tobytes()).hexdigest() != entry["sha256"]:
+                raise _Damaged(f"member {name!r} fails its SHA-256 check")
+            arrays.append(arr)
     return meta, arrays
 
 
