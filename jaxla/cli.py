@@ -57,7 +57,12 @@ transformer pretrained on one task and LoRA-adapted to another), configs/lowrank
 configs/tiny_lm_mesh.toml (the same on a data x model device mesh).
 
 Outputs in the run directory: config.toml/config.json (resolved config), metrics.jsonl, checkpoints/,
-adapter.safetensors, summary.json, and loss/singular-value PNGs when matplotlib is installed.
+adapter.safetensors, summary.json, resume.jsonl (one line per --resume), and loss/singular-value
+PNGs when matplotlib is installed.
+
+Exit status: 0 success; 2 bad command line, config, run directory or devices (nothing written);
+3 NaN/inf loss; 4 a write to the run directory failed (e.g. disk full); 5 out of memory;
+130 interrupted (continue with --resume).
 """
 
 
@@ -108,15 +113,19 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    text = textwrap.fill(str(message), width=100, break_long_words=False, break_on_hyphens=False)
-    print(f"jaxla: error: {text}", file=sys.stderr)
+def _paragraph(prefix: str, message: object) -> str:
+    return textwrap.fill(str(message), width=100, initial_indent=prefix, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _fail(message: object, code: int = EXIT_USAGE) -> int:
+    print(_paragraph("jaxla: error: ", message), file=sys.stderr)
     return code
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    text = textwrap.fill(str(message), width=100, break_long_words=False, break_on_hyphens=False)
-    print(f"jaxla: warning: {text}", file=sys.stderr)
+    """``warnings.showwarning`` for the run: one ``jaxla: warning:`` paragraph, no source line."""
+    print(_paragraph("jaxla: warning: ", message), file=sys.stderr)
 
 
 def _set_cpu_devices(n: int) -> str | None:

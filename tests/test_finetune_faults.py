@@ -157,8 +157,8 @@ def test_resume_with_every_checkpoint_damaged_restarts_from_step_0(capsys, stopp
         _flip_data_bit(out / "checkpoints" / "adapt" / name)
     code, _, err = _main(capsys, "--out", str(out), "--resume")
     assert code == 0, err
-    assert err.count("is damaged") == 3 and "resumes from step 0" in err
-    assert "restarting the run from step 0" in err
+    assert err.count("' is damaged (") == 3 and "resumes from step 0" in err
+    assert "(every checkpoint is damaged): restarting the run from step 0" in err
     assert _adapter_bytes(out) == _adapter_bytes(reference)
 
 

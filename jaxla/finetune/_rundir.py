@@ -386,8 +386,9 @@ def _prepare_resume(out: Path, cfg: _config.Config) -> ResumeRecord:
                   f"{str(target.name)!r} and phase {phase!r} resumes from {fallback}.")
     from_steps = {p: s for p, (s, _) in phases.items() if s is not None}
     if not from_steps:
-        _warn(f"--resume: {str(out)!r} holds no intact checkpoint (the run stopped before its "
-              "first one): restarting the run from step 0 with its config.")
+        why = "every checkpoint is damaged" if moved else "the run stopped before its first one"
+        _warn(f"--resume: {str(out)!r} holds no intact checkpoint ({why}): restarting the run from "
+              "step 0 with its config.")
     if changed:
         where = ", ".join(f"{p} step {s}" for p, s in from_steps.items()) or "step 0"
         _warn("--resume continues with changed optimizer settings ("
@@ -583,7 +584,7 @@ def _read_zip(raw_file) -> tuple[dict[str, Any], list[np.ndarray]]:
     try:
         zf = zipfile.ZipFile(raw_file)
     except zipfile.BadZipFile as e:
-        raise _Damaged(f"not a zip archive ({e})") from None
+        raise _Damaged(f"not a zip archive: {e}") from None
     with zf:
         raw = _read_member(zf, _META, _MAX_META_BYTES)
         try:
