@@ -199,9 +199,6 @@ def _finetune(args: argparse.Namespace) -> int:
         return _fail(e, EXIT_NONFINITE)
     except OSError as e:  # writes outside the run-directory module (adapter, plots, summary)
         return _write_failure(e, args.out)
-    except KeyboardInterrupt:
-        return _fail("aborted by a second Ctrl-C; the checkpoints on disk are intact: continue "
-                     "with the same command plus --resume.", EXIT_INTERRUPTED)
     except (MemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e):
             raise
@@ -239,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxla`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
     if args.command == "finetune":
-        return _finetune(args)
+        try:
+            return _finetune(args)
+        except KeyboardInterrupt:  # a second Ctrl-C during a run, or one before it started
+            return _fail("aborted by Ctrl-C; the checkpoints on disk are intact: continue with the "
+                         "same command plus --resume.", EXIT_INTERRUPTED)
     return _bench(args)
 
 
