@@ -214,6 +214,35 @@ def test_checkpoints_are_plain_npz_read_without_pickle(tmp_path):
     assert _rundir.verify_checkpoint(path) is None
 
 
+def test_resume_verifies_each_phase_on_its_own(tmp_path):
+    """Several phases (as tiny_lm has): each resumes from its own newest intact checkpoint."""
+    cfg, out = _cfg(), tmp_path / "run"
+    assert _rundir.prepare_run_dir(out, cfg, resume=False) is None
+    fingerprint = _rundir.checkpoint_fingerprint(cfg)
+    state = {"w": np.ones(3, np.float32)}
+    for phase, steps in (("pretrain", (5, 10)), ("adapt", (1, 2))):
+        for step in steps:
+            _rundir.save_checkpoint(out / "checkpoints" / phase, step, state,
+                                    fingerprint=fingerprint, keep=5)
+    _empty(out / "checkpoints" / "pretrain" / "step_00000010.npz")
+    with pytest.warns(_rundir.RunWarning, match=r"step_00000010\.npz' is damaged"):
+        record = _rundir.prepare_run_dir(out, cfg, resume=True)
+    assert record.from_steps == {"adapt": 2, "pretrain": 5} and record.changed == {}
+    assert [p for p, _ in record.damaged] == [str(out / "checkpoints/pretrain/step_00000010.npz")]
+    assert _ckpts(out, "pretrain") == ["step_00000005.npz"]
+
+
+def test_resume_refuses_an_intact_checkpoint_of_another_config(tmp_path):
+    cfg, out = _cfg(), tmp_path / "run"
+    _rundir.prepare_run_dir(out, cfg, resume=False)
+    _rundir.save_checkpoint(out / "checkpoints" / "adapt", 3, {"w": np.ones(2, np.float32)},
+                            fingerprint="0123456789abcdef", keep=2)
+    before = sorted(out.rglob("*"))
+    with pytest.raises(finetune.RunError, match=r"step_00000003\.npz' was written by a different"):
+        _rundir.prepare_run_dir(out, cfg, resume=True)
+    assert sorted(out.rglob("*")) == before
+
+
 # -- 3. changed optimizer settings on --resume -----------------------------------------------------
 
 
