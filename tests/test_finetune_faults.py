@@ -138,6 +138,8 @@ def test_resume_skips_a_damaged_newest_checkpoint(capsys, stopped_copy, referenc
     out = stopped_copy
     newest = out / "checkpoints" / "adapt" / "step_00000004.npz"
     damage(newest)
+    # A kill during a checkpoint write leaves write_atomic's temporary file: resume removes it.
+    (out / "checkpoints" / "adapt" / ".step_00000005.npz.k3_x9q.tmp").write_bytes(b"PK\x03")
     assert _rundir.verify_checkpoint(newest) is not None
     code, _, err = _main(capsys, "--out", str(out), "--resume")
     assert code == 0, err
@@ -147,6 +149,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(capsys, stopped_copy, referenc
     assert (out / "checkpoints" / "adapt" / "step_00000004.npz.damaged").is_file()
     assert _adapter_bytes(out) == _adapter_bytes(reference)  # bit-exact despite the fallback
     assert _ckpts(out) == ["step_00000004.npz", "step_00000005.npz", "step_00000006.npz"]
+    assert _leftovers(out) == []
     log = json.loads((out / "resume.jsonl").read_text().splitlines()[-1])
     assert log["from_steps"] == {"adapt": 3} and log["damaged"][0]["checkpoint"] == str(newest)
 

@@ -227,7 +227,7 @@ def prepare_run_dir(out: Path, cfg: _config.Config, *, resume: bool) -> ResumeRe
     the run continues with. Each phase's checkpoints are verified newest first: damaged ones are
     renamed to ``step_X.npz.damaged`` (with a :class:`RunWarning`) so the phase resumes from its
     newest intact checkpoint; a run with no intact checkpoint restarts from step 0 (with a
-    :class:`RunWarning`).
+    :class:`RunWarning`). Temporary files of checkpoint writes cut short by a kill are removed.
 
     Returns:
       A :class:`ResumeRecord` for a resume, None for a new run.
@@ -302,6 +302,8 @@ def _resume_changes(out: Path, saved: dict[str, Any], cfg: _config.Config) -> di
 
 
 _STEP_FILE = re.compile(r"step_(\d+)\.npz")
+# The temporary file _files.write_atomic writes a checkpoint to before renaming it into place.
+_LEFTOVER = re.compile(r"\.step_\d+\.npz\.[A-Za-z0-9_]+\.tmp")
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -375,6 +377,12 @@ def _prepare_resume(out: Path, cfg: _config.Config) -> ResumeRecord:
             phases[phase_dir.name] = _newest_intact(phase_dir, fingerprint)
 
     consequence = "Nothing else was changed; fix the cause and resume again."
+    if ckpt_root.is_dir():  # a run killed while writing a checkpoint leaves its temporary file
+        for phase_dir in ckpt_root.iterdir():
+            for leftover in phase_dir.glob(".step_*.npz.*.tmp") if phase_dir.is_dir() else ():
+                if _LEFTOVER.fullmatch(leftover.name):
+                    with _writing(leftover, consequence):
+                        leftover.unlink(missing_ok=True)
     moved = []
     for phase, (intact, damaged) in phases.items():
         for path, reason in damaged:
