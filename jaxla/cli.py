@@ -3,16 +3,18 @@
 Exit status of ``jaxla finetune`` (every failure is one paragraph on stderr, never a traceback):
 
 - 0: success.
-- 2: a problem with the command line, config, run directory, checkpoints to resume or devices,
-  found before any work starts (nothing written).
+- 2: a problem with the command line, config, run directory, checkpoints to resume or devices
+  (``--out ""``, ``--cpu-devices`` outside 1..1024 included), found before training starts; for a
+  new run nothing is written.
 - 3: the loss became NaN/inf; the last good checkpoint is kept, and the message gives the exact
   ``--resume --set optim.learning_rate=...`` to continue with a lower learning rate.
 - 4: writing a file of the run directory failed (disk full, permissions, I/O error); the message
   names the file; every file written before is intact, so ``--resume`` continues once it is fixed.
 - 5: out of memory (``MemoryError``, or XLA's ``RESOURCE_EXHAUSTED``); the message names the
   config keys to lower.
-- 130: interrupted by Ctrl-C (a checkpoint was saved; rerun with ``--resume``), or aborted by a
-  second Ctrl-C (the newest checkpoint on disk is intact).
+- 130: interrupted by Ctrl-C (the step finished and a checkpoint was saved; rerun with
+  ``--resume``), or aborted by a second Ctrl-C or one before the run began (the checkpoints
+  already on disk are intact).
 
 Warnings of ``--resume`` (restarting from step 0, a damaged checkpoint moved aside, changed
 optimizer settings) are printed on stderr as ``jaxla: warning: ...`` paragraphs.
@@ -37,8 +39,8 @@ EXIT_WRITE = 4
 EXIT_MEMORY = 5
 EXIT_INTERRUPTED = 130
 
-# Simulated CPU devices: 1024 start in about a second (4096 in 4 s on 2 cores), while 100000 make
-# XLA hang or crash; no mesh config needs more.
+# Simulated CPU devices: 1024 start in about a second (4096 in 4 s on 2 cores), while 100000 hung
+# or crashed XLA (issue 16); no mesh config needs more than a few.
 MAX_CPU_DEVICES = 1024
 
 # What to lower when a demo runs out of memory, by run.demo.
