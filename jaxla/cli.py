@@ -1,8 +1,23 @@
 """The ``jaxla`` command (also ``python -m jaxla``): ``finetune`` demos and ``bench`` suites.
 
-Exit status: 0 success; 2 a problem with the command line, config, run directory or devices (one
-paragraph on stderr, no traceback, nothing written); 3 the loss became NaN/inf (the last good
-checkpoint is kept); 130 interrupted by Ctrl-C (a checkpoint was saved; rerun with ``--resume``).
+Exit status of ``jaxla finetune`` (every failure is one paragraph on stderr, never a traceback):
+
+- 0: success.
+- 2: a problem with the command line, config, run directory, checkpoints to resume or devices
+  (``--out ""``, ``--cpu-devices`` outside 1..1024 included), found before training starts; for a
+  new run nothing is written.
+- 3: the loss became NaN/inf; the last good checkpoint is kept, and the message gives the exact
+  ``--resume --set optim.learning_rate=...`` to continue with a lower learning rate.
+- 4: writing a file of the run directory failed (disk full, permissions, I/O error); the message
+  names the file; every file written before is intact, so ``--resume`` continues once it is fixed.
+- 5: out of memory (``MemoryError``, or XLA's ``RESOURCE_EXHAUSTED``); the message names the
+  config keys to lower.
+- 130: interrupted by Ctrl-C (the step finished and a checkpoint was saved; rerun with
+  ``--resume``), or aborted by a second Ctrl-C or one before the run began (the checkpoints
+  already on disk are intact).
+
+Warnings of ``--resume`` (restarting from step 0, a damaged checkpoint moved aside, changed
+optimizer settings) are printed on stderr as ``jaxla: warning: ...`` paragraphs.
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ import importlib
 import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +35,20 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_WRITE = 4
+EXIT_MEMORY = 5
 EXIT_INTERRUPTED = 130
+
+# Simulated CPU devices: 1024 start in about a second (4096 in 4 s on 2 cores), while 100000 hung
+# or crashed XLA (issue 16); no mesh config needs more than a few.
+MAX_CPU_DEVICES = 1024
+
+# What to lower when a demo runs out of memory, by run.demo.
+_MEMORY_KEYS = {
+    "lowrank": ("train.batch_size", "lowrank.d_in", "lowrank.d_out", "lowrank.eval_examples"),
+    "tiny_lm": ("train.batch_size", "tiny_lm.d_model", "tiny_lm.d_ff", "tiny_lm.n_layers",
+                "tiny_lm.length", "tiny_lm.eval_examples"),
+}
 
 _FINETUNE_HELP = """\
 Runs a configured fine-tune demo and prints a summary table.
@@ -30,7 +59,12 @@ transformer pretrained on one task and LoRA-adapted to another), configs/lowrank
 configs/tiny_lm_mesh.toml (the same on a data x model device mesh).
 
 Outputs in the run directory: config.toml/config.json (resolved config), metrics.jsonl, checkpoints/,
-adapter.safetensors, summary.json, and loss/singular-value PNGs when matplotlib is installed.
+adapter.safetensors, summary.json, resume.jsonl (one line per --resume), and loss/singular-value
+PNGs when matplotlib is installed.
+
+Exit status: 0 success; 2 bad command line, config, run directory or devices (nothing written);
+3 NaN/inf loss; 4 a write to the run directory failed (e.g. disk full); 5 out of memory;
+130 interrupted (continue with --resume).
 """
 
 
@@ -58,15 +92,16 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="run directory (default: runs/<run.name>-<timestamp>; with --resume, the "
                          "newest runs/<run.name>-* directory)")
     ft.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its latest checkpoint (same config and "
-                         "overrides required); ends bitwise equal to an uninterrupted run")
+                    help="continue the run in --out from its newest intact checkpoint, or from "
+                         "step 0 if it has none (same config and overrides required, except the "
+                         "[optim] settings); ends bitwise equal to an uninterrupted run")
     ft.add_argument("--print-config", action="store_true",
                     help="print the resolved config as TOML and exit without running")
     ft.add_argument("--no-progress", action="store_true",
                     help="plain log lines instead of a progress bar even on a terminal")
     ft.add_argument("--cpu-devices", type=int, metavar="N",
-                    help="simulate N CPU devices (sets XLA_FLAGS before JAX starts) to try the "
-                         "mesh configs on one machine")
+                    help=f"simulate N CPU devices, 1 to {MAX_CPU_DEVICES} (sets XLA_FLAGS before "
+                         "JAX starts) to try the mesh configs on one machine")
 
     bench = sub.add_parser(
         "bench",
@@ -80,15 +115,24 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    text = textwrap.fill(str(message), width=100, break_long_words=False, break_on_hyphens=False)
-    print(f"jaxla: error: {text}", file=sys.stderr)
+def _paragraph(prefix: str, message: object) -> str:
+    return textwrap.fill(str(message), width=100, initial_indent=prefix, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _fail(message: object, code: int = EXIT_USAGE) -> int:
+    print(_paragraph("jaxla: error: ", message), file=sys.stderr)
     return code
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the run: one ``jaxla: warning:`` paragraph, no source line."""
+    print(_paragraph("jaxla: warning: ", message), file=sys.stderr)
+
+
 def _set_cpu_devices(n: int) -> str | None:
-    if n < 1:
-        return f"--cpu-devices must be >= 1, got {n}."
+    if not 1 <= n <= MAX_CPU_DEVICES:
+        return f"--cpu-devices {n} is out of range: expected 1 to {MAX_CPU_DEVICES} devices."
     flag = f"--xla_force_host_platform_device_count={n}"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -96,12 +140,44 @@ def _set_cpu_devices(n: int) -> str | None:
     return None
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    # jax.errors.JaxRuntimeError (XlaRuntimeError in older jaxlib) subclasses RuntimeError.
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e))
+
+
+def _out_of_memory(e: BaseException, cfg) -> int:
+    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    keys = ", ".join(_MEMORY_KEYS.get(cfg.run.demo, ("train.batch_size",)))
+    return _fail(
+        f"out of memory while running the {cfg.run.demo!r} demo ({detail}). Lower {keys} (e.g. "
+        f"--set train.batch_size={max(cfg.train.batch_size // 4, 1)}), or spread the run over more "
+        "devices with [mesh], and start a new run. Files already written are intact.",
+        EXIT_MEMORY,
+    )
+
+
+def _write_failure(e: OSError, out: str | None) -> int:
+    where = repr(e.filename) if e.filename else (
+        f"a file in the run directory {out!r}" if out else "a file in the run directory")
+    reason = e.strerror or str(e) or type(e).__name__
+    return _fail(
+        f"cannot write {where}: {reason}. Every file written before is intact (each is replaced "
+        "atomically); once fixed, continue the run with the same command plus --resume.",
+        EXIT_WRITE,
+    )
+
+
 def _finetune(args: argparse.Namespace) -> int:
     if args.cpu_devices is not None:
         problem = _set_cpu_devices(args.cpu_devices)
         if problem:
             return _fail(problem)
+    if args.out is not None and not args.out.strip():
+        return _fail(f"--out {args.out!r} names no directory: expected a path such as runs/my-run "
+                     "(leave --out out for runs/<run.name>-<timestamp>).")
     from jaxla import finetune
+    from jaxla.finetune import _rundir
 
     try:
         cfg = finetune.apply_overrides(finetune.load_config(args.config), args.overrides)
@@ -111,13 +187,24 @@ def _finetune(args: argparse.Namespace) -> int:
         print(finetune.config_to_toml(cfg), end="")
         return 0
     try:
-        summary = finetune.run_finetune(
-            cfg, out=args.out, resume=args.resume, progress=False if args.no_progress else None
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", _rundir.RunWarning)
+            warnings.showwarning = _show_warning
+            summary = finetune.run_finetune(
+                cfg, out=args.out, resume=args.resume, progress=False if args.no_progress else None
+            )
+    except _rundir.RunWriteError as e:
+        return _fail(e, EXIT_WRITE)
     except (finetune.ConfigError, finetune.RunError) as e:
         return _fail(e)
     except finetune.NonFiniteLossError as e:
         return _fail(e, EXIT_NONFINITE)
+    except OSError as e:  # writes outside the run-directory module (adapter, plots, summary)
+        return _write_failure(e, args.out)
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        return _out_of_memory(e, cfg)
     print(finetune.format_summary(summary))
     if summary["interrupted"]:
         print(f"interrupted: checkpoint saved; continue with --out {summary['out']} --resume",
@@ -151,7 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxla`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
     if args.command == "finetune":
-        return _finetune(args)
+        try:
+            return _finetune(args)
+        except KeyboardInterrupt:  # a second Ctrl-C during a run, or one before it started
+            return _fail("aborted by Ctrl-C; the checkpoints on disk are intact: continue with the "
+                         "same command plus --resume.", EXIT_INTERRUPTED)
     return _bench(args)
 
 

@@ -15,7 +15,17 @@ from typing import Any
 
 from jaxla.finetune import _rundir
 
-__all__ = ["Checkpoints", "metrics_log", "to_host"]
+__all__ = ["Checkpoints", "fingerprint", "metrics_log", "nonfinite_advice", "to_host"]
+
+
+def fingerprint(cfg: Any) -> str:
+    """What a checkpoint must share with the config resuming it (resume-adjustable keys excluded)."""
+    return _rundir.checkpoint_fingerprint(cfg)
+
+
+def nonfinite_advice(cfg: Any, phase: str, out: Path) -> str:
+    """The exact command that resumes a run stopped by a NaN/inf loss with a lower learning rate."""
+    return _rundir.nonfinite_advice(cfg, phase, out)
 
 
 def to_host(tree: Any) -> Any:

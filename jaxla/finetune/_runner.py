@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxla import spectral
-from jaxla.finetune import _checkpoints, _config, _mesh
+from jaxla.finetune import _checkpoints, _mesh
 from jaxla.finetune._errors import NonFiniteLossError
 
 __all__ = [
@@ -72,7 +72,7 @@ class RunContext:
 
     def __post_init__(self):
         self.metrics = _checkpoints.metrics_log(self.out)
-        self.fingerprint = _config.config_fingerprint(self.config)
+        self.fingerprint = _checkpoints.fingerprint(self.config)
         if self.progress is None:
             self.progress = sys.stderr.isatty()
 
@@ -208,7 +208,7 @@ def _compile(ctx: RunContext, step_fn: Callable, state, frozen, start: int, shar
     return compiled, time.perf_counter() - t0
 
 
-def _check_finite(phase: str, step: int, m: dict[str, float], ckpts) -> None:
+def _check_finite(ctx: RunContext, phase: str, step: int, m: dict[str, float], ckpts) -> None:
     """Raises :class:`NonFiniteLossError` when the loss or the gradient norm is NaN/inf."""
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(m[k])]
     if not bad:
@@ -219,7 +219,7 @@ def _check_finite(phase: str, step: int, m: dict[str, float], ckpts) -> None:
     what = "loss" if bad[0] == "loss" else "gradient norm"
     raise NonFiniteLossError(
         f"[{phase}] the {what} became {m[bad[0]]} at step {step}: training stopped and {kept}. "
-        "Lower optim.learning_rate, set optim.grad_clip, or check the data."
+        + _checkpoints.nonfinite_advice(ctx.config, phase, ctx.out)
     )
 
 
@@ -284,7 +284,7 @@ def _loop(ctx, phase, compiled, state, frozen, start, steps, ckpts, items_per_st
             t_step = time.perf_counter()
             new_state, metrics = compiled(state, frozen, jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(phase, step, m, ckpts)
+            _check_finite(ctx, phase, step, m, ckpts)
             saver.confirmed()
             state, loss, done = new_state, m["loss"], step + 1
             m[f"{unit}_per_s"] = items_per_step / max(time.perf_counter() - t_step, 1e-9)
