@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxla import cli, finetune, lora
-from jaxla.finetune import _lowrank, _rundir, _runner
+from jaxla.finetune import _rundir, _steps
+from jaxla.finetune.demos import lowrank as _lowrank
 
 # One tiny config: every run of it compiles the same programs. Checkpoints after every step, three
 # kept, so a damaged newest one leaves older intact ones to fall back on.
@@ -289,7 +290,7 @@ def test_resume_refuses_changes_the_checkpoints_cannot_follow(capsys, stopped_co
 def _state_structure(optim, **kw):
     params = {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32)}
     return jax.tree_util.tree_structure(
-        jax.eval_shape(_runner.make_optimizer(optim, steps=10, **kw)[0].init, params))
+        jax.eval_shape(_steps.make_optimizer(optim, steps=10, **kw)[0].init, params))
 
 
 def test_structural_change_rules_match_the_optimizers():
