@@ -73,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description=_bench_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("suite", metavar="SUITE", help="a suite or tool name (listed above)")
+    bench.add_argument("suite", nargs="?", metavar="SUITE", help="a suite or tool name (listed above)")
     bench.add_argument("paths", nargs="*", metavar="PATH",
                        help="tools only: summarize [PATH ...] (result files or folders), "
                             "plot_attention JSON PNG")
@@ -150,12 +150,13 @@ def _bench_help() -> str:
 def _bench(args: argparse.Namespace) -> int:
     from jaxla import benchmarks
 
-    entry = benchmarks.find(args.suite)
+    entry = None if args.suite is None else benchmarks.find(args.suite)
     if entry is None:
+        which = "name a suite or tool" if args.suite is None else (
+            f"no benchmark suite or tool {args.suite!r}")
         return _fail(
-            f"no benchmark suite or tool {args.suite!r}; available suites: "
-            f"{', '.join(e.name for e in benchmarks.SUITES)}; tools: "
-            f"{', '.join(e.name for e in benchmarks.TOOLS)}.")
+            f"{which}; available suites: {', '.join(e.name for e in benchmarks.SUITES)}; tools: "
+            f"{', '.join(e.name for e in benchmarks.TOOLS)} ('jaxla bench --help' describes each).")
     from jaxla.benchmarks import harness
 
     try:

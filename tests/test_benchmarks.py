@@ -77,9 +77,11 @@ def test_registry_lists_exactly_the_suite_and_tool_modules():
     assert benchmarks.find("linear").name == "linear" and benchmarks.find("harness") is None
 
 
-def test_unknown_suite_lists_suites_and_tools(capsys):
+def test_unknown_or_missing_suite_lists_suites_and_tools(capsys):
     code, _, err = _main(capsys, "bench", "summary")
     _clean_failure(code, err, "'summary'", "linear", "finetune", "summarize", "plot_attention")
+    code, _, err = _main(capsys, "bench")
+    _clean_failure(code, err, "name a suite", "linear", "finetune", "summarize", "plot_attention")
 
 
 @pytest.mark.parametrize("target,words", [

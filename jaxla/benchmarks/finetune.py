@@ -40,7 +40,8 @@ def demo_config_path(demo: str) -> Path | None:
         return None
     path = PACKAGE_ROOT / "configs" / f"{demo}.toml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} (configs/{demo}.toml ships with the source checkout)")
+        raise FileNotFoundError(f"no {path}: configs/{demo}.toml ships with the source checkout, "
+                                "not with the installed package")
     return path
 
 
@@ -106,7 +107,7 @@ def run(*, quick: bool) -> list[dict]:
     if tiny_cfg is not None:
         rows += _in_process("tiny_lm", tiny_cfg, tiny, check=not quick)
     else:
-        rows.append({"name": "tiny_lm (not run)", "missing_config": tiny_missing})
+        rows.append({"name": "tiny_lm (not run)", "skipped": tiny_missing})
     rows.append(_fresh_process("lowrank", lowrank_cfg, lowrank,
                                None if quick else specs_finetune.TARGET_LOWRANK_S))
     if not quick and tiny_cfg is not None:  # --quick already runs the tiny LM in-process

@@ -22,12 +22,14 @@ __all__ = ["DEFAULT_RESULTS", "KEY_COLUMNS", "main", "result_files", "summarize"
 DEFAULT_RESULTS = Path("benchmarks") / "results"
 
 # The columns worth reading at a glance; each row keeps those it has.
-KEY_COLUMNS = ("name", "causal", "impl", "ok", "median_ms", "jaxla_ms", "anchor_ms", "speedup", "tflops",
-               "gflops", "frac_of_matmul_ceiling", "compile_s", "max_abs_err")
+KEY_COLUMNS = ("name", "causal", "impl", "ok", "ms", "median_ms", "jaxla_ms", "anchor_ms", "speedup",
+               "tflops", "gflops", "frac_of_matmul_ceiling", "steps_per_s", "wall_s", "compile_s",
+               "max_abs_err")
 
 
 def _key_column(name: str) -> bool:
-    return name in KEY_COLUMNS or name.endswith("_ms") or name.startswith("speedup")
+    return (name in KEY_COLUMNS or name.endswith(("_ms", "_tflops"))
+            or name.startswith(("speedup", "ratio_")))
 
 
 def result_files(paths: Sequence[str | Path]) -> list[Path]:
