@@ -177,22 +177,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_tool(name: str, args: argparse.Namespace) -> int:
-    usage = {"summarize": "jaxla bench summarize [PATH ...]",
-             "plot_attention": "jaxla bench plot_attention JSON PNG"}[name]
+    tool = importlib.import_module(f"jaxla.benchmarks.{name}")
     if args.quick or args.json is not None:
-        return _fail(f"{name} is a tool, not a suite: it takes no --quick or --json ({usage}).")
-    if name == "summarize":
-        from jaxla.benchmarks import summarize
-
-        print(summarize.summarize(args.paths))
-        return 0
-    if len(args.paths) != 2:
-        return _fail(f"plot_attention takes two paths, the attention suite's JSON and the PNG to "
-                     f"write ({usage}); got {len(args.paths)}.")
-    from jaxla.benchmarks import plot_attention
-
-    plot_attention.plot(*args.paths)
-    print(f"wrote {args.paths[1]}")
+        return _fail(f"{name} is a tool, not a suite: it takes no --quick or --json ({tool.USAGE}).")
+    print(tool.run_tool(args.paths))
     return 0
 
 

@@ -73,7 +73,8 @@ def test_registry_lists_exactly_the_suite_and_tool_modules():
         assert callable(importlib.import_module(f"jaxla.benchmarks.{name}").run), name
     for name in tools:
         module = importlib.import_module(f"jaxla.benchmarks.{name}")
-        assert callable(module.main) and not hasattr(module, "run"), name
+        assert callable(module.main) and callable(module.run_tool) and not hasattr(module, "run"), name
+        assert module.USAGE.startswith(f"jaxla bench {name}"), name
     assert benchmarks.find("linear").name == "linear" and benchmarks.find("harness") is None
 
 

@@ -6,8 +6,10 @@ Every suite module defines ``run(*, quick: bool) -> list[dict]`` and calls :func
 the tests. Besides the suites, two tools read the JSON the suites write: ``summarize`` (one table from
 several result files) and ``plot_attention`` (the attention suite's T sweep as a PNG).
 
-Adding a suite: one module here with ``run`` and a ``__main__`` block, one entry in :data:`SUITES`
-(a test checks that the list and the modules agree).
+Adding a suite: one module here with ``run`` and a ``__main__`` block, one entry in :data:`SUITES`.
+A tool module defines ``USAGE``, ``run_tool(paths) -> str`` (the text to print; bad input raises
+``harness.BenchInputError``) and ``main``, and has one entry in :data:`TOOLS`. A test checks that the
+lists and the modules agree.
 
 This package imports nothing heavy: the command line reads :data:`SUITES` and :data:`TOOLS` to list
 and validate names, and imports a suite's module only to run it.

@@ -21,7 +21,9 @@ from pathlib import Path
 from jaxla import _files
 from jaxla.benchmarks.harness import BenchInputError, output_path_problem, read_results
 
-__all__ = ["main", "plot", "sweep_rows"]
+__all__ = ["USAGE", "main", "plot", "run_tool", "sweep_rows"]
+
+USAGE = "jaxla bench plot_attention JSON PNG"
 
 _PASSES = (("fwd+bwd", "fwd+bwd"), ("fwd", "fwd"))  # name prefix -> pass; the longer prefix first
 
@@ -102,6 +104,15 @@ def plot(json_path: str | Path, png_path: str | Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     _files.write_atomic(png_path, buf.getvalue())
+
+
+def run_tool(paths: Sequence[str]) -> str:
+    """``jaxla bench plot_attention JSON PNG``: draws the plot; the text to print."""
+    if len(paths) != 2:
+        raise BenchInputError(f"plot_attention takes two paths, the attention suite's JSON and the PNG "
+                              f"to write ({USAGE}); got {len(paths)}.")
+    plot(*paths)
+    return f"wrote {paths[1]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from jaxla.benchmarks.harness import BenchInputError, format_table, read_results
 
-__all__ = ["DEFAULT_RESULTS", "KEY_COLUMNS", "main", "result_files", "summarize"]
+__all__ = ["DEFAULT_RESULTS", "KEY_COLUMNS", "USAGE", "main", "result_files", "run_tool", "summarize"]
 
+USAGE = "jaxla bench summarize [PATH ...]"
 DEFAULT_RESULTS = Path("benchmarks") / "results"
 
 # The columns worth reading at a glance; each row keeps those it has.
@@ -77,6 +78,11 @@ def summarize(paths: Sequence[str | Path]) -> str:
                       f"jax {info.get('jax')}, {info.get('date')}  ({path})")
         blocks.append(format_table(rows))
     return "\n\n".join(blocks)
+
+
+def run_tool(paths: Sequence[str]) -> str:
+    """``jaxla bench summarize [PATH ...]``: the text to print (raises BenchInputError)."""
+    return summarize(paths)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
