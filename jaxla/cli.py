@@ -29,7 +29,6 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -105,13 +104,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark suite from the repository's benchmarks/ folder",
-        description="Runs benchmarks/SUITE.py of the jaxla source checkout (e.g. 'jaxla bench "
-                    "finetune --quick') and prints its table.",
+        help="run a benchmark suite, or summarize/plot recorded results",
+        description=_bench_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("suite", metavar="SUITE", help="suite name, e.g. finetune, linear, lora")
-    bench.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    bench.add_argument("suite", nargs="?", metavar="SUITE", help="a suite or tool name (listed above)")
+    bench.add_argument("paths", nargs="*", metavar="PATH",
+                       help="tools only: summarize [PATH ...] (result files or folders), "
+                            "plot_attention JSON PNG")
+    bench.add_argument("--quick", action="store_true", help="suites: tiny shapes, a few seconds")
+    bench.add_argument("--json", metavar="FILE",
+                       help="suites: also write the results as JSON to FILE (its folder must exist "
+                            "and be writable; checked before the suite runs, written atomically)")
     return parser
 
 
@@ -213,25 +217,58 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_help() -> str:
+    from jaxla import benchmarks
+
+    width = max(len(e.name) for e in (*benchmarks.SUITES, *benchmarks.TOOLS))
+    suites = "\n".join(f"  {e.name:<{width}}  {e.summary}" for e in benchmarks.SUITES)
+    tools = "\n".join(f"  {e.name:<{width}}  {e.summary}" for e in benchmarks.TOOLS)
+    return (
+        "Runs a benchmark suite from the installed jaxla package and prints its table, e.g.\n"
+        "'jaxla bench linear --quick --json /tmp/linear.json'; or reads recorded results.\n\n"
+        f"suites (jaxla bench SUITE [--quick] [--json FILE]):\n{suites}\n\n"
+        f"tools (jaxla bench TOOL PATH ...):\n{tools}\n\n"
+        "Exit status: 0 success; 1 a suite's numerics check failed (named on stderr); 2 a bad name,\n"
+        "path or option (one paragraph, found before anything runs), or the JSON could not be\n"
+        "written at the end; 130 interrupted."
+    )
+
+
 def _bench(args: argparse.Namespace) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "harness.py").is_file():
+    from jaxla import benchmarks
+
+    entry = None if args.suite is None else benchmarks.find(args.suite)
+    if entry is None:
+        which = "name a suite or tool" if args.suite is None else (
+            f"no benchmark suite or tool {args.suite!r}")
         return _fail(
-            f"no benchmarks/ folder next to the jaxla package (looked in {root}). Benchmarks ship "
-            "with the source checkout: clone the repository and install it with pip install -e ."
-        )
-    if not args.suite.isidentifier():
-        return _fail(f"suite name {args.suite!r} is not a module name (e.g. finetune, linear).")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    if not (root / "benchmarks" / f"{args.suite}.py").is_file():
-        available = sorted(p.stem for p in (root / "benchmarks").glob("*.py")
-                           if not p.stem.startswith(("_", "specs_")) and p.stem != "harness")
-        return _fail(f"no benchmark suite {args.suite!r}; available: {', '.join(available)}.")
-    harness = importlib.import_module("benchmarks.harness")
-    module = importlib.import_module(f"benchmarks.{args.suite}")
-    argv = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
-    return int(harness.main(args.suite, module.run, argv) or 0)
+            f"{which}; available suites: {', '.join(e.name for e in benchmarks.SUITES)}; tools: "
+            f"{', '.join(e.name for e in benchmarks.TOOLS)} ('jaxla bench --help' describes each).")
+    from jaxla.benchmarks import harness
+
+    try:
+        if entry in benchmarks.TOOLS:
+            return _bench_tool(entry.name, args)
+        if args.paths:
+            return _fail(f"suite {entry.name!r} takes no PATH arguments (got {' '.join(args.paths)}); "
+                         "its options are --quick and --json FILE.")
+        if args.json is not None and (problem := harness.output_path_problem(args.json)):
+            return _fail(problem)
+        module = importlib.import_module(f"jaxla.benchmarks.{entry.name}")
+        argv = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+        return int(harness.main(entry.name, module.run, argv) or 0)
+    except harness.BenchInputError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        return _fail(f"bench {entry.name} interrupted; nothing was written.", EXIT_INTERRUPTED)
+
+
+def _bench_tool(name: str, args: argparse.Namespace) -> int:
+    tool = importlib.import_module(f"jaxla.benchmarks.{name}")
+    if args.quick or args.json is not None:
+        return _fail(f"{name} is a tool, not a suite: it takes no --quick or --json ({tool.USAGE}).")
+    print(tool.run_tool(args.paths))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxla
-from benchmarks import specs_linear
+from jaxla.benchmarks import specs_linear
 
 
 def test_seed_fragment_a13(rng):

@@ -9,8 +9,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxla
-from benchmarks import specs_lora
 from jaxla import lora
+from jaxla.benchmarks import specs_lora
 
 
 def _f64(x):

@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import jaxla
-from benchmarks import specs_lora
 from jaxla import lora
+from jaxla.benchmarks import specs_lora
 
 SPEC = specs_lora.TEST_MLP_STACK
 

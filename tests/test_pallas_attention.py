@@ -374,7 +374,7 @@ def test_compiled_matches_reference(causal, rng):
 
 @pytest.mark.slow
 def test_gpu_benchmark_quick_smoke():
-    from benchmarks import attention_gpu
+    from jaxla.benchmarks import attention_gpu
 
     # jax.nn's own XLA backward relies on implicit bf16/f32 promotion, which conftest's strict
     # mode rejects; the benchmark runs as a script under the default promotion.

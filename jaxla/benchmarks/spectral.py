@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import harness, specs_spectral
 from jaxla import spectral
+from jaxla.benchmarks import harness, specs_spectral
 
 
 def _decaying_matrix(n: int, decay: float, key) -> jax.Array:

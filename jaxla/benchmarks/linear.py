@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxla
-from benchmarks import harness, specs_linear
+from jaxla.benchmarks import harness, specs_linear
 
 
 def _numpy_time(x: np.ndarray, w: np.ndarray, b: np.ndarray, iters: int) -> float:

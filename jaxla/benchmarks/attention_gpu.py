@@ -19,9 +19,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks import harness
-from benchmarks import specs_attention_gpu as specs
 from jaxla.attention._pallas import pallas_attention
+from jaxla.benchmarks import harness
+from jaxla.benchmarks import specs_attention_gpu as specs
 
 
 def _inputs(b, t, n, k, h, *, seed=0):

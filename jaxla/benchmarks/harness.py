@@ -1,9 +1,11 @@
 """The shared benchmark harness: compile apart from run, warm-up, medians, memory, numerics, FLOP/s.
 
-Every suite module in ``benchmarks/`` defines ``run(*, quick: bool) -> list[dict]`` returning flat rows
-(first key ``"name"``) and ends with ``harness.main("<suite>", run)``. ``main`` parses ``--quick`` and
-``--json FILE``, prints a readable table, and writes JSON with the machine, the jax version and the
-command. Run a suite as ``python -m benchmarks.<suite>`` or ``jaxla bench <suite>``.
+Every suite module in ``jaxla.benchmarks`` (listed in ``jaxla.benchmarks.SUITES``) defines
+``run(*, quick: bool) -> list[dict]`` returning flat rows (first key ``"name"``) and ends with
+``harness.main("<suite>", run)``. ``main`` parses ``--quick`` and ``--json FILE`` (checked before the
+suite runs, written atomically at the end), prints a readable table, and writes JSON with the
+machine, the jax version and the command. Run a suite as ``jaxla bench <suite>`` or
+``python -m jaxla.benchmarks.<suite>``; :func:`read_results` reads such a JSON file back.
 
 Timing: ``measure`` lowers and compiles a jitted function once (reported as ``compile_s``), runs it
 ``warmup`` times, then ``iters`` times with ``block_until_ready`` and reports the median and spread.
@@ -21,8 +23,10 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,6 +36,8 @@ import numpy as np
 from jaxla import _files
 
 __all__ = [
+    "BenchInputError",
+    "ResultsFileError",
     "attention_flops",
     "check_close",
     "copy_bandwidth",
@@ -41,7 +47,13 @@ __all__ = [
     "matmul_ceiling",
     "matmul_flops",
     "measure",
+    "output_path_problem",
+    "read_results",
+    "write_json_atomic",
 ]
+
+# A results file is a few kB; anything far larger is not one, and reading it would only cost memory.
+MAX_RESULTS_BYTES = 16 * 2**20
 
 
 def _block(tree: Any) -> Any:
@@ -256,10 +268,97 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Writes JSON through a temp file in the same directory, then renames it into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def output_path_problem(path: str | os.PathLike, *, option: str = "--json") -> str | None:
+    """Why ``path`` cannot receive an output file, or None if it can.
+
+    Checked before a suite runs, so that a typo costs nothing: the parent directory must exist and
+    take a new file, and ``path`` must not be a directory. Nothing is left behind.
+    """
+    text = os.fspath(path)
+    if not text:
+        return f"{option} needs a file name, got an empty string."
+    if os.path.isdir(text):
+        return f"{option} {text!r} is a directory; give a file name inside it."
+    parent = os.path.dirname(os.path.abspath(text))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        return f"{option} {text!r}: {parent!r} is not a directory (nothing was run or written)."
+    if not os.path.isdir(parent):
+        return (f"{option} {text!r}: directory {parent!r} does not exist; create it first "
+                "(nothing was run or written).")
+    try:  # an unnamed temporary file: proves the directory takes files (root, read-only mounts)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return (f"{option} {text!r}: cannot create a file in directory {parent!r} "
+                f"({e.strerror or e}); nothing was run or written.")
+    return None
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Writes JSON through a temp file in the same (existing) directory, then renames it into place."""
     _files.write_atomic_text(path, json.dumps(_jsonable(payload), indent=2) + "\n")
+
+
+class BenchInputError(ValueError):
+    """Bad input to a benchmark command (a path, a missing optional package); says what and why."""
+
+
+class ResultsFileError(BenchInputError):
+    """A results JSON file that cannot be read or is not what a suite writes; names the file."""
+
+
+_CELL_TYPES = (str, int, float, bool, type(None))
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and validates a results file that :func:`main` wrote (``--json``).
+
+    The file is treated as untrusted: it must be at most ``MAX_RESULTS_BYTES``, a JSON object whose
+    ``rows`` is a list of objects with string keys and scalar values (``name`` first), and whose
+    ``machine`` (if present) is an object. ``suite`` defaults to the file name.
+
+    Raises:
+      ResultsFileError: the file is missing, too large, not JSON, or not shaped like a results file.
+    """
+    text_path = os.fspath(path)
+    try:
+        size = os.path.getsize(text_path)
+        if size > MAX_RESULTS_BYTES:
+            raise ResultsFileError(f"results file {text_path!r} is {size} bytes, more than a results "
+                                   f"file can be ({MAX_RESULTS_BYTES} bytes).")
+        with open(text_path, "rb") as f:
+            raw = f.read(MAX_RESULTS_BYTES + 1)
+    except FileNotFoundError:
+        raise ResultsFileError(f"results file {text_path!r} does not exist.") from None
+    except IsADirectoryError:
+        raise ResultsFileError(f"results file {text_path!r} is a directory.") from None
+    except OSError as e:
+        raise ResultsFileError(f"results file {text_path!r} cannot be read: {e.strerror or e}.") from None
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ResultsFileError(f"results file {text_path!r} is not valid JSON: {reason}.") from None
+    where = f"results file {text_path!r}"
+    if not isinstance(payload, dict):
+        raise ResultsFileError(f"{where} holds a JSON {type(payload).__name__}, expected an object "
+                               "with 'suite', 'machine' and 'rows' as 'jaxla bench SUITE --json' writes.")
+    rows = payload.get("rows")
+    if not isinstance(rows, list):
+        raise ResultsFileError(f"{where} has no list 'rows' (got {type(rows).__name__}).")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            raise ResultsFileError(f"{where}: rows[{i}] is not an object with a string 'name'.")
+        for key, value in row.items():
+            if not isinstance(value, _CELL_TYPES):
+                raise ResultsFileError(f"{where}: rows[{i}][{key!r}] is a {type(value).__name__}, "
+                                       "expected a number, string, boolean or null.")
+    machine = payload.get("machine", {})
+    if not isinstance(machine, dict):
+        raise ResultsFileError(f"{where}: 'machine' is a {type(machine).__name__}, expected an object.")
+    suite = payload.get("suite")
+    return {**payload, "suite": suite if isinstance(suite, str) else Path(text_path).stem,
+            "machine": machine, "rows": rows}
 
 
 def run_suite(suite: str, run: Callable[..., list[dict]], *, quick: bool) -> dict[str, Any]:
@@ -277,21 +376,35 @@ def run_suite(suite: str, run: Callable[..., list[dict]], *, quick: bool) -> dic
 
 
 def main(suite: str, run: Callable[..., list[dict]], argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point shared by every suite."""
-    parser = argparse.ArgumentParser(prog=f"benchmarks.{suite}", description=f"jaxla {suite} suite")
+    """Command-line entry point shared by every suite; returns the exit status.
+
+    0: every numerics check passed; 1: a check failed (named on stderr); 2: the ``--json`` file cannot
+    be written (checked before the suite runs, and again when writing at the end).
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m jaxla.benchmarks.{suite}",
+                                     description=f"jaxla {suite} benchmark suite")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     args = parser.parse_args(argv)
+    if args.json is not None and (problem := output_path_problem(args.json)):
+        parser.error(problem)
     payload = run_suite(suite, run, quick=args.quick)
     info = payload["machine"]
     print(f"# {suite}  ({info['date']}, {info['device']} x{info['device_count']}, "
           f"jax {info['jax']}, {payload['wall_s']:.1f} s)")
     print(format_table(payload["rows"]))
-    if args.json:
-        write_json_atomic(args.json, payload)
-        print(f"wrote {args.json}")
+    code = 0
+    if args.json is not None:
+        try:
+            write_json_atomic(args.json, payload)
+        except OSError as e:
+            print(f"error: could not write {args.json!r}: {e.strerror or e} (no partial file was left).",
+                  file=sys.stderr)
+            code = 2
+        else:
+            print(f"wrote {args.json}")
     failed = [r.get("name") for r in payload["rows"] if r.get("ok") is False]
     if failed:
         print(f"numerics check FAILED for: {', '.join(map(str, failed))}", file=sys.stderr)
-        return 1
-    return 0
+        return code or 1
+    return code

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 import jaxla
-from benchmarks import harness, specs_lora
 from jaxla import lora
+from jaxla.benchmarks import harness, specs_lora
 
 
 def _nbytes(tree) -> int:

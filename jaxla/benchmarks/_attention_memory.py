@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxla
-from benchmarks import harness
-from benchmarks import specs_attention as specs
+from jaxla.benchmarks import harness
+from jaxla.benchmarks import specs_attention as specs
 
 
 def probe(t: int, implementation: str | None = None) -> dict:

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxla
-from benchmarks import harness
-from benchmarks import specs_attention as specs
 from jaxla.attention import _api
+from jaxla.benchmarks import harness
+from jaxla.benchmarks import specs_attention as specs
 
 try:  # optional comparison; torch is not a dependency
     import torch
@@ -58,11 +58,11 @@ def _jax_fn(attn, causal, backward, **kw):
 
 
 def _memory_probe(t):
-    """Runs benchmarks._attention_memory in a fresh process; its JSON, or None if it failed."""
-    root = Path(__file__).resolve().parent.parent  # the child imports benchmarks from the checkout
+    """Runs jaxla.benchmarks._attention_memory in a fresh process; its JSON, or None if it failed."""
+    root = Path(__file__).resolve().parents[2]  # the child imports the jaxla this process imported
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks._attention_memory", str(t)],
+    proc = subprocess.run([sys.executable, "-m", "jaxla.benchmarks._attention_memory", str(t)],
                           capture_output=True, text=True, check=False, cwd=root, env=env)
     if proc.returncode != 0:
         print(f"memory probe failed: {proc.stderr[-2000:]}", file=sys.stderr)

@@ -1,1 +1,0 @@
-"""jaxla's benchmark suites (run ``python -m benchmarks.<suite>`` or ``jaxla bench <suite>``)."""
