@@ -231,13 +231,11 @@ def test_plot_attention_draws_the_recorded_sweep(tmp_path, capsys):
     assert len(plot_attention.sweep_rows(harness.read_results(RECORDED / "cpu_attention.json"))) > 4
 
 
-def test_finetune_suite_finds_its_demo_configs(tmp_path, monkeypatch):
+def test_finetune_suite_finds_its_demo_configs():
     assert finetune_suite.demo_config_path("lowrank") is None  # the built-in default demo
-    shipped = finetune_suite.PACKAGE_ROOT / "configs" / "tiny_lm.toml"
-    assert finetune_suite.demo_config_path("tiny_lm") == shipped
-    monkeypatch.setattr(finetune_suite, "PACKAGE_ROOT", tmp_path)  # an installed package: no configs/
-    with pytest.raises(FileNotFoundError, match=r"tiny_lm\.toml"):
-        finetune_suite.demo_config_path("tiny_lm")
+    assert finetune_suite.demo_config_path("tiny_lm") == "tiny_lm"  # shipped inside the package
+    with pytest.raises(FileNotFoundError, match="no built-in config 'nope'"):
+        finetune_suite.demo_config_path("nope")
 
 
 def test_bench_runs_from_a_package_without_its_checkout(tmp_path):
@@ -258,12 +256,7 @@ def test_bench_runs_from_a_package_without_its_checkout(tmp_path):
         "assert 'benchmarks' not in sys.modules\n"
         "from jaxla.benchmarks import finetune\n"
         "assert finetune.demo_config_path('lowrank') is None\n"
-        "try:\n"
-        "    finetune.demo_config_path('tiny_lm')\n"
-        "except FileNotFoundError:\n"
-        "    pass\n"
-        "else:\n"
-        "    raise AssertionError('found a config outside the package copy')\n"
+        "assert finetune.demo_config_path('tiny_lm') == 'tiny_lm'  # built into the package\n"
         "sys.exit(cli.main(['bench', 'summarize', sys.argv[2]]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(site), str(results)], cwd=work, env=env,

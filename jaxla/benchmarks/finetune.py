@@ -11,9 +11,9 @@ Each demo runs twice:
 ``--quick`` runs both demos at toy sizes with ``run.fast_compile`` (and only the default demo as a
 fresh process) to validate the suite, not to measure it.
 
-Configs: the default demo is jaxla's built-in default config (the same as ``configs/lowrank.toml``),
-so it runs from an installed package; the tiny LM demo reads ``configs/tiny_lm.toml`` of the source
-checkout (:func:`demo_config_path`) and reports a "not run" row where there is none.
+Configs: the default demo is jaxla's built-in default config (the same as ``configs/lowrank.toml``);
+the tiny LM demo runs its built-in config ``tiny_lm`` (``jaxla/finetune/demos/tiny_lm.toml``), so
+both run from an installed package.
 """
 
 from __future__ import annotations
@@ -33,19 +33,17 @@ from jaxla.benchmarks import harness, specs_finetune
 PACKAGE_ROOT = Path(jaxla.__file__).resolve().parent.parent
 
 
-def demo_config_path(demo: str) -> Path | None:
-    """The config file a demo runs with: None for the built-in default demo (``lowrank``), the
-    checkout's ``configs/<demo>.toml`` otherwise; raises FileNotFoundError when there is none."""
+def demo_config_path(demo: str) -> str | None:
+    """The config a demo runs with: None for the built-in default demo (``lowrank``), else the name
+    of its built-in config (shipped inside the package, so it works from an installed jaxla)."""
     if demo == finetune.Config().run.demo:
         return None
-    path = PACKAGE_ROOT / "configs" / f"{demo}.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path}: configs/{demo}.toml ships with the source checkout, "
-                                "not with the installed package")
-    return path
+    if demo not in finetune.builtin_configs():
+        raise FileNotFoundError(f"no built-in config {demo!r}; built-in: {finetune.builtin_configs()}")
+    return demo
 
 
-def _in_process(name: str, config: Path | None, overrides: list[str], *, check: bool) -> list[dict]:
+def _in_process(name: str, config: str | None, overrides: list[str], *, check: bool) -> list[dict]:
     cfg = finetune.apply_overrides(finetune.load_config(config), [*overrides, "run.plots=false"])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -73,8 +71,8 @@ def _in_process(name: str, config: Path | None, overrides: list[str], *, check: 
     return rows
 
 
-def _fresh_process(name: str, config: Path | None, overrides: list[str], target_s: float | None) -> dict:
-    args = [sys.executable, "-m", "jaxla", "finetune", *([str(config)] if config else []), "--no-progress"]
+def _fresh_process(name: str, config: str | None, overrides: list[str], target_s: float | None) -> dict:
+    args = [sys.executable, "-m", "jaxla", "finetune", *([config] if config else []), "--no-progress"]
     for o in overrides:
         args += ["--set", o]
     # The child imports the same jaxla as this process, installed or from a checkout.
