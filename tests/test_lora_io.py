@@ -100,6 +100,76 @@ def test_failed_save_leaves_old_file_intact(tmp_path, rng, monkeypatch):
     assert os.listdir(tmp_path) == ["a.safetensors"]
 
 
+def _write_jaxla(path, tensors, meta):
+    """A jaxla adapter file with hand-written (possibly hostile) metadata."""
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    safetensors.numpy.save_file(tensors, str(path), metadata={"jaxla_lora": text})
+
+
+def _good_meta(**entry):
+    return {"format": "jaxla.lora", "version": 1, "config": None,
+            "adapters": {"w": {"alpha": 2.0, "rslora": False, "out_in": False, **entry}}}
+
+
+def _good_tensors(r_a=2, r_b=2):
+    return {"w/a": np.ones((r_a, 4), np.float32), "w/b": np.ones((3, r_b), np.float32)}
+
+
+def test_load_rejects_hostile_metadata(tmp_path):
+    """Every field of an adapter file is checked; the error names the file and the key (issue 16)."""
+    path = tmp_path / "bad.safetensors"
+    _write_jaxla(path, _good_tensors(), _good_meta())
+    ads, config = lora.load(path)
+    assert ads["w"].alpha == 2.0 and ads["w"].rank == 2 and config is None
+    entry = _good_meta()["adapters"]["w"]
+    cases = [
+        (_good_meta(alpha=-1.0), r"adapters\['w'\]\.alpha must be a finite number > 0, got float -1"),
+        (_good_meta(alpha=float("nan")), r"alpha must be a finite number > 0, got float nan"),
+        (_good_meta(alpha="2"), r"alpha must be a finite number > 0, got str '2'"),
+        (_good_meta(alpha=True), r"alpha must be a finite number > 0, got bool"),
+        (_good_meta(rslora="false"), r"adapters\['w'\]\.rslora must be true or false, got str"),
+        (_good_meta(out_in=1), r"out_in must be true or false, got int 1"),
+        ({**_good_meta(), "adapters": {"w": {"rslora": False, "out_in": False}}},
+         r"must have exactly the keys \['alpha', 'rslora', 'out_in'\]; missing \['alpha'\]"),
+        ({**_good_meta(), "adapters": {"w": {**entry, "beta": 1}}}, r"unknown \['beta'\]"),
+        ({**_good_meta(), "adapters": {"w": [1, 2]}}, r"adapters\['w'\] must be a JSON object"),
+        ({**_good_meta(), "adapters": [1]}, r"'adapters' must be a JSON object"),
+        ({**_good_meta(), "version": "1"}, r"'version' must be an integer >= 1, got str '1'"),
+        ({**_good_meta(), "version": 2}, r"format version 2; this jaxla reads up to 1"),
+        ({**_good_meta(), "config": [1]}, r"'config' must be a JSON object or null"),
+        ([1, 2], r"corrupt jaxla adapter metadata"),
+        ("{not json", r"is not valid JSON"),
+        ("[" * 100_000, r"nests JSON 100000 levels deep; at most 64"),
+    ]
+    for meta, message in cases:
+        _write_jaxla(path, _good_tensors(), meta)
+        with pytest.raises(ValueError, match=message) as info:
+            lora.load(path)
+        assert "bad.safetensors" in str(info.value)
+
+
+def test_load_rejects_hostile_tensors(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    cases = [
+        (_good_tensors(r_a=2, r_b=3), r"adapter 'w' has a \(2, 4\) and b \(3, 3\).*the same r"),
+        ({"w/a": np.ones((2, 4), np.float32)}, r"lacks tensor 'w/b'"),
+        ({**_good_tensors(), "w/a": np.ones((2, 4), np.int32)}, r"tensor 'w/a' must be floating"),
+        ({**_good_tensors(), "w/a": np.ones(4, np.float32)}, r"expected a \(\.\.\., r, d_in\)"),
+        ({**_good_tensors(), "w/b": np.full((3, 2), np.nan, np.float32)},
+         r"tensor 'w/b' holds 6 NaN or inf"),
+        ({**_good_tensors(), "extra": np.ones(2, np.float32)}, r"tensors that no adapter lists"),
+    ]
+    for tensors, message in cases:
+        _write_jaxla(path, tensors, _good_meta())
+        with pytest.raises(ValueError, match=message):
+            lora.load(path)
+    # A header nested 100k deep is refused before any JSON parser recurses into it.
+    header = b"[" * 100_000
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match=r"not a valid safetensors file.*100000 levels deep"):
+        lora.load(path)
+
+
 # --- PEFT format -----------------------------------------------------------------------------------
 
 NAMES = {"proj/w": "model.proj", "layers/w": "model.layers.{}.self_attn.q_proj"}
