@@ -260,3 +260,87 @@ def test_peft_bad_input(tmp_path, rng):
     os.remove(directory / "adapter_config.json")
     with pytest.raises(FileNotFoundError, match="no PEFT config"):
         lora.load_peft(directory, params, NAMES)
+
+
+def test_load_peft_rejects_hostile_config(tmp_path, rng):
+    """Every adapter_config.json field jaxla reads is checked; errors name the file and key."""
+    params = _params(rng)
+    directory, _ = _peft_files(rng, tmp_path)
+    good = json.loads((directory / "adapter_config.json").read_text())
+    cases = [
+        ({"r": "8"}, r"'r' must be an integer rank >= 1, got str '8'"),
+        ({"r": [3]}, r"'r' must be an integer rank >= 1, got list"),
+        ({"r": None}, r"'r' must be an integer rank >= 1, got NoneType"),
+        ({"r": -3}, r"'r' must be an integer rank >= 1, got int -3"),
+        ({"r": True}, r"'r' must be an integer rank >= 1, got bool"),
+        ({"r": 3.0}, r"'r' must be an integer rank >= 1, got float"),
+        ({"lora_alpha": "6"}, r"'lora_alpha' must be a finite number > 0, got str"),
+        ({"lora_alpha": None}, r"'lora_alpha' must be a finite number > 0, got NoneType"),
+        ({"lora_alpha": -6}, r"'lora_alpha' must be a finite number > 0, got int -6"),
+        ({"use_rslora": "false"}, r"'use_rslora' must be true or false, got str 'false'"),
+        ({"rank_pattern": ["proj"]}, r"rank_pattern must be a JSON object"),
+        ({"rank_pattern": {"(": 2}}, r"rank_pattern\['\('\]: the key is not a regular expression"),
+        ({"rank_pattern": {"(a)\\1": 2}}, r"RE2 has no backreferences"),
+        ({"rank_pattern": {"proj": "2"}}, r"rank_pattern\['proj'\] must be an integer rank >= 1"),
+        ({"rank_pattern": {"": 2}}, r"a pattern must have 1 to 1000 characters, got 0"),
+        ({"alpha_pattern": {"proj": -1}}, r"alpha_pattern\['proj'\] must be a finite number > 0"),
+        ({"peft_type": "PREFIX_TUNING"}, r"only 'LORA' is supported"),
+    ]
+    for change, message in cases:
+        (directory / "adapter_config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=message) as info:
+            lora.load_peft(directory, params, NAMES)
+        assert "adapter_config.json" in str(info.value)
+    for text, message in (("[1, 2]", r"expected a JSON object, got list"),
+                          ('{"r": 2}', r"lacks \['lora_alpha'\]"),
+                          ("[" * 100_000, r"nests JSON 100000 levels deep")):
+        (directory / "adapter_config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            lora.load_peft(directory, params, NAMES)
+    # A false flag stays false (it used to be bool("false") = True).
+    (directory / "adapter_config.json").write_text(json.dumps({**good, "use_rslora": False}))
+    assert not lora.load_peft(directory, params, NAMES)["proj/w"].rslora
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        lora.load_peft(directory, params, NAMES, dtype=jnp.int8)
+
+
+def test_load_peft_rejects_hostile_tensors(tmp_path, rng):
+    params = _params(rng)
+    directory, _ = _peft_files(rng, tmp_path)
+    weights = safetensors.numpy.load_file(str(directory / "adapter_model.safetensors"))
+    key_b = "base_model.model.model.proj.lora_B.weight"
+    for value, message in ((np.ones((5, 3), np.float32), r"lora_B.*\(5, 3\).*\(d_out, 2\)"),
+                           (np.full((5, 2), np.inf, np.float32), r"holds 10 NaN or inf"),
+                           (np.ones((5, 2), np.int32), r"must be floating, got int32")):
+        safetensors.numpy.save_file({**weights, key_b: value},
+                                    str(directory / "adapter_model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            lora.load_peft(directory, params, NAMES)
+
+
+def test_load_peft_patterns_cannot_backtrack(tmp_path, rng):
+    """``(a+)+b`` against 60 a's would take Python's re ~2^60 steps; RE2 matches in linear time, so
+    this test finishes at all only because no backtracking engine runs the file's patterns."""
+    module = "a" * 60
+    params = {"w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)}
+    tensors = {f"base_model.model.{module}.lora_A.weight": np.ones((2, 6), np.float32),
+               f"base_model.model.{module}.lora_B.weight": np.ones((5, 2), np.float32)}
+    config = {"r": 2, "lora_alpha": 4, "rank_pattern": {"(a+)+b": 3, "(a|aa)+c": 3},
+              "alpha_pattern": {"(a+)+b": 1, "a+": 8}}
+    _write_peft(tmp_path / "evil", tensors, config)
+    ads = lora.load_peft(tmp_path / "evil", params, {"w": module})
+    assert ads["w"].rank == 2 and ads["w"].alpha == 8.0  # "a+" matches, the evil keys do not
+
+
+def test_load_peft_pattern_semantics_follow_peft(tmp_path, rng):
+    """A key matches a trailing run of whole "."-separated parts, first key in file order wins."""
+    from jaxla.lora import _peft
+
+    patterns = _peft._compile_patterns(
+        {"rank_pattern": {"q_proj": 4, r"layers\.1\..*": 5, "0.self_attn.k_proj": 6}},
+        "rank_pattern", "cfg", _peft._check_rank)
+    cases = {"model.layers.0.self_attn.q_proj": 4, "q_proj": 4, "model.layers.0.xq_proj": 1,
+             "model.layers.1.mlp.up_proj": 5, "model.layers.1.self_attn.q_proj": 4,
+             "model.layers.0.self_attn.k_proj": 6, "model.layers.10.self_attn.k_proj": 1}
+    for module, want in cases.items():
+        assert _peft._pattern_value(patterns, module, 1) == want, module

@@ -27,11 +27,13 @@ from jaxla.lora._adapter import Adapter, Adapters
 from jaxla.lora._core import check_compatible
 
 __all__ = [
+    "check_alpha_field",
     "check_finite_tensor",
     "load",
     "parse_json",
     "read_safetensors",
     "save",
+    "short_repr",
     "write_atomic",
     "write_safetensors",
 ]
@@ -197,21 +199,21 @@ def load(path: str | os.PathLike, *, params: Any = None) -> tuple[Adapters, dict
     meta = parse_json(metadata[_META_KEY], f"{where}: metadata {_META_KEY!r}")
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{where} has corrupt jaxla adapter metadata: expected a JSON object with "
-                         f'"format": {_FORMAT!r}, got {_short(meta)}')
+                         f'"format": {_FORMAT!r}, got {short_repr(meta)}')
     version = meta.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"{where}: metadata key 'version' must be an integer >= 1, got "
-                         f"{_short(version)}")
+                         f"{short_repr(version)}")
     if version > _VERSION:
         raise ValueError(f"{where} has format version {version}; this jaxla reads up to {_VERSION}")
     entries = meta.get("adapters")
     if not isinstance(entries, dict):
         raise ValueError(f"{where}: metadata key 'adapters' must be a JSON object "
-                         f"{{path: {{alpha, rslora, out_in}}}}, got {_short(entries)}")
+                         f"{{path: {{alpha, rslora, out_in}}}}, got {short_repr(entries)}")
     config = meta.get("config")
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"{where}: metadata key 'config' must be a JSON object or null, got "
-                         f"{_short(config)}")
+                         f"{short_repr(config)}")
     adapters = {k: _read_adapter(where, k, info, tensors) for k, info in entries.items()}
     listed = {f"{k}/{t}" for k in entries for t in ("a", "b")}
     extra = sorted(set(tensors) - listed)
@@ -223,16 +225,25 @@ def load(path: str | os.PathLike, *, params: Any = None) -> tuple[Adapters, dict
     return adapters, config
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``"<type> <repr>"`` of a value read from a file, clipped for error messages."""
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
+
+
+def check_alpha_field(value: Any, what: str) -> float:
+    """A LoRA alpha read from a file: a JSON number (not a bool), finite and > 0."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value <= 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {short_repr(value)}")
+    return float(value)
 
 
 def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.ndarray]) -> Adapter:
     """One entry of the metadata's "adapters" object and its two tensors, checked field by field."""
     if not isinstance(info, dict):
         raise ValueError(f"{where}: adapters[{name!r}] must be a JSON object with alpha, rslora "
-                         f"and out_in, got {_short(info)}")
+                         f"and out_in, got {short_repr(info)}")
     fields = ("alpha", "rslora", "out_in")
     unknown = sorted(set(info) - set(fields))
     missing = [f for f in fields if f not in info]
@@ -240,15 +251,11 @@ def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.nda
         raise ValueError(f"{where}: adapters[{name!r}] must have exactly the keys {list(fields)}"
                          + (f"; missing {missing}" if missing else "")
                          + (f"; unknown {unknown}" if unknown else ""))
-    alpha = info["alpha"]
-    if (isinstance(alpha, bool) or not isinstance(alpha, int | float)
-            or not math.isfinite(alpha) or alpha <= 0):
-        raise ValueError(f"{where}: adapters[{name!r}].alpha must be a finite number > 0, got "
-                         f"{_short(alpha)}")
+    alpha = check_alpha_field(info["alpha"], f"{where}: adapters[{name!r}].alpha")
     for flag in ("rslora", "out_in"):
         if not isinstance(info[flag], bool):
             raise ValueError(f"{where}: adapters[{name!r}].{flag} must be true or false, got "
-                             f"{_short(info[flag])}")
+                             f"{short_repr(info[flag])}")
     arrays = []
     for t in ("a", "b"):
         key = f"{name}/{t}"
@@ -266,4 +273,4 @@ def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.nda
             f"{where}: adapter {name!r} has a {a.shape} and b {b.shape}; expected a (..., r, d_in) "
             "and b (..., d_out, r) with the same leading axes, the same r and no empty axis"
         )
-    return Adapter(jnp.asarray(a), jnp.asarray(b), float(alpha), info["rslora"], info["out_in"])
+    return Adapter(jnp.asarray(a), jnp.asarray(b), alpha, info["rslora"], info["out_in"])
