@@ -177,16 +177,18 @@ def test_gradients_match_finite_differences(key, rng, x64):
     np.testing.assert_allclose(gb, gb2, rtol=1e-10)
 
 
-def test_many_rows_path_gradients(key, rng, x64):
-    """With rows >= d_in, lora.linear folds the update into W in the forward and stays factored in
-    the backward; both its values and its gradients (x, W, a, b) must match the plain definition."""
+@pytest.mark.parametrize("formulation", ["factored", "merged"])
+def test_many_rows_path_gradients(key, rng, x64, formulation):
+    """formulation="merged" folds the update into W in the forward and stays factored in the
+    backward; both formulations' values and gradients (x, W, a, b) must match the plain definition."""
     params = jax.tree.map(lambda v: v.astype(jnp.float64), _dense(1, 5, 4))
     ad = _randomise_b(key, lora.init(key, params, rank=2, alpha=3.0, targets="w"))["w"]
     x = jnp.asarray(rng.standard_normal((2, 4, 5)))  # 8 rows >= d_in = 5
 
     def f(x, w, a, b):
         p = {"w": w, "b": params["b"]}
-        return jnp.tanh(lora.linear(p, dataclasses.replace(ad, a=a, b=b), x))
+        return jnp.tanh(lora.linear(p, dataclasses.replace(ad, a=a, b=b), x,
+                                    formulation=formulation))
 
     def ref(x, w, a, b):
         w_eff = w + ad.scale * (b @ a).T
@@ -201,6 +203,30 @@ def test_many_rows_path_gradients(key, rng, x64):
     want = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_row_result_does_not_depend_on_batch_size(key):
+    """The formulation is an option, not a function of the shape (issue 12): with W's entries
+    cancelling (x·W = 0) and an update far below W's float32 rounding step, folding ΔW into W erases
+    it. The default factored form keeps it whatever the number of rows; "merged" matches
+    merge-then-linear, also whatever the number of rows."""
+    d_in, d_out = 4, 3
+    w = jnp.asarray(np.tile([[1e8], [-1e8], [1e8], [-1e8]], (1, d_out)), jnp.float32)
+    a = jnp.full((1, d_in), 0.5, jnp.float32)
+    b = jnp.full((d_out, 1), 0.5, jnp.float32)
+    ad = lora.Adapter(a, b, alpha=1.0)
+    params = {"w": w}
+    row = jnp.ones((1, d_in), jnp.float32)
+    exact = d_in * 0.25  # x·ΔW with x = 1, ΔW = 0.25 everywhere
+    for rows in (1, d_in - 1, d_in, 4 * d_in):
+        x = jnp.tile(row, (rows, 1))
+        out = lora.linear(params, ad, x)
+        np.testing.assert_allclose(out, np.full((rows, d_out), exact), rtol=1e-6)
+        merged = lora.linear(params, ad, x, formulation="merged")
+        np.testing.assert_array_equal(merged, jaxla.linear(lora.merge({"w": w}, {"w": ad})[0], x))
+        np.testing.assert_array_equal(merged, np.zeros((rows, d_out)))  # W + ΔW rounds to W
+    with pytest.raises(ValueError, match=r"formulation must be one of \('factored', 'merged'\)"):
+        lora.linear(params, ad, row, formulation="auto")
 
 
 # --- stacked kernels, other layouts, other containers -------------------------------------------
