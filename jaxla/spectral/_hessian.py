@@ -9,11 +9,18 @@ The Hessian is only touched through Hessian-vector products computed forward-ove
 of ``grad``), which cost about two gradient evaluations and O(P) memory. Gradient descent with step
 size η is unstable along directions with curvature above 2/η (the "edge of stability", Cohen et al.
 2021), so :func:`sharpness` compares λ_max(H) with 2/η.
+
+Compilation is the caller's: these functions take the user's ``loss_fn``/``fn`` as an ordinary
+argument and compose under the caller's ``jax.jit`` (as optax and equinox leave ``jit`` to the
+caller). They keep no jit cache keyed on the callable, so a fresh lambda per call neither
+recompiles a library cache nor stays alive in one. Eagerly, each call compiles its solver loop once
+and keeps nothing; to compile once for many calls, jit the call site::
+
+    top = jax.jit(lambda p, b, k: spectral.hessian_top_eigenvalues(loss_fn, p, b, key=k))
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -99,6 +106,9 @@ def hessian_top_eigenvalues(
     Returns:
       :class:`jaxla.spectral.EigResult` with eigenvectors shaped like ``params`` plus a leading
       ``k`` axis, and the ``converged`` flag (``False`` for NaN losses or gradients).
+
+    Not jitted internally (see the module docstring): call it under your own ``jax.jit`` to compile
+    once; ``params``, ``batch`` and ``key`` may then be traced, the options must stay static.
     """
     _check_loss(loss_fn, params, batch)
     if method not in ("lanczos", "power"):
@@ -106,15 +116,6 @@ def hessian_top_eigenvalues(
     if method == "power" and which != "largest":
         raise ValueError("method='power' finds eigenvalues of largest magnitude; use lanczos "
                          f"for which={which!r}")
-    # One compiled program per loss function, shapes and options (argument checks run while it
-    # traces and raise as usual); params and batch are arguments, never baked-in constants.
-    return _hessian_eigs(params, batch, key, loss_fn=loss_fn, k=k, method=method,
-                         num_iters=num_iters, tol=tol, which=which)
-
-
-@functools.partial(jax.jit,
-                   static_argnames=("loss_fn", "k", "method", "num_iters", "tol", "which"))
-def _hessian_eigs(params, batch, key, *, loss_fn, k, method, num_iters, tol, which):
     def op(v):
         return hvp(loss_fn, params, batch, v)
 
@@ -192,7 +193,8 @@ def sharpness_callback(
     The returned function is pure: it returns a :class:`SharpnessResult` on steps divisible by
     ``every`` (``None`` otherwise) and keeps no history; the loop logs or collects the results. The
     Lanczos start vector is drawn from ``fold_in(key(seed), step)`` so runs are reproducible. The
-    computation is jitted once per parameter structure.
+    callback owns one ``jax.jit`` of the measurement, compiled once per parameter structure and
+    released with the callback (no global cache holds ``loss_fn``).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, e.g. the LoRA loss over adapter parameters.
@@ -265,14 +267,12 @@ def jacobian_singular_values(
 
     Returns:
       :class:`JacobianSVDResult`.
+
+    Not jitted internally (see the module docstring): call it under your own ``jax.jit`` to compile
+    once.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn)}")
-    return _jacobian_svd(x, key, fn=fn, k=k, num_iters=num_iters, tol=tol)
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "k", "num_iters", "tol"))
-def _jacobian_svd(x, key, *, fn, k, num_iters, tol):
     out, vjp_fn = jax.vjp(fn, x)
 
     def gram(v):
