@@ -347,6 +347,21 @@ def test_pissa_randomized_and_stacked(key, rng):
     np.testing.assert_allclose(_f64(lora.merge(base, rand)[0]["w"]), w, atol=1e-5)
 
 
+def test_pissa_randomized_uses_the_spectral_svd(key, rng):
+    """One randomized SVD in the package (issue 12): PiSSA's factors are exactly those of
+    spectral.randomized_svd with the same key, sketch size and power iterations."""
+    from jaxla import spectral
+
+    w = jnp.asarray(rng.standard_normal((12, 9)), jnp.float32)
+    ad, _ = lora.init_pissa({"w": w}, rank=3, alpha=6.0, targets="w", svd="randomized", key=key,
+                            niter=2, oversample=3)
+    res = spectral.randomized_svd(w, 3, key=jax.random.fold_in(key, 0), oversample=3, n_iter=2)
+    root = np.sqrt(np.asarray(res.s) / ad["w"].scale)
+    np.testing.assert_allclose(ad["w"].a, np.asarray(res.u).T * root[:, None], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ad["w"].b, np.asarray(res.vt).T * root[None, :], rtol=1e-6,
+                               atol=1e-7)
+
+
 def test_pissa_bad_input(rng):
     params = {"w": jnp.ones((4, 4))}
     with pytest.raises(ValueError, match="key"):
