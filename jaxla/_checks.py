@@ -49,6 +49,20 @@ def check_floating_dtype(dtype: object, name: str) -> jnp.dtype:
     return dt
 
 
+def check_eps(eps: object, name: str = "eps") -> None:
+    """Raises unless a Python/NumPy number ``eps`` is finite and >= 0 (traced values pass through).
+
+    A NaN or negative floor would turn every result into NaN (or a wrong sign) without an error.
+    """
+    if isinstance(eps, bool) or (not isinstance(eps, int | float | np.number)
+                                 and not isinstance(eps, jax.Array)):
+        raise TypeError(f"{name} must be a number, got {type(eps).__name__} {eps!r}")
+    if isinstance(eps, jax.Array):
+        return
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
+
+
 def check_axis(axis: object, ndim: int, name: str = "axis", what: str = "") -> int:
     """Returns ``axis`` normalised to ``[0, ndim)``, raising ValueError if it is out of range."""
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):

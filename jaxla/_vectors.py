@@ -118,6 +118,7 @@ def normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
     _checks.check_min_rank(x, "x", 1, "(..., D)")
+    _checks.check_eps(eps)
     axis = _checks.check_axis(axis, x.ndim, "axis", f"x with shape {tuple(x.shape)}")
     acc = _accum_dtype(x.dtype)
     xs, s = _rescaled(x, axis, acc)
@@ -142,6 +143,7 @@ def cosine_similarity(
       Array of shape ``broadcast(...)`` with values in [-1, 1].
     """
     a, b, out_dtype = _float_pair(a, b, "a", "b", axis)
+    _checks.check_eps(eps)
     acc = _accum_dtype(out_dtype)
     a_s, sa = _rescaled(a, axis, acc)
     b_s, sb = _rescaled(b, axis, acc)
@@ -167,6 +169,7 @@ def project(u: ArrayLike, onto: ArrayLike, *, axis: int = -1, eps: float = 1e-12
       Array of shape ``broadcast(u, onto)``.
     """
     u, v, out_dtype = _float_pair(u, onto, "u", "onto", axis)
+    _checks.check_eps(eps)
     acc = _accum_dtype(out_dtype)
     # (u·v / max(v·v, eps)) v = (u·v̂ / max(v̂·v̂, eps / s²)) v̂ for v = s v̂, without overflowing v·v.
     v_s, s = _rescaled(v, axis, acc)
@@ -197,6 +200,7 @@ def _matrix_pair(x: ArrayLike, y: ArrayLike, name_x: str, name_y: str):
 
 
 def _scores(x: jax.Array, y: jax.Array, acc, *, cosine: bool, eps: float) -> jax.Array:
+    _checks.check_eps(eps)
     x = x.astype(acc)
     y = y.astype(acc)
     if cosine:

@@ -197,3 +197,17 @@ def test_mlp_width_mismatch_names_both_shapes(key):
     m["down"] = jaxla.init_linear(key, 6, 4)
     with pytest.raises(ValueError, match=r"d_hidden = 8.*got up \(4, 8\), down \(6, 4\)"):
         jaxla.mlp(m, x)
+
+
+def test_norms_reject_bad_eps_and_integer_dtypes(key):
+    x = jnp.ones((2, 4), jnp.float32)
+    ln = jaxla.init_layer_norm(4)
+    for fn in (jaxla.layer_norm, jaxla.rms_norm):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0, got nan"):
+            fn(ln, x, eps=float("nan"))
+        with pytest.raises(ValueError, match="eps must be finite and >= 0, got -1"):
+            fn(ln, x, eps=-1.0)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        jaxla.init_layer_norm(4, dtype=jnp.int32)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        jaxla.init_embedding(key, 10, 4, dtype=jnp.int8)

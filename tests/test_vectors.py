@@ -216,3 +216,17 @@ def test_axis_out_of_range_is_a_value_error():
         jaxla.normalize(f, axis=2)
     with pytest.raises(TypeError, match="axis must be an int"):
         jaxla.project(f, f, axis=1.0)
+
+
+def test_bad_eps_is_rejected():
+    f = jnp.ones((3, 8), jnp.float32)
+    for fn in (lambda eps: jaxla.cosine_similarity(f, f, eps=eps),
+               lambda eps: jaxla.normalize(f, eps=eps),
+               lambda eps: jaxla.project(f, f, eps=eps),
+               lambda eps: jaxla.pairwise_cosine(f, f, eps=eps),
+               lambda eps: jaxla.top_k_similar(f, f, 2, eps=eps)):
+        for eps in (float("nan"), -1e-8, float("inf")):
+            with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+                fn(eps)
+        with pytest.raises(TypeError, match="eps must be a number"):
+            fn("1e-8")
