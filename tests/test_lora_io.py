@@ -344,3 +344,34 @@ def test_load_peft_pattern_semantics_follow_peft(tmp_path, rng):
              "model.layers.0.self_attn.k_proj": 6, "model.layers.10.self_attn.k_proj": 1}
     for module, want in cases.items():
         assert _peft._pattern_value(patterns, module, 1) == want, module
+
+
+def test_save_refuses_what_load_would_reject(tmp_path, rng):
+    """A saved file always loads: invalid adapters are refused before anything is written."""
+    params = _params(rng)
+    good = _adapters(rng, params)
+    nan_b = {**good, "proj/w": lora.Adapter(good["proj/w"].a, jnp.full_like(good["proj/w"].b,
+                                                                          jnp.nan), 4.0)}
+    cases = [
+        ({**good, "proj/w": lora.Adapter(good["proj/w"].a, good["proj/w"].b, -1.0)}, ValueError,
+         r"adapters\['proj/w'\]\.alpha must be a finite number > 0"),
+        ({**good, "proj/w": lora.Adapter(good["proj/w"].a, good["proj/w"].b, float("nan"))},
+         ValueError, r"alpha must be a finite number > 0, got float nan"),
+        (nan_b, ValueError, r"adapters\['proj/w'\]\.b holds 10 NaN or inf"),
+        ({**good, "proj/w": lora.Adapter(good["proj/w"].a, good["proj/w"].b[:, :1], 4.0)},
+         ValueError, r"adapter 'proj/w' has a \(2, 6\) and b \(5, 1\)"),
+        ({3: good["proj/w"]}, TypeError, r"adapter keys must be non-empty strings"),
+        ({"proj/w": "not an adapter"}, TypeError, r"must be a jaxla.lora.Adapter"),
+    ]
+    for adapters, error, message in cases:
+        with pytest.raises(error, match=message):
+            lora.save(tmp_path / "a.safetensors", adapters)
+        with pytest.raises(error, match=message):
+            lora.save_peft(tmp_path / "peft", adapters, {k: "m" for k in adapters})
+    assert os.listdir(tmp_path) == []
+    # NumPy scalars from user code are fine and round-trip as Python values.
+    ad = {"proj/w": lora.Adapter(good["proj/w"].a, good["proj/w"].b, np.float32(4.0),
+                                 np.bool_(True))}
+    lora.save(tmp_path / "a.safetensors", ad)
+    loaded, _ = lora.load(tmp_path / "a.safetensors")
+    assert loaded["proj/w"].alpha == 4.0 and loaded["proj/w"].rslora is True

@@ -28,7 +28,9 @@ from jaxla.lora._core import check_compatible
 
 __all__ = [
     "check_alpha_field",
+    "check_factor_shapes",
     "check_finite_tensor",
+    "host_adapters",
     "load",
     "parse_json",
     "read_safetensors",
@@ -150,25 +152,65 @@ def save(path: str | os.PathLike, adapters: Adapters, config: Mapping[str, Any] 
 
     Args:
       path: the file to write (e.g. ``"adapter.safetensors"``); its directory must exist.
-      adapters: ``{path: Adapter}``.
+      adapters: ``{path: Adapter}``; what :func:`load` would reject (alpha not finite and > 0,
+        non-finite or non-floating tensors, ranks that disagree) is refused before anything is
+        written, so a saved file always loads.
       config: any JSON-serialisable mapping (training settings, base model name, ...), returned by
         :func:`load`.
     """
-    if not isinstance(adapters, dict) or not all(isinstance(v, Adapter) for v in adapters.values()):
-        raise TypeError("adapters must be a dict {path: jaxla.lora.Adapter}")
+    arrays = host_adapters(adapters)
     try:
         meta = json.dumps({
             "format": _FORMAT, "version": _VERSION,
-            "adapters": {k: {"alpha": ad.alpha, "rslora": ad.rslora, "out_in": ad.out_in}
-                         for k, ad in adapters.items()},
+            "adapters": {k: {"alpha": float(ad.alpha), "rslora": bool(ad.rslora),
+                             "out_in": bool(ad.out_in)} for k, ad in adapters.items()},
             "config": dict(config) if config is not None else None,
         })
-    except TypeError as e:
-        raise TypeError(f"config must be JSON-serialisable: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"config must be a JSON-serialisable mapping: {e}") from None
     tensors = {}
-    for k, ad in adapters.items():
-        tensors[f"{k}/a"], tensors[f"{k}/b"] = ad.a, ad.b
+    for k, (a, b) in arrays.items():
+        tensors[f"{k}/a"], tensors[f"{k}/b"] = a, b
     write_safetensors(path, tensors, {_META_KEY: meta})
+
+
+def host_adapters(adapters: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{path: (a, b)}`` as host arrays, after the checks :func:`load` applies to a file's adapters.
+
+    Shared by :func:`save` and ``save_peft``: refusing here means no file is written that its
+    loader would reject.
+    """
+    if not isinstance(adapters, dict):
+        raise TypeError(f"adapters must be a dict {{path: jaxla.lora.Adapter}}, got "
+                        f"{type(adapters).__name__}")
+    out = {}
+    for k, ad in adapters.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"adapter keys must be non-empty strings (parameter paths), got {k!r}")
+        if not isinstance(ad, Adapter):
+            raise TypeError(f"adapters[{k!r}] must be a jaxla.lora.Adapter, got {type(ad).__name__}")
+        alpha = ad.alpha
+        if isinstance(alpha, np.number):
+            alpha = alpha.item()
+        check_alpha_field(alpha, f"adapters[{k!r}].alpha")
+        a, b = (np.asarray(jax.device_get(t)) for t in (ad.a, ad.b))
+        for name, arr in (("a", a), ("b", b)):
+            if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
+                raise TypeError(f"adapters[{k!r}].{name} must be floating, got {arr.dtype}")
+            check_finite_tensor(arr, f"adapters[{k!r}].{name}")
+        check_factor_shapes(a.shape, b.shape, f"adapter {k!r}")
+        out[k] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
+    return out
+
+
+def check_factor_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...], what: str) -> None:
+    """a ``(..., r, d_in)`` and b ``(..., d_out, r)``: same leading axes, same r, no empty axis."""
+    if (len(a_shape) < 2 or len(b_shape) != len(a_shape) or a_shape[:-2] != b_shape[:-2]
+            or a_shape[-2] != b_shape[-1] or 0 in a_shape or 0 in b_shape):
+        raise ValueError(
+            f"{what} has a {tuple(a_shape)} and b {tuple(b_shape)}; expected a (..., r, d_in) and "
+            "b (..., d_out, r) with the same leading axes, the same r and no empty axis"
+        )
 
 
 def load(path: str | os.PathLike, *, params: Any = None) -> tuple[Adapters, dict[str, Any] | None]:
@@ -267,10 +309,5 @@ def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.nda
         check_finite_tensor(arr, f"{where}: tensor {key!r}")
         arrays.append(arr)
     a, b = arrays
-    if (a.ndim < 2 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-2] != b.shape[-1]
-            or 0 in a.shape or 0 in b.shape):
-        raise ValueError(
-            f"{where}: adapter {name!r} has a {a.shape} and b {b.shape}; expected a (..., r, d_in) "
-            "and b (..., d_out, r) with the same leading axes, the same r and no empty axis"
-        )
+    check_factor_shapes(a.shape, b.shape, f"{where}: adapter {name!r}")
     return Adapter(jnp.asarray(a), jnp.asarray(b), alpha, info["rslora"], info["out_in"])

@@ -32,6 +32,7 @@ from jaxla.lora._adapter import Adapter, Adapters, check_pair
 from jaxla.lora._io import (
     check_alpha_field,
     check_finite_tensor,
+    host_adapters,
     parse_json,
     read_safetensors,
     short_repr,
@@ -140,6 +141,7 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
         for stacking axes.
       base_model: recorded as ``base_model_name_or_path``.
     """
+    arrays = host_adapters(adapters)
     missing = [k for k in adapters if k not in module_names]
     if missing:
         raise ValueError(f"module_names lacks entries for adapter paths {missing}")
@@ -148,10 +150,11 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
         raise ValueError("PEFT stores one use_rslora flag; these adapters mix rslora True and False")
     tensors, ranks, alphas = {}, {}, {}
     for path, ad in adapters.items():
+        a, b = arrays[path]
         for idx, module in _modules(path, module_names[path], ad.stack_shape):
-            tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(ad.a)[idx]
-            tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(ad.b)[idx]
-            ranks[module], alphas[module] = ad.rank, ad.alpha
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = a[idx]
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = b[idx]
+            ranks[module], alphas[module] = ad.rank, float(ad.alpha)
     r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
     config = {
