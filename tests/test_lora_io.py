@@ -375,3 +375,14 @@ def test_save_refuses_what_load_would_reject(tmp_path, rng):
     lora.save(tmp_path / "a.safetensors", ad)
     loaded, _ = lora.load(tmp_path / "a.safetensors")
     assert loaded["proj/w"].alpha == 4.0 and loaded["proj/w"].rslora is True
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_json_depth_ignores_strings_and_escapes(monkeypatch, chunk):
+    from jaxla.lora import _io
+
+    monkeypatch.setattr(_io, "_SCAN_CHUNK", chunk)  # 3 bytes: every state crosses a chunk edge
+    cases = {b"": 0, b"{}": 1, b"[[[]]]": 3, b'{"a": "[[[["}': 1, b'["\\"[["]': 1,
+             b'{"a": "\\\\", "b": [[1]]}': 3, b'["\\\\\\"[", [[]]]': 3, b"[" * 1000: 1000}
+    for text, depth in cases.items():
+        assert _io.json_depth(text) == depth, text

@@ -53,7 +53,7 @@ _DTYPES = {
 # 100 MB; JSON nested deeper than this is no adapter and would exhaust Python's recursion limit.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_JSON_DEPTH = 64
-_SCAN_CHUNK = 1 << 22
+_SCAN_CHUNK = 1 << 20  # bytes per NumPy pass, so a 100 MB header needs ~10 MB per temporary
 
 
 def parse_json(data: bytes | str, where: str) -> Any:
@@ -90,8 +90,9 @@ def json_depth(raw: bytes) -> int:
         run_before = np.concatenate([[bs_run], run_to[:-1]])
         quote = (c == ord('"')) & (run_before % 2 == 0)
         inside = (in_string + np.cumsum(quote)) % 2
-        step = np.where(inside == 0, np.isin(c, (91, 123)).astype(np.int64)
-                        - np.isin(c, (93, 125)).astype(np.int64), 0)
+        opens = (c == ord("[")) | (c == ord("{"))
+        closes = (c == ord("]")) | (c == ord("}"))
+        step = np.where(inside == 0, opens.astype(np.int64) - closes.astype(np.int64), 0)
         level = depth + np.cumsum(step)
         best = max(best, int(level.max()))
         depth, in_string, bs_run = int(level[-1]), int(inside[-1]), int(run_to[-1])
