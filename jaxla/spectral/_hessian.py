@@ -12,15 +12,17 @@ size η is unstable along directions with curvature above 2/η (the "edge of sta
 
 Compilation is the caller's: these functions take the user's ``loss_fn``/``fn`` as an ordinary
 argument and compose under the caller's ``jax.jit`` (as optax and equinox leave ``jit`` to the
-caller). They keep no jit cache keyed on the callable, so a fresh lambda per call neither
-recompiles a library cache nor stays alive in one. Eagerly, each call compiles its solver loop once
-and keeps nothing; to compile once for many calls, jit the call site::
+caller). They keep no jit cache keyed on the callable, so a fresh lambda per call neither grows a
+library cache nor stays alive in one. Eagerly, each call compiles one program for itself (with
+params and batch as its arguments) and keeps nothing; to compile once for many calls, jit the call
+site::
 
     top = jax.jit(lambda p, b, k: spectral.hessian_top_eigenvalues(loss_fn, p, b, key=k))
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -107,8 +109,9 @@ def hessian_top_eigenvalues(
       :class:`jaxla.spectral.EigResult` with eigenvectors shaped like ``params`` plus a leading
       ``k`` axis, and the ``converged`` flag (``False`` for NaN losses or gradients).
 
-    Not jitted internally (see the module docstring): call it under your own ``jax.jit`` to compile
-    once; ``params``, ``batch`` and ``key`` may then be traced, the options must stay static.
+    No library cache holds ``loss_fn`` (see the module docstring): call it under your own
+    ``jax.jit`` to compile once; ``params``, ``batch`` and ``key`` may then be traced, the options
+    must stay static.
     """
     _check_loss(loss_fn, params, batch)
     if method not in ("lanczos", "power"):
@@ -116,6 +119,21 @@ def hessian_top_eigenvalues(
     if method == "power" and which != "largest":
         raise ValueError("method='power' finds eigenvalues of largest magnitude; use lanczos "
                          f"for which={which!r}")
+    return _this_call_jit(_hessian_eigs, loss_fn, k=k, method=method, num_iters=num_iters,
+                          tol=tol, which=which)(params, batch, key)
+
+
+def _this_call_jit(fn: Callable, user_fn: Callable, **static: Any) -> Callable:
+    """``jax.jit`` of ``fn(user_fn, *arrays, **static)``, made for one call and dropped after it.
+
+    The arrays stay arguments of the compiled program (a closure would bake params and batch into
+    it as constants); the wrapper is fresh, so no cache keyed on ``user_fn`` outlives the call; and
+    under the caller's ``jax.jit`` it is inlined into the caller's program.
+    """
+    return jax.jit(functools.partial(fn, user_fn, **static))
+
+
+def _hessian_eigs(loss_fn, params, batch, key, *, k, method, num_iters, tol, which):
     def op(v):
         return hvp(loss_fn, params, batch, v)
 
@@ -268,11 +286,15 @@ def jacobian_singular_values(
     Returns:
       :class:`JacobianSVDResult`.
 
-    Not jitted internally (see the module docstring): call it under your own ``jax.jit`` to compile
-    once.
+    No library cache holds ``fn`` (see the module docstring): call it under your own ``jax.jit`` to
+    compile once.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn)}")
+    return _this_call_jit(_jacobian_svd, fn, k=k, num_iters=num_iters, tol=tol)(x, key)
+
+
+def _jacobian_svd(fn, x, key, *, k, num_iters, tol):
     out, vjp_fn = jax.vjp(fn, x)
 
     def gram(v):
