@@ -193,3 +193,14 @@ def test_composes_under_the_callers_jit(key):
     # H = diag(6 p): the top eigenvalue follows p.
     np.testing.assert_allclose(first.eigenvalues[0], 6.0, rtol=1e-4)
     np.testing.assert_allclose(second.eigenvalues[0], 12.0, rtol=1e-4)
+
+
+def test_learning_rate_must_be_finite_and_positive(key):
+    def loss(p, b):
+        return jnp.sum(p * p)
+
+    for lr in (float("inf"), float("nan"), -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            spectral.sharpness(loss, jnp.ones(2), 0.0, learning_rate=lr, key=key)
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            spectral.sharpness_callback(loss, learning_rate=lr)

@@ -23,6 +23,7 @@ site::
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -144,6 +145,12 @@ def _hessian_eigs(loss_fn, params, batch, key, *, k, method, num_iters, tol, whi
     return _iterative.power_iteration(op, k=k, key=key, like=params, num_iters=rounds, tol=tol)
 
 
+def _check_learning_rate(learning_rate: Any) -> None:
+    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float)
+            or not math.isfinite(learning_rate) or not learning_rate > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
+
+
 class SharpnessResult(NamedTuple):
     """Largest Hessian eigenvalue against the gradient-descent stability threshold 2/η.
 
@@ -187,8 +194,7 @@ def sharpness(
     Returns:
       :class:`SharpnessResult` (scalars).
     """
-    if not isinstance(learning_rate, int | float) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    _check_learning_rate(learning_rate)
     n_params = sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(params))
     steps = None if num_iters is None else min(num_iters, max(n_params, 1))
     res = hessian_top_eigenvalues(loss_fn, params, batch, k=1, key=key, num_iters=steps, tol=tol)
@@ -225,8 +231,7 @@ def sharpness_callback(
       The callback.
     """
     every = _checks.check_positive_int(every, "every")
-    if not isinstance(learning_rate, int | float) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    _check_learning_rate(learning_rate)
 
     @jax.jit
     def measure(step, params, batch):
