@@ -430,6 +430,11 @@ def test_batched_bad_indices(key):
     assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
     with pytest.raises(ValueError, match="same paths"):
         lora.stack([{"w": stacked}, {}])
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        lora.linear_batched(params, stacked, x, jnp.array([0, 1]), dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"^preferred_element_type must be a floating dtype"):
+        lora.linear(params, lora.init(key, params, rank=1, alpha=1.0, targets="w")["w"], x,
+                    preferred_element_type=jnp.int8)
 
 
 # --- bad input -----------------------------------------------------------------------------------
