@@ -223,7 +223,9 @@ def _rank_key(scores: jax.Array) -> jax.Array:
     monotone. ``-0.0`` is folded into ``+0.0`` first so that the two still tie.
     """
     int_dtype = jnp.int64 if scores.dtype == jnp.float64 else jnp.int32
-    bits = jax.lax.bitcast_convert_type(scores + jnp.zeros((), scores.dtype), int_dtype)
+    # A where, not `scores + 0.0`, which an algebraic simplifier may drop.
+    positive_zero = jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores)
+    bits = jax.lax.bitcast_convert_type(positive_zero, int_dtype)
     info = jnp.iinfo(int_dtype)
     ordered = jnp.where(bits < 0, bits ^ jnp.asarray(info.max, int_dtype), bits)
     return jnp.where(jnp.isnan(scores), jnp.asarray(info.min, int_dtype), ordered)
