@@ -8,7 +8,9 @@ Dimension legend used in the docstrings:
   k        number of neighbours returned
 
 Reductions accumulate in at least float32 and the result is cast back to the inputs' dtype, so bfloat16
-embeddings get float32-accurate similarities rounded once.
+embeddings get float32-accurate similarities rounded once. Norms are taken of each vector divided by a
+power of two near its largest entry, so no sum of squares overflows or underflows; NaN and inf inputs
+give NaN (never a plausible number), and a NaN score never wins in :func:`top_k_similar`.
 """
 
 from __future__ import annotations
