@@ -20,8 +20,7 @@ E stacked adapter sets.
   is never traced, trained or weight-decayed. (Changing alpha therefore recompiles; switching between
   adapters of the same shapes does not.)
 * Products accumulate in float32 (float64 for float64 inputs). :func:`linear` computes
-  ``x·W + b + scale·((x·aᵀ)·bᵀ)`` without forming an (I, O) update (``formulation="merged"``
-  asks for ``x·(W + ΔW)`` instead); :func:`merge` accumulates
+  ``x·W + b + scale·((x·aᵀ)·bᵀ)`` without forming an (I, O) update; :func:`merge` accumulates
   ``W + ΔW`` in float32 and rounds to W's dtype once; :func:`unmerge` subtracts; both return the
   largest absolute rounding error.
 
