@@ -386,3 +386,20 @@ def test_json_depth_ignores_strings_and_escapes(monkeypatch, chunk):
              b'{"a": "\\\\", "b": [[1]]}': 3, b'["\\\\\\"[", [[]]]': 3, b"[" * 1000: 1000}
     for text, depth in cases.items():
         assert _io.json_depth(text) == depth, text
+
+
+def test_load_peft_without_re2_says_how_to_get_it(tmp_path, rng, monkeypatch):
+    """RE2 is imported only for configs with patterns; without it the error names the package."""
+    import sys
+
+    params = _params(rng)
+    directory, _ = _peft_files(rng, tmp_path)
+    monkeypatch.setitem(sys.modules, "re2", None)  # makes `import re2` raise ImportError
+    with pytest.raises(ImportError, match="pip install google-re2"):
+        lora.load_peft(directory, params, NAMES)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(rank_pattern={}, alpha_pattern={}, r=2, lora_alpha=4)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    # No patterns: no RE2 needed; the stacked layer's rank 3 now disagrees with r = 2.
+    with pytest.raises(ValueError, match=r"declares rank 2"):
+        lora.load_peft(directory, params, NAMES)
