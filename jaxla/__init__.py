@@ -33,35 +33,31 @@ from jaxla.attention import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChunkedBlockSizes",
     "__version__",
+    "apply_rope",
+    "attention_weights",
     "cosine_similarity",
     "dot",
+    "dot_product_attention",
     "embed",
     "init_embedding",
+    "init_kv_cache",
     "init_layer_norm",
     "init_linear",
+    "init_mha",
     "init_mlp",
     "layer_norm",
     "linear",
     "lora",
     "mlp",
+    "multi_head_attention",
+    "multi_head_attention_decode",
     "normalize",
     "pairwise_cosine",
     "project",
     "rms_norm",
+    "rope_frequencies",
     "spectral",
     "top_k_similar",
-]
-
-# ---- attention (issue 3) ----
-__all__ += [
-    "ChunkedBlockSizes",
-    "apply_rope",
-    "attention_weights",
-    "dot_product_attention",
-    "init_kv_cache",
-    "init_mha",
-    "multi_head_attention",
-    "multi_head_attention_decode",
-    "rope_frequencies",
 ]

@@ -35,6 +35,45 @@ def check_floating(x: jax.Array, name: str) -> None:
         )
 
 
+def check_floating_dtype(dtype: object, name: str) -> jnp.dtype:
+    """Returns ``dtype`` as a NumPy dtype, raising TypeError unless it is a floating dtype."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating dtype (float16, bfloat16, float32 or float64), got {dt}: "
+            "an integer or complex compute dtype would truncate or wrap the results"
+        )
+    return dt
+
+
+def check_eps(eps: object, name: str = "eps") -> None:
+    """Raises unless a Python/NumPy number ``eps`` is finite and >= 0 (traced values pass through).
+
+    A NaN or negative floor would turn every result into NaN (or a wrong sign) without an error.
+    """
+    if isinstance(eps, bool) or (not isinstance(eps, int | float | np.number)
+                                 and not isinstance(eps, jax.Array)):
+        raise TypeError(f"{name} must be a number, got {type(eps).__name__} {eps!r}")
+    if isinstance(eps, jax.Array):
+        return
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
+
+
+def check_axis(axis: object, ndim: int, name: str = "axis", what: str = "") -> int:
+    """Returns ``axis`` normalised to ``[0, ndim)``, raising ValueError if it is out of range."""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__} {axis!r}")
+    if not -ndim <= axis < ndim:
+        of = f" of {what}" if what else ""
+        raise ValueError(f"{name}={axis} is out of range for rank {ndim}{of} "
+                         f"(valid: {-ndim} to {ndim - 1})")
+    return int(axis) % ndim
+
+
 def check_integer(x: jax.Array, name: str) -> None:
     """Raises TypeError unless ``x`` has an integer dtype."""
     if not jnp.issubdtype(x.dtype, jnp.integer):

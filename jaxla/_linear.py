@@ -55,8 +55,7 @@ def init_linear(
     """
     d_in = _checks.check_positive_int(d_in, "d_in")
     d_out = _checks.check_positive_int(d_out, "d_out")
-    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
+    _checks.check_floating_dtype(dtype, "dtype")
     kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
     bias_init = bias_init or jax.nn.initializers.zeros
     w_key, b_key = jax.random.split(key)
@@ -102,8 +101,11 @@ def check_linear_input(w: jax.Array, x: ArrayLike, dtype, preferred_element_type
             f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
             f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)} (d_in, d_out)"
         )
-    compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
-    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else compute
+    # An integer compute or result dtype would silently truncate the inputs or wrap the sums.
+    compute = (_checks.check_floating_dtype(dtype, "dtype") if dtype is not None
+               else _checks.promote_dtypes(x.dtype, w.dtype))
+    out_dtype = (_checks.check_floating_dtype(preferred_element_type, "preferred_element_type")
+                 if preferred_element_type is not None else compute)
     return x, compute, out_dtype
 
 
@@ -176,7 +178,11 @@ def init_mlp(
     Returns:
       ``{"up": linear(I→F), "down": linear(F→O)}``, plus ``"gate": linear(I→F)`` when ``gated``.
     """
-    d_out = d_model if d_out is None else d_out
+    # Checked here so that errors name init_mlp's arguments, not the inner layers' d_in/d_out.
+    d_model = _checks.check_positive_int(d_model, "d_model")
+    d_hidden = _checks.check_positive_int(d_hidden, "d_hidden")
+    d_out = d_model if d_out is None else _checks.check_positive_int(d_out, "d_out")
+    _checks.check_floating_dtype(dtype, "dtype")
     k_up, k_down, k_gate = jax.random.split(key, 3)
     kw = dict(use_bias=use_bias, kernel_init=kernel_init, dtype=dtype)
     params = {
@@ -186,6 +192,23 @@ def init_mlp(
     if gated:
         params["gate"] = init_linear(k_gate, d_model, d_hidden, **kw)
     return params
+
+
+def _check_mlp_widths(params: Params, gated: bool) -> None:
+    """The hidden width F must agree between up (I, F), gate (I, F) and down (F, O)."""
+    names = ("up", "gate", "down") if gated else ("up", "down")
+    w = {n: check_linear_params(params[n], f'params["{n}"]')[0] for n in names}
+    shapes = ", ".join(f'{n} {tuple(w[n].shape)}' for n in names)
+    if gated and w["gate"].shape != w["up"].shape:
+        raise ValueError(
+            'params["gate"]["w"] and params["up"]["w"] must both be (d_model, d_hidden) with the same '
+            f"shape, got {shapes}"
+        )
+    if w["down"].shape[0] != w["up"].shape[1]:
+        raise ValueError(
+            f'params["down"]["w"] must be (d_hidden, d_out) with d_hidden = {w["up"].shape[1]} '
+            f'(the width of params["up"]), got {shapes}'
+        )
 
 
 def mlp(
@@ -215,6 +238,7 @@ def mlp(
             + (f"keys {sorted(params)}" if isinstance(params, dict) else type(params).__name__)
         )
     gated = "gate" in params
+    _check_mlp_widths(params, gated)
     if activation is None:
         activation = jax.nn.silu if gated else jax.nn.gelu
     kw = dict(precision=precision, dtype=dtype)

@@ -27,6 +27,7 @@ Params = dict[str, Any]
 def init_layer_norm(d: int, *, use_bias: bool = True, dtype: DTypeLike = jnp.float32) -> Params:
     """Parameters of a layer norm over D features: ``{"scale": ones (D,), "bias": zeros (D,)}``."""
     d = _checks.check_positive_int(d, "d")
+    _checks.check_floating_dtype(dtype, "dtype")
     params = {"scale": jnp.ones((d,), dtype)}
     if use_bias:
         params["bias"] = jnp.zeros((d,), dtype)
@@ -68,6 +69,7 @@ def layer_norm(params: Params, x: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
       Array with the shape and dtype of ``x``.
     """
     x = _check_norm_inputs(params, x, "layer_norm")
+    _checks.check_eps(eps)
     acc = _checks.accum_dtype(x.dtype)
     xf = x.astype(acc)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -89,6 +91,7 @@ def rms_norm(params: Params, x: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
       Array with the shape and dtype of ``x``.
     """
     x = _check_norm_inputs(params, x, "rms_norm")
+    _checks.check_eps(eps)
     acc = _checks.accum_dtype(x.dtype)
     xf = x.astype(acc)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -101,6 +104,7 @@ def init_embedding(
     """Token embedding table ``{"table": (V, D)}`` drawn from N(0, stddev²)."""
     vocab_size = _checks.check_positive_int(vocab_size, "vocab_size")
     d = _checks.check_positive_int(d, "d")
+    _checks.check_floating_dtype(dtype, "dtype")
     return {"table": stddev * jax.random.normal(key, (vocab_size, d), dtype)}
 
 

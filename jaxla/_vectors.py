@@ -8,7 +8,9 @@ Dimension legend used in the docstrings:
   k        number of neighbours returned
 
 Reductions accumulate in at least float32 and the result is cast back to the inputs' dtype, so bfloat16
-embeddings get float32-accurate similarities rounded once.
+embeddings get float32-accurate similarities rounded once. Norms are taken of each vector divided by a
+power of two near its largest entry, so no sum of squares overflows or underflows; NaN and inf inputs
+give NaN (never a plausible number), and a NaN score never wins in :func:`top_k_similar`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def _float_pair(a: ArrayLike, b: ArrayLike, name_a: str, name_b: str, axis: int)
     _checks.check_floating(b, name_b)
     _checks.check_min_rank(a, name_a, 1, "(..., D)")
     _checks.check_min_rank(b, name_b, 1, "(..., D)")
+    for arr, name in ((a, name_a), (b, name_b)):
+        _checks.check_axis(axis, arr.ndim, "axis", f"{name} with shape {tuple(arr.shape)}")
     if a.shape[axis] != b.shape[axis]:
         raise ValueError(
             f"{name_a} and {name_b} must have the same vector dimension on axis {axis}: "
@@ -57,9 +61,29 @@ def _float_pair(a: ArrayLike, b: ArrayLike, name_a: str, name_b: str, axis: int)
     return jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape), out_dtype
 
 
-def _sum_sq(x: jax.Array, axis: int, acc) -> jax.Array:
+def _rescaled(x: jax.Array, axis: int, acc) -> tuple[jax.Array, jax.Array]:
+    """``(x / s, s)`` with ``s`` the power of two at or below ``max |x|`` along ``axis`` (kept dims).
+
+    Norms and cosines are scale invariant, so computing them on ``x / s`` (entries in (-2, 2)) gives
+    the same result without overflowing the sum of squares (``1e30² = inf`` in float32) or
+    underflowing it. A power of two makes the division exact. ``s`` is 1 for zero vectors and for
+    non-finite ones (whose NaN/inf then propagates), and it is a constant for differentiation: the
+    function of ``x`` does not depend on it, so its gradient is exact without differentiating ``s``.
+    """
     x = x.astype(acc)
-    return jnp.sum(x * x, axis=axis)
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0))
+    s = jnp.ldexp(jnp.ones_like(peak), exponent - 1)
+    return x / s, s
+
+
+def _safe_norm_scaled(xs: jax.Array, s: jax.Array, axis: int, eps: float, acc) -> jax.Array:
+    """``max(||x||, eps) / s`` for ``xs = x / s``, keeping ``axis``; finite gradient at ``x = 0``."""
+    # max(||x||, eps) = s · max(||xs||, eps / s), written under the square root so that the gradient
+    # at x = 0 is finite. (eps / s)² may overflow to inf for subnormal x: the norm is then treated as
+    # infinite and the (negligible) cosine as 0.
+    floor = jnp.asarray(eps, acc) / s
+    return jnp.sqrt(jnp.maximum(jnp.sum(xs * xs, axis=axis, keepdims=True), floor * floor))
 
 
 def dot(a: ArrayLike, b: ArrayLike, *, axis: int = -1) -> jax.Array:
@@ -82,14 +106,6 @@ def dot(a: ArrayLike, b: ArrayLike, *, axis: int = -1) -> jax.Array:
     return jnp.sum(a.astype(acc) * b.astype(acc), axis=axis).astype(out_dtype)
 
 
-def _safe_norm(x: jax.Array, axis: int, eps: float, acc, keepdims: bool = False) -> jax.Array:
-    # max(||x||, eps) written as sqrt(max(||x||², eps²)) so that the gradient at x = 0 is finite.
-    sq = _sum_sq(x, axis, acc)
-    if keepdims:
-        sq = jnp.expand_dims(sq, axis)
-    return jnp.sqrt(jnp.maximum(sq, jnp.asarray(eps, acc) ** 2))
-
-
 def normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """Scales vectors to unit L2 norm: ``x / max(||x||, eps)``; a zero vector stays zero.
 
@@ -104,9 +120,11 @@ def normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     x = _checks.as_array(x, "x")
     _checks.check_floating(x, "x")
     _checks.check_min_rank(x, "x", 1, "(..., D)")
+    _checks.check_eps(eps)
+    axis = _checks.check_axis(axis, x.ndim, "axis", f"x with shape {tuple(x.shape)}")
     acc = _accum_dtype(x.dtype)
-    norm = _safe_norm(x, axis, eps, acc, keepdims=True)
-    return (x.astype(acc) / norm).astype(x.dtype)
+    xs, s = _rescaled(x, axis, acc)
+    return (xs / _safe_norm_scaled(xs, s, axis, eps, acc)).astype(x.dtype)
 
 
 def cosine_similarity(
@@ -127,9 +145,13 @@ def cosine_similarity(
       Array of shape ``broadcast(...)`` with values in [-1, 1].
     """
     a, b, out_dtype = _float_pair(a, b, "a", "b", axis)
+    _checks.check_eps(eps)
     acc = _accum_dtype(out_dtype)
-    num = jnp.sum(a.astype(acc) * b.astype(acc), axis=axis)
-    den = _safe_norm(a, axis, eps, acc) * _safe_norm(b, axis, eps, acc)
+    a_s, sa = _rescaled(a, axis, acc)
+    b_s, sb = _rescaled(b, axis, acc)
+    num = jnp.sum(a_s * b_s, axis=axis)
+    den = (_safe_norm_scaled(a_s, sa, axis, eps, acc)
+           * _safe_norm_scaled(b_s, sb, axis, eps, acc)).squeeze(axis)
     return jnp.clip(num / den, -1.0, 1.0).astype(out_dtype)
 
 
@@ -149,11 +171,13 @@ def project(u: ArrayLike, onto: ArrayLike, *, axis: int = -1, eps: float = 1e-12
       Array of shape ``broadcast(u, onto)``.
     """
     u, v, out_dtype = _float_pair(u, onto, "u", "onto", axis)
+    _checks.check_eps(eps)
     acc = _accum_dtype(out_dtype)
-    uv = jnp.sum(u.astype(acc) * v.astype(acc), axis=axis, keepdims=True)
-    vv = jnp.maximum(_sum_sq(v, axis, acc), jnp.asarray(eps, acc))
-    coeff = uv / jnp.expand_dims(vv, axis)
-    return (coeff * v.astype(acc)).astype(out_dtype)
+    # (u·v / max(v·v, eps)) v = (u·v̂ / max(v̂·v̂, eps / s²)) v̂ for v = s v̂, without overflowing v·v.
+    v_s, s = _rescaled(v, axis, acc)
+    uv = jnp.sum(u.astype(acc) * v_s, axis=axis, keepdims=True)
+    vv = jnp.maximum(jnp.sum(v_s * v_s, axis=axis, keepdims=True), jnp.asarray(eps, acc) / s / s)
+    return (uv / vv * v_s).astype(out_dtype)
 
 
 def _matrix_pair(x: ArrayLike, y: ArrayLike, name_x: str, name_y: str):
@@ -178,16 +202,35 @@ def _matrix_pair(x: ArrayLike, y: ArrayLike, name_x: str, name_y: str):
 
 
 def _scores(x: jax.Array, y: jax.Array, acc, *, cosine: bool, eps: float) -> jax.Array:
+    _checks.check_eps(eps)
     x = x.astype(acc)
     y = y.astype(acc)
     if cosine:
-        x = x / _safe_norm(x, -1, eps, acc, keepdims=True)
-        y = y / _safe_norm(y, -1, eps, acc, keepdims=True)
+        xs, sx = _rescaled(x, -1, acc)
+        ys, sy = _rescaled(y, -1, acc)
+        x = xs / _safe_norm_scaled(xs, sx, -1, eps, acc)
+        y = ys / _safe_norm_scaled(ys, sy, -1, eps, acc)
     batch = jnp.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     x = jnp.broadcast_to(x, batch + x.shape[-2:])
     y = jnp.broadcast_to(y, batch + y.shape[-2:])
     scores = jnp.einsum("...nd,...md->...nm", x, y, precision=jax.lax.Precision.HIGHEST)
     return jnp.clip(scores, -1.0, 1.0) if cosine else scores
+
+
+def _rank_key(scores: jax.Array) -> jax.Array:
+    """Integers ordered like ``scores`` with every NaN below ``-inf`` (``lax.top_k`` ranks NaN first).
+
+    A float's bits read as a signed integer are ordered like the float for non-negative values and
+    reversed for negative ones; flipping the non-sign bits of negatives makes the order total and
+    monotone. ``-0.0`` is folded into ``+0.0`` first so that the two still tie.
+    """
+    int_dtype = jnp.int64 if scores.dtype == jnp.float64 else jnp.int32
+    # A where, not `scores + 0.0`, which an algebraic simplifier may drop.
+    positive_zero = jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores)
+    bits = jax.lax.bitcast_convert_type(positive_zero, int_dtype)
+    info = jnp.iinfo(int_dtype)
+    ordered = jnp.where(bits < 0, bits ^ jnp.asarray(info.max, int_dtype), bits)
+    return jnp.where(jnp.isnan(scores), jnp.asarray(info.min, int_dtype), ordered)
 
 
 def pairwise_cosine(x: ArrayLike, y: ArrayLike, *, eps: float = 1e-8) -> jax.Array:
@@ -225,6 +268,11 @@ def top_k_similar(
     Returns:
       ``(scores, indices)``, each of shape ``(..., N, k)`` (``(k,)`` for a single query), sorted by
       decreasing score; ``indices`` are int32 positions along keys' M axis. Ties keep the lower index.
+
+    NaN: a NaN score never outranks a number. Keys whose score is NaN (a key holding NaN, or inf
+    with the cosine metric) come after every other key, even ``-inf`` dot products, in index order,
+    and their returned score stays NaN. A query holding NaN scores NaN against every key, so it gets
+    NaN scores and the indices ``0 … k-1``.
     """
     q = _checks.as_array(queries, "queries")
     single = q.ndim == 1
@@ -239,8 +287,8 @@ def top_k_similar(
         raise ValueError(f"k={k} is larger than the number of keys M={num_keys} (keys shape "
                          f"{tuple(keys_arr.shape)})")
     scores = _scores(q, keys_arr, _accum_dtype(out_dtype), cosine=metric == "cosine", eps=eps)
-    top_scores, top_idx = jax.lax.top_k(scores, k)
-    top_scores = top_scores.astype(out_dtype)
+    _, top_idx = jax.lax.top_k(_rank_key(scores), k)
+    top_scores = jnp.take_along_axis(scores, top_idx, axis=-1).astype(out_dtype)
     top_idx = top_idx.astype(jnp.int32)
     if single:
         return top_scores[0], top_idx[0]

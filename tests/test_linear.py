@@ -155,3 +155,59 @@ def test_bad_input(key):
         jaxla.layer_norm({"scale": jnp.ones(4)}, jnp.ones((2, 3), jnp.float32))
     with pytest.raises(TypeError, match="tokens must have an integer dtype"):
         jaxla.embed({"table": jnp.ones((4, 2))}, jnp.ones((3,), jnp.float32))
+
+
+def test_non_floating_compute_or_result_dtype_is_rejected(key):
+    """An integer dtype would truncate x and W and wrap the sums (issue 16)."""
+    p = jaxla.init_linear(key, 4, 3)
+    x = jnp.full((2, 4), 0.7, jnp.float32)
+    for kwargs, name in (({"dtype": jnp.int32}, "dtype"),
+                         ({"preferred_element_type": jnp.int8}, "preferred_element_type"),
+                         ({"dtype": jnp.complex64}, "dtype"),
+                         ({"dtype": "not a dtype"}, "dtype")):
+        with pytest.raises(TypeError, match=f"^{name} must be a floating dtype"):
+            jaxla.linear(p, x, **kwargs)
+    m = jaxla.init_mlp(key, 4, 8)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        jaxla.mlp(m, x, dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        jaxla.init_mlp(key, 4, 8, dtype=jnp.int32)
+    assert jaxla.linear(p, x, dtype=jnp.bfloat16, preferred_element_type=jnp.float32).dtype == \
+        jnp.float32
+
+
+def test_init_mlp_names_its_own_arguments(key):
+    with pytest.raises(ValueError, match=r"^d_hidden must be > 0, got 0"):
+        jaxla.init_mlp(key, 4, 0)
+    with pytest.raises(ValueError, match=r"^d_model must be > 0, got -1"):
+        jaxla.init_mlp(key, -1, 4)
+    with pytest.raises(ValueError, match=r"^d_out must be > 0, got 0"):
+        jaxla.init_mlp(key, 4, 8, d_out=0)
+    with pytest.raises(TypeError, match=r"^d_hidden must be an int"):
+        jaxla.init_mlp(key, 4, 8.0)
+
+
+def test_mlp_width_mismatch_names_both_shapes(key):
+    x = jnp.ones((2, 4), jnp.float32)
+    m = jaxla.init_mlp(key, 4, 8, gated=True)
+    m["gate"] = jaxla.init_linear(key, 4, 6)
+    with pytest.raises(ValueError, match=r'gate.*up.*same shape, got up \(4, 8\), gate \(4, 6\)'):
+        jaxla.mlp(m, x)
+    m = jaxla.init_mlp(key, 4, 8)
+    m["down"] = jaxla.init_linear(key, 6, 4)
+    with pytest.raises(ValueError, match=r"d_hidden = 8.*got up \(4, 8\), down \(6, 4\)"):
+        jaxla.mlp(m, x)
+
+
+def test_norms_reject_bad_eps_and_integer_dtypes(key):
+    x = jnp.ones((2, 4), jnp.float32)
+    ln = jaxla.init_layer_norm(4)
+    for fn in (jaxla.layer_norm, jaxla.rms_norm):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0, got nan"):
+            fn(ln, x, eps=float("nan"))
+        with pytest.raises(ValueError, match="eps must be finite and >= 0, got -1"):
+            fn(ln, x, eps=-1.0)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        jaxla.init_layer_norm(4, dtype=jnp.int32)
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        jaxla.init_embedding(key, 10, 4, dtype=jnp.int8)

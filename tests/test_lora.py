@@ -177,16 +177,18 @@ def test_gradients_match_finite_differences(key, rng, x64):
     np.testing.assert_allclose(gb, gb2, rtol=1e-10)
 
 
-def test_many_rows_path_gradients(key, rng, x64):
-    """With rows >= d_in, lora.linear folds the update into W in the forward and stays factored in
-    the backward; both its values and its gradients (x, W, a, b) must match the plain definition."""
+@pytest.mark.parametrize("formulation", ["factored", "merged"])
+def test_many_rows_path_gradients(key, rng, x64, formulation):
+    """formulation="merged" folds the update into W in the forward and stays factored in the
+    backward; both formulations' values and gradients (x, W, a, b) must match the plain definition."""
     params = jax.tree.map(lambda v: v.astype(jnp.float64), _dense(1, 5, 4))
     ad = _randomise_b(key, lora.init(key, params, rank=2, alpha=3.0, targets="w"))["w"]
     x = jnp.asarray(rng.standard_normal((2, 4, 5)))  # 8 rows >= d_in = 5
 
     def f(x, w, a, b):
         p = {"w": w, "b": params["b"]}
-        return jnp.tanh(lora.linear(p, dataclasses.replace(ad, a=a, b=b), x))
+        return jnp.tanh(lora.linear(p, dataclasses.replace(ad, a=a, b=b), x,
+                                    formulation=formulation))
 
     def ref(x, w, a, b):
         w_eff = w + ad.scale * (b @ a).T
@@ -201,6 +203,30 @@ def test_many_rows_path_gradients(key, rng, x64):
     want = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_row_result_does_not_depend_on_batch_size(key):
+    """The formulation is an option, not a function of the shape (issue 12): with W's entries
+    cancelling (x·W = 0) and an update far below W's float32 rounding step, folding ΔW into W erases
+    it. The default factored form keeps it whatever the number of rows; "merged" matches
+    merge-then-linear, also whatever the number of rows."""
+    d_in, d_out = 4, 3
+    w = jnp.asarray(np.tile([[1e8], [-1e8], [1e8], [-1e8]], (1, d_out)), jnp.float32)
+    a = jnp.full((1, d_in), 0.5, jnp.float32)
+    b = jnp.full((d_out, 1), 0.5, jnp.float32)
+    ad = lora.Adapter(a, b, alpha=1.0)
+    params = {"w": w}
+    row = jnp.ones((1, d_in), jnp.float32)
+    exact = d_in * 0.25  # x·ΔW with x = 1, ΔW = 0.25 everywhere
+    for rows in (1, d_in - 1, d_in, 4 * d_in):
+        x = jnp.tile(row, (rows, 1))
+        out = lora.linear(params, ad, x)
+        np.testing.assert_allclose(out, np.full((rows, d_out), exact), rtol=1e-6)
+        merged = lora.linear(params, ad, x, formulation="merged")
+        np.testing.assert_array_equal(merged, jaxla.linear(lora.merge({"w": w}, {"w": ad})[0], x))
+        np.testing.assert_array_equal(merged, np.zeros((rows, d_out)))  # W + ΔW rounds to W
+    with pytest.raises(ValueError, match=r"formulation must be one of \('factored', 'merged'\)"):
+        lora.linear(params, ad, row, formulation="auto")
 
 
 # --- stacked kernels, other layouts, other containers -------------------------------------------
@@ -321,6 +347,21 @@ def test_pissa_randomized_and_stacked(key, rng):
     np.testing.assert_allclose(_f64(lora.merge(base, rand)[0]["w"]), w, atol=1e-5)
 
 
+def test_pissa_randomized_uses_the_spectral_svd(key, rng):
+    """One randomized SVD in the package (issue 12): PiSSA's factors are exactly those of
+    spectral.randomized_svd with the same key, sketch size and power iterations."""
+    from jaxla import spectral
+
+    w = jnp.asarray(rng.standard_normal((12, 9)), jnp.float32)
+    ad, _ = lora.init_pissa({"w": w}, rank=3, alpha=6.0, targets="w", svd="randomized", key=key,
+                            niter=2, oversample=3)
+    res = spectral.randomized_svd(w, 3, key=jax.random.fold_in(key, 0), oversample=3, n_iter=2)
+    root = np.sqrt(np.asarray(res.s) / ad["w"].scale)
+    np.testing.assert_allclose(ad["w"].a, np.asarray(res.u).T * root[:, None], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ad["w"].b, np.asarray(res.vt).T * root[None, :], rtol=1e-6,
+                               atol=1e-7)
+
+
 def test_pissa_bad_input(rng):
     params = {"w": jnp.ones((4, 4))}
     with pytest.raises(ValueError, match="key"):
@@ -389,6 +430,11 @@ def test_batched_bad_indices(key):
     assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
     with pytest.raises(ValueError, match="same paths"):
         lora.stack([{"w": stacked}, {}])
+    with pytest.raises(TypeError, match=r"^dtype must be a floating dtype"):
+        lora.linear_batched(params, stacked, x, jnp.array([0, 1]), dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"^preferred_element_type must be a floating dtype"):
+        lora.linear(params, lora.init(key, params, rank=1, alpha=1.0, targets="w")["w"], x,
+                    preferred_element_type=jnp.int8)
 
 
 # --- bad input -----------------------------------------------------------------------------------

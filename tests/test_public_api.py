@@ -1,6 +1,7 @@
 """Every public name imports and is what ``__all__`` promises."""
 
 import importlib
+import re
 
 import jaxla
 
@@ -16,9 +17,24 @@ def test_every_public_name_imports():
                 assert hasattr(module, name), f"jaxla.{sub}.{name}"
 
 
+def _isort_key(name):
+    """The order ruff's RUF022 enforces: SCREAMING_CASE, then CamelCase, then the rest, each in
+    natural order (digit runs compared as numbers)."""
+    group = 0 if name.isupper() else 1 if name[0].isupper() else 2
+    return group, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def test_isort_key_matches_ruff_examples():
+    assert sorted(["__version__", "apply", "Chunked", "EMPTY_LSE", "a10", "a2"], key=_isort_key) == [
+        "EMPTY_LSE", "Chunked", "__version__", "a2", "a10", "apply"]
+
+
 def test_all_is_sorted_and_unique():
-    names = [n for n in jaxla.__all__ if n != "__version__"]
-    assert len(set(names)) == len(names)
+    for module_name in ("jaxla", "jaxla.lora", "jaxla.spectral", "jaxla.attention"):
+        names = list(importlib.import_module(module_name).__all__)
+        assert len(set(names)) == len(names), f"{module_name}.__all__ repeats a name"
+        assert names == sorted(names, key=_isort_key), (
+            f"{module_name}.__all__ is not sorted; expected {sorted(names, key=_isort_key)}")
 
 
 def test_public_functions_document_shapes():

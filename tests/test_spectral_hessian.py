@@ -140,3 +140,67 @@ def test_bad_inputs(key):
         spectral.jacobian_singular_values(jnp.sin, jnp.ones(3), k=5, key=key)
     with pytest.raises(TypeError, match="callable"):
         spectral.jacobian_singular_values(3, jnp.ones(3), key=key)
+
+
+def _call_and_release(call):
+    """Runs ``call(fn)`` with a fresh loss function and returns a weak reference to it."""
+    import weakref
+
+    scale = jnp.arange(1.0, 4.0)
+
+    def loss(p, batch):
+        return jnp.sum(scale * p * p) * batch
+
+    call(loss)
+    return weakref.ref(loss)
+
+
+@pytest.mark.parametrize("which", ["hessian", "power", "sharpness", "jacobian", "lanczos"])
+def test_no_cache_keeps_the_users_callable(which, key):
+    """A fresh lambda per call must not be pinned by a library jit cache (issue 12)."""
+    import gc
+
+    p, b = jnp.ones(3), jnp.float32(1.0)
+    calls = {
+        "hessian": lambda f: spectral.hessian_top_eigenvalues(f, p, b, key=key, num_iters=3),
+        "power": lambda f: spectral.hessian_top_eigenvalues(f, p, b, key=key, method="power",
+                                                            num_iters=3),
+        "sharpness": lambda f: spectral.sharpness(f, p, b, learning_rate=0.1, key=key,
+                                                  num_iters=3),
+        "jacobian": lambda f: spectral.jacobian_singular_values(lambda x: jax.grad(f)(x, b), p,
+                                                                key=key, num_iters=3),
+        "lanczos": lambda f: spectral.lanczos(lambda v: jax.grad(f)(v, b), like=p, key=key,
+                                              num_iters=3),
+    }
+    ref = _call_and_release(calls[which])
+    gc.collect()
+    assert ref() is None, f"{which}: a cache still holds the loss function"
+
+
+def test_composes_under_the_callers_jit(key):
+    """Under the caller's jit the loss is traced once, however many times the jitted call runs."""
+    traces = []
+
+    def loss(p, batch):
+        traces.append(1)
+        return jnp.sum(p * p * p) * batch
+
+    top = jax.jit(lambda p, b, k: spectral.hessian_top_eigenvalues(loss, p, b, key=k, num_iters=3))
+    first = top(jnp.ones(3), jnp.float32(1.0), key)
+    n = len(traces)
+    second = top(2 * jnp.ones(3), jnp.float32(1.0), jax.random.fold_in(key, 1))
+    assert len(traces) == n  # no retrace, no recompile for new values
+    # H = diag(6 p): the top eigenvalue follows p.
+    np.testing.assert_allclose(first.eigenvalues[0], 6.0, rtol=1e-4)
+    np.testing.assert_allclose(second.eigenvalues[0], 12.0, rtol=1e-4)
+
+
+def test_learning_rate_must_be_finite_and_positive(key):
+    def loss(p, b):
+        return jnp.sum(p * p)
+
+    for lr in (float("inf"), float("nan"), -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            spectral.sharpness(loss, jnp.ones(2), 0.0, learning_rate=lr, key=key)
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            spectral.sharpness_callback(loss, learning_rate=lr)

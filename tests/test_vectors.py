@@ -141,3 +141,95 @@ def test_bad_input():
         jaxla.top_k_similar(f, jnp.ones((4, 8), jnp.float32), 1, metric="l2")
     with pytest.raises(ValueError, match=r"y must have rank >= 2"):
         jaxla.pairwise_cosine(f, jnp.ones((8,), jnp.float32))
+
+
+def test_huge_and_tiny_vectors_do_not_overflow(x64):
+    """1e30² overflows float32: norms are taken of x / 2^k, so cosines stay exact (issue 16)."""
+    base_a = np.array([1.0, 2.0, -1.0, 3.0])
+    base_b = np.array([2.0, -1.0, 0.5, 1.0])
+    want = np_cos(base_a, base_b)
+    # Below eps a vector counts as zero; with eps lowered, 1e-30 (whose squares underflow float32)
+    # works like any other scale.
+    for scale, eps in ((1e30, 1e-8), (1.0, 1e-8), (1e-30, 1e-40)):
+        a = jnp.asarray(base_a * scale, jnp.float32)
+        b = jnp.asarray(base_b * scale, jnp.float32)
+        np.testing.assert_allclose(jaxla.cosine_similarity(a, b, eps=eps), want, rtol=1e-6)
+        np.testing.assert_allclose(jaxla.pairwise_cosine(a[None], b[None], eps=eps)[0, 0], want,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(jaxla.normalize(a, eps=eps), base_a / np.linalg.norm(base_a),
+                                   rtol=1e-6)
+        proj = base_a @ base_b / (base_b @ base_b) * base_b
+        np.testing.assert_allclose(np.asarray(jaxla.project(a, b, eps=eps * eps), np.float64) / scale, proj,
+                                   rtol=1e-6)
+        scores, idx = jaxla.top_k_similar(a[None], jnp.stack([b, a]), 2, eps=eps)
+        np.testing.assert_array_equal(idx, [[1, 0]])
+        np.testing.assert_allclose(scores, [[1.0, want]], rtol=1e-6)
+    # Gradients of the rescaled form equal the analytic gradient of the cosine.
+    a, b = base_a * 1e30, base_b * 1e30
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    want_grad = b / (na * nb) - (a @ b) * a / (na**3 * nb)
+    got = jax.grad(jaxla.cosine_similarity)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    np.testing.assert_allclose(got, want_grad, rtol=1e-5)
+    # The rescaling is by a power of two, so float64 results are the plain formula's to rounding.
+    check_grads(lambda a, b: jaxla.cosine_similarity(a, b), (jnp.asarray(base_a * 1e200),
+                jnp.asarray(base_b * 1e200)), order=1, modes=("rev",), eps=1e194)
+
+
+def test_non_finite_input_is_nan_not_a_number():
+    v = jnp.array([1.0, 2.0, 3.0], jnp.float32)
+    for bad in (jnp.nan, jnp.inf):
+        w = v.at[1].set(bad)
+        assert np.isnan(float(jaxla.cosine_similarity(w, v)))
+        assert np.all(np.isnan(np.asarray(jaxla.normalize(w))[1]))
+
+
+def test_top_k_nan_never_wins():
+    keys = jnp.array([[1.0, 0.0], [jnp.nan, 0.0], [0.0, 1.0], [-1.0, 0.0]], jnp.float32)
+    queries = jnp.array([[1.0, 0.0], [jnp.nan, 1.0]], jnp.float32)
+    for metric in ("cosine", "dot"):
+        scores, idx = jaxla.top_k_similar(queries, keys, 4, metric=metric)
+        # The NaN key ranks last for a good query, its score stays NaN.
+        np.testing.assert_array_equal(idx[0], [0, 2, 3, 1])
+        np.testing.assert_array_equal(scores[0, :3], [1.0, 0.0, -1.0])
+        assert np.isnan(scores[0, 3])
+        # A NaN query scores NaN everywhere and gets indices in order.
+        np.testing.assert_array_equal(idx[1], [0, 1, 2, 3])
+        assert np.all(np.isnan(scores[1]))
+    # NaN ranks below -inf dot products too, and k < M never picks a NaN over a number.
+    keys = jnp.array([[jnp.nan], [-jnp.inf], [2.0]], jnp.float32)
+    scores, idx = jaxla.top_k_similar(jnp.ones((1,), jnp.float32), keys, 2, metric="dot")
+    np.testing.assert_array_equal(idx, [2, 1])
+    np.testing.assert_array_equal(scores, [2.0, -np.inf])
+    # -0.0 and +0.0 still tie, keeping the lower index (also compiled as one program).
+    def top2(q, k):
+        return jaxla.top_k_similar(q, k, 2, metric="dot")[1]
+
+    for fn in (top2, jax.jit(top2)):
+        idx = fn(jnp.ones((1,), jnp.float32), jnp.array([[-0.0], [0.0]], jnp.float32))
+        np.testing.assert_array_equal(idx, [0, 1])
+
+
+def test_axis_out_of_range_is_a_value_error():
+    f = jnp.ones((3, 8), jnp.float32)
+    with pytest.raises(ValueError, match=r"axis=5 is out of range for rank 2 of a with shape \(3, 8\)"):
+        jaxla.dot(f, f, axis=5)
+    with pytest.raises(ValueError, match=r"axis=-3 is out of range for rank 2"):
+        jaxla.cosine_similarity(f, f, axis=-3)
+    with pytest.raises(ValueError, match=r"axis=2 is out of range for rank 2 of x"):
+        jaxla.normalize(f, axis=2)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        jaxla.project(f, f, axis=1.0)
+
+
+def test_bad_eps_is_rejected():
+    f = jnp.ones((3, 8), jnp.float32)
+    for fn in (lambda eps: jaxla.cosine_similarity(f, f, eps=eps),
+               lambda eps: jaxla.normalize(f, eps=eps),
+               lambda eps: jaxla.project(f, f, eps=eps),
+               lambda eps: jaxla.pairwise_cosine(f, f, eps=eps),
+               lambda eps: jaxla.top_k_similar(f, f, 2, eps=eps)):
+        for eps in (float("nan"), -1e-8, float("inf")):
+            with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+                fn(eps)
+        with pytest.raises(TypeError, match="eps must be a number"):
+            fn("1e-8")

@@ -110,7 +110,7 @@ def linear_batched(
       indices: ``(B,)`` integers in ``[-1, E)``; checked when concrete, NaN rows when out of range
         under jit.
       precision: passed to every product.
-      dtype: compute dtype; by default the promoted dtype of x and W.
+      dtype: compute dtype (floating); by default the promoted dtype of x and W.
 
     Returns:
       ``(B, ..., O)``, accumulated in float32 and rounded once.
@@ -127,7 +127,8 @@ def linear_batched(
         raise ValueError(f"x's last dimension {x.shape[-1]} does not match W's d_in {w.shape[0]}: "
                          f"x has shape {tuple(x.shape)}, W has shape {tuple(w.shape)}")
     idx = _check_indices(indices, x.shape[0], np.shape(adapters.a)[0])
-    compute = jnp.dtype(dtype) if dtype is not None else _checks.promote_dtypes(x.dtype, w.dtype)
+    compute = (_checks.check_floating_dtype(dtype, "dtype") if dtype is not None
+               else _checks.promote_dtypes(x.dtype, w.dtype))
     return _linear_batched_jit(params, adapters, x, idx, precision, compute)
 
 

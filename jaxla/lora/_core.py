@@ -135,6 +135,9 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+FORMULATIONS = ("factored", "merged")
+
+
 def linear(
     params: dict[str, Any],
     adapter: Adapter,
@@ -143,23 +146,39 @@ def linear(
     precision: jax.lax.PrecisionLike = None,
     dtype: DTypeLike | None = None,
     preferred_element_type: DTypeLike | None = None,
+    formulation: str = "factored",
 ) -> jax.Array:
-    """The adapted linear layer ``x·W + b + scale·((x·aᵀ)·bᵀ)``, never forming an (I, O) update.
+    """The adapted linear layer ``x·W + b + scale·((x·aᵀ)·bᵀ)``.
 
     Dimension legend: ``...`` leading batch/sequence axes, I ``d_in``, O ``d_out``, r rank.
+
+    Two formulations compute the same function; which one runs is the caller's choice, never the
+    input's shape, so a row's output does not depend on how many rows it was computed with:
+
+    * ``"factored"`` (default): ``x·W + scale·((x·aᵀ)·bᵀ)``, two thin products beside the main
+      one, never forming an (I, O) update. A small update is added to each output in float32, so it
+      survives even when it is far below W's rounding step.
+    * ``"merged"``: ``x·(W + scale·aᵀbᵀ)``, with ``W + ΔW`` formed in float32 and rounded to the
+      compute dtype once — the forward of :func:`merge` followed by :func:`jaxla.linear`. With many
+      rows (rows >= I) it saves a pass over the (rows, O) output, at the price of that rounding (which
+      in bfloat16 can erase small updates). Its backward stays factored, so the gradients for a and
+      b never form an (I, O) product.
 
     Args:
       params: ``{"w": (I, O), "b": (O,)}`` as for :func:`jaxla.linear` (``"b"`` optional).
       adapter: an :class:`Adapter` with a ``(r, I)`` and b ``(O, r)`` (not stacked, not ``out_in``).
       x: ``(..., I)``.
       precision: passed to every ``dot_general``.
-      dtype: compute dtype; by default the promoted dtype of x and W.
-      preferred_element_type: result dtype; the compute dtype by default.
+      dtype: compute dtype (floating); by default the promoted dtype of x and W.
+      preferred_element_type: result dtype (floating); the compute dtype by default.
+      formulation: ``"factored"`` or ``"merged"`` (static), see above.
 
     Returns:
-      ``(..., O)``. All three products accumulate in float32 (float64 for float64) and the sum is
-      rounded once.
+      ``(..., O)``. All products accumulate in float32 (float64 for float64) and the sum is rounded
+      once.
     """
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
     w, _ = _linear.check_linear_params(params)
     if not isinstance(adapter, Adapter):
         raise TypeError(f"adapter must be a jaxla.lora.Adapter, got {type(adapter).__name__}")
@@ -171,19 +190,18 @@ def linear(
         )
     check_pair("adapter", w, adapter)
     x, compute, out_dtype = _linear.check_linear_input(w, x, dtype, preferred_element_type)
-    return _linear_jit(params, adapter, x, precision, compute, out_dtype)
+    return _linear_jit(params, adapter, x, precision, compute, out_dtype, formulation)
 
 
 # Eager calls compile one program per shape rather than one per primitive; under an outer jit this
 # is inlined.
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _linear_jit(params, adapter, x, precision, compute, out_dtype):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _linear_jit(params, adapter, x, precision, compute, out_dtype, formulation):
     acc = _checks.accum_dtype(compute)
     w = jnp.asarray(params["w"]).astype(compute)
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)
     x = x.astype(compute)
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if rows >= w.shape[0] and compute != jnp.bfloat16 and compute != jnp.float16:
+    if formulation == "merged":
         y = _merged_product(x, w, a, b, float(adapter.scale), precision)
     else:
         y = _factored_product(x, w, a, b, float(adapter.scale), precision, acc)
@@ -209,9 +227,9 @@ def _factored_product(x, w, a, b, scale, precision, acc):
 
 # With many rows, adding the (rows, O) low-rank product costs a full extra pass over the output, while
 # folding the update into W costs one pass over the (I, O) weight: the forward multiplies by
-# W + scale·aᵀbᵀ (formed in f32; only for f32/f64 compute, since rounding W + ΔW to bf16 would lose
-# small updates). The backward stays factored, so gradients for a and b never form an (I, O) product
-# and W's gradient is only computed when something uses it (XLA removes it otherwise).
+# W + scale·aᵀbᵀ (formed in f32, rounded to the compute dtype). The backward stays factored, so
+# gradients for a and b never form an (I, O) product and W's gradient is only computed when
+# something uses it (XLA removes it otherwise).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _merged_product(x, w, a, b, scale, precision):
     acc = _checks.accum_dtype(x.dtype)

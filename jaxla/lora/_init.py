@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jaxla import _checks
+from jaxla import _checks, _rsvd
 from jaxla.lora import _targets
 from jaxla.lora._adapter import Adapter, Adapters
 from jaxla.lora._core import unmerge
@@ -145,22 +145,6 @@ def _init_arrays(key: jax.Array, specs: tuple, init: str) -> list[tuple[jax.Arra
     return out
 
 
-def _randomized_svd(key, w, r, *, oversample, niter):
-    """Top-r SVD of ``(..., m, n)`` by a randomized range finder with power iterations (Halko et al.)."""
-    m, n = w.shape[-2:]
-    ell = min(r + oversample, m, n)
-    omega = _flat_draw(jax.random.normal, key, (*w.shape[:-2], n, ell), w.dtype)
-    q, _ = jnp.linalg.qr(w @ omega)
-    wt = jnp.swapaxes(w, -1, -2)
-    for _ in range(niter):
-        # Re-orthonormalise each half-step so small singular directions survive in float32.
-        z, _ = jnp.linalg.qr(wt @ q)
-        q, _ = jnp.linalg.qr(w @ z)
-    small = jnp.swapaxes(q, -1, -2) @ w
-    ub, s, vh = jnp.linalg.svd(small, full_matrices=False)
-    return (q @ ub)[..., :r], s[..., :r], vh[..., :r, :]
-
-
 def init_pissa(
     params: Any,
     *,
@@ -190,8 +174,9 @@ def init_pissa(
       params: any parameter pytree.
       rank, alpha, targets, rslora, rank_pattern, alpha_pattern, stack_axes, out_in, dtype: as
         :func:`init`.
-      svd: ``"full"`` (exact, ``jnp.linalg.svd``) or ``"randomized"`` (range finder with power
-        iterations; needs ``key``; much faster for large weights).
+      svd: ``"full"`` (exact, ``jnp.linalg.svd``) or ``"randomized"`` (the range finder with power
+        iterations of :func:`jaxla.spectral.randomized_svd`; needs ``key``; much faster for large
+        weights).
       key: PRNG key for ``svd="randomized"``.
       niter: power iterations of the randomized SVD.
       oversample: extra random directions of the randomized SVD.
@@ -230,7 +215,9 @@ def _pissa_factors(key, w, r, scale, flip, svd, niter, oversample, dt):
         u, s, vh = jnp.linalg.svd(w_io, full_matrices=False)
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
     else:
-        u, s, vh = _randomized_svd(key, w_io, r, oversample=oversample, niter=niter)
+        # The package's one randomized SVD (jaxla.spectral.randomized_svd's core).
+        size = min(r + oversample, *w_io.shape[-2:])
+        u, s, vh = _rsvd.randomized_svd(w_io, key, rank=r, size=size, n_iter=niter)
     root = jnp.sqrt(s / jnp.asarray(scale, acc))
     a = (jnp.swapaxes(u, -1, -2) * root[..., :, None]).astype(dt)
     b = (jnp.swapaxes(vh, -1, -2) * root[..., None, :]).astype(dt)

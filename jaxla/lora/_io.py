@@ -9,6 +9,7 @@ A jaxla adapter file holds tensors ``"<path>/a"`` and ``"<path>/b"`` and, in the
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -25,7 +26,19 @@ from jaxla._files import write_atomic
 from jaxla.lora._adapter import Adapter, Adapters
 from jaxla.lora._core import check_compatible
 
-__all__ = ["load", "read_safetensors", "save", "write_atomic", "write_safetensors"]
+__all__ = [
+    "check_alpha_field",
+    "check_factor_shapes",
+    "check_finite_tensor",
+    "host_adapters",
+    "load",
+    "parse_json",
+    "read_safetensors",
+    "save",
+    "short_repr",
+    "write_atomic",
+    "write_safetensors",
+]
 
 _FORMAT, _VERSION, _META_KEY = "jaxla.lora", 1, "jaxla_lora"
 _DTYPES = {
@@ -34,6 +47,65 @@ _DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+
+
+# Bounds on what an untrusted file can make the loader do. safetensors itself caps its header at
+# 100 MB; JSON nested deeper than this is no adapter and would exhaust Python's recursion limit.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+_SCAN_CHUNK = 1 << 20  # bytes per NumPy pass, so a 100 MB header needs ~10 MB per temporary
+
+
+def parse_json(data: bytes | str, where: str) -> Any:
+    """``json.loads`` for untrusted text: bounded nesting, so no RecursionError; ValueError on junk.
+
+    ``where`` names the file (and key) for the error message.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} nests JSON {depth} levels deep; at most {MAX_JSON_DEPTH} are "
+                         "accepted")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of ``raw`` outside JSON strings, in one linear NumPy pass.
+
+    A quote opens or closes a string unless an odd run of backslashes precedes it. For invalid JSON
+    the count may differ from any parse, but up to the first syntax error (where a parser stops) it
+    is exact, so it bounds the recursion ``json.loads`` would need.
+    """
+    depth = best = bs_run = 0
+    in_string = 0
+    for start in range(0, len(raw), _SCAN_CHUNK):
+        c = np.frombuffer(raw, np.uint8, count=min(_SCAN_CHUNK, len(raw) - start), offset=start)
+        idx = np.arange(c.size, dtype=np.int64)
+        is_bs = c == ord("\\")
+        last_other = np.maximum.accumulate(np.where(is_bs, -1, idx))
+        run_to = np.where(last_other < 0, idx + 1 + bs_run, idx - last_other)  # run ending at i
+        run_before = np.concatenate([[bs_run], run_to[:-1]])
+        quote = (c == ord('"')) & (run_before % 2 == 0)
+        inside = (in_string + np.cumsum(quote)) % 2
+        opens = (c == ord("[")) | (c == ord("{"))
+        closes = (c == ord("]")) | (c == ord("}"))
+        step = np.where(inside == 0, opens.astype(np.int64) - closes.astype(np.int64), 0)
+        level = depth + np.cumsum(step)
+        best = max(best, int(level.max()))
+        depth, in_string, bs_run = int(level[-1]), int(inside[-1]), int(run_to[-1])
+    return best
+
+
+def check_finite_tensor(arr: np.ndarray, where: str) -> None:
+    """Raises ValueError if a floating tensor read from a file holds NaN or inf."""
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16:
+        values = np.asarray(arr, np.float32) if arr.dtype == ml_dtypes.bfloat16 else arr
+        if not np.all(np.isfinite(values)):
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            raise ValueError(f"{where} holds {bad} NaN or inf value(s) (shape {arr.shape})")
 
 
 def write_safetensors(path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
@@ -53,8 +125,15 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         (n,) = struct.unpack("<Q", data[:8])
         if n > len(data) - 8:
             raise ValueError(f"header length {n} exceeds the file size {len(data)}")
-        header = json.loads(data[8:8 + n])
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        header = parse_json(data[8:8 + n], "the header")
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("__metadata__ must map strings to strings")
         tensors = {}
         for name, info in safetensors.deserialize(data):
             if info["dtype"] not in _DTYPES:
@@ -74,29 +153,74 @@ def save(path: str | os.PathLike, adapters: Adapters, config: Mapping[str, Any] 
 
     Args:
       path: the file to write (e.g. ``"adapter.safetensors"``); its directory must exist.
-      adapters: ``{path: Adapter}``.
+      adapters: ``{path: Adapter}``; what :func:`load` would reject (alpha not finite and > 0,
+        non-finite or non-floating tensors, ranks that disagree) is refused before anything is
+        written, so a saved file always loads.
       config: any JSON-serialisable mapping (training settings, base model name, ...), returned by
         :func:`load`.
     """
-    if not isinstance(adapters, dict) or not all(isinstance(v, Adapter) for v in adapters.values()):
-        raise TypeError("adapters must be a dict {path: jaxla.lora.Adapter}")
+    arrays = host_adapters(adapters)
     try:
         meta = json.dumps({
             "format": _FORMAT, "version": _VERSION,
-            "adapters": {k: {"alpha": ad.alpha, "rslora": ad.rslora, "out_in": ad.out_in}
-                         for k, ad in adapters.items()},
+            "adapters": {k: {"alpha": float(ad.alpha), "rslora": bool(ad.rslora),
+                             "out_in": bool(ad.out_in)} for k, ad in adapters.items()},
             "config": dict(config) if config is not None else None,
         })
-    except TypeError as e:
-        raise TypeError(f"config must be JSON-serialisable: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"config must be a JSON-serialisable mapping: {e}") from None
     tensors = {}
-    for k, ad in adapters.items():
-        tensors[f"{k}/a"], tensors[f"{k}/b"] = ad.a, ad.b
+    for k, (a, b) in arrays.items():
+        tensors[f"{k}/a"], tensors[f"{k}/b"] = a, b
     write_safetensors(path, tensors, {_META_KEY: meta})
+
+
+def host_adapters(adapters: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{path: (a, b)}`` as host arrays, after the checks :func:`load` applies to a file's adapters.
+
+    Shared by :func:`save` and ``save_peft``: refusing here means no file is written that its
+    loader would reject.
+    """
+    if not isinstance(adapters, dict):
+        raise TypeError(f"adapters must be a dict {{path: jaxla.lora.Adapter}}, got "
+                        f"{type(adapters).__name__}")
+    out = {}
+    for k, ad in adapters.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"adapter keys must be non-empty strings (parameter paths), got {k!r}")
+        if not isinstance(ad, Adapter):
+            raise TypeError(f"adapters[{k!r}] must be a jaxla.lora.Adapter, got {type(ad).__name__}")
+        alpha = ad.alpha
+        if isinstance(alpha, np.number):
+            alpha = alpha.item()
+        check_alpha_field(alpha, f"adapters[{k!r}].alpha")
+        a, b = (np.asarray(jax.device_get(t)) for t in (ad.a, ad.b))
+        for name, arr in (("a", a), ("b", b)):
+            if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
+                raise TypeError(f"adapters[{k!r}].{name} must be floating, got {arr.dtype}")
+            check_finite_tensor(arr, f"adapters[{k!r}].{name}")
+        check_factor_shapes(a.shape, b.shape, f"adapter {k!r}")
+        out[k] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
+    return out
+
+
+def check_factor_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...], what: str) -> None:
+    """a ``(..., r, d_in)`` and b ``(..., d_out, r)``: same leading axes, same r, no empty axis."""
+    if (len(a_shape) < 2 or len(b_shape) != len(a_shape) or a_shape[:-2] != b_shape[:-2]
+            or a_shape[-2] != b_shape[-1] or 0 in a_shape or 0 in b_shape):
+        raise ValueError(
+            f"{what} has a {tuple(a_shape)} and b {tuple(b_shape)}; expected a (..., r, d_in) and "
+            "b (..., d_out, r) with the same leading axes, the same r and no empty axis"
+        )
 
 
 def load(path: str | os.PathLike, *, params: Any = None) -> tuple[Adapters, dict[str, Any] | None]:
     """Loads a file written by :func:`save`.
+
+    The file is untrusted: every field of its metadata is checked for type and range (alpha a
+    finite number > 0, ``rslora``/``out_in`` JSON booleans, a known integer version), the tensors
+    must be finite floating ``a (..., r, I)`` / ``b (..., O, r)`` pairs whose ranks and stacking
+    axes agree, and the JSON is parsed with bounded nesting. Errors name the file and the key.
 
     Args:
       path: the adapter file.
@@ -107,29 +231,84 @@ def load(path: str | os.PathLike, *, params: Any = None) -> tuple[Adapters, dict
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: a corrupt or foreign file, or adapters that do not fit ``params`` (the message names
-        the key and both shapes).
+      ValueError: a corrupt or foreign file, a field of the wrong type or range, or adapters that do
+        not fit ``params`` (the message names the key and both shapes).
     """
     tensors, metadata = read_safetensors(path)
+    where = repr(os.fspath(path))
     if _META_KEY not in metadata:
-        raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not a jaxla adapter file "
+        raise ValueError(f"{where} is a safetensors file but not a jaxla adapter file "
                          f"(no {_META_KEY!r} metadata); PEFT files load with jaxla.lora.load_peft")
-    try:
-        meta = json.loads(metadata[_META_KEY])
-        if meta.get("format") != _FORMAT or not isinstance(meta.get("adapters"), dict):
-            raise ValueError("unknown format")
-    except ValueError as e:
-        raise ValueError(f"{os.fspath(path)!r} has corrupt jaxla adapter metadata: {e}") from None
-    if meta.get("version", 0) > _VERSION:
-        raise ValueError(f"{os.fspath(path)!r} has format version {meta['version']}; this jaxla "
-                         f"reads up to {_VERSION}")
-    adapters = {}
-    for k, info in meta["adapters"].items():
-        missing = [t for t in (f"{k}/a", f"{k}/b") if t not in tensors]
-        if missing:
-            raise ValueError(f"{os.fspath(path)!r} lists adapter {k!r} but lacks tensors {missing}")
-        adapters[k] = Adapter(jnp.asarray(tensors[f"{k}/a"]), jnp.asarray(tensors[f"{k}/b"]),
-                              float(info["alpha"]), bool(info["rslora"]), bool(info["out_in"]))
+    meta = parse_json(metadata[_META_KEY], f"{where}: metadata {_META_KEY!r}")
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise ValueError(f"{where} has corrupt jaxla adapter metadata: expected a JSON object with "
+                         f'"format": {_FORMAT!r}, got {short_repr(meta)}')
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where}: metadata key 'version' must be an integer >= 1, got "
+                         f"{short_repr(version)}")
+    if version > _VERSION:
+        raise ValueError(f"{where} has format version {version}; this jaxla reads up to {_VERSION}")
+    entries = meta.get("adapters")
+    if not isinstance(entries, dict):
+        raise ValueError(f"{where}: metadata key 'adapters' must be a JSON object "
+                         f"{{path: {{alpha, rslora, out_in}}}}, got {short_repr(entries)}")
+    config = meta.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"{where}: metadata key 'config' must be a JSON object or null, got "
+                         f"{short_repr(config)}")
+    adapters = {k: _read_adapter(where, k, info, tensors) for k, info in entries.items()}
+    listed = {f"{k}/{t}" for k in entries for t in ("a", "b")}
+    extra = sorted(set(tensors) - listed)
+    if extra:
+        raise ValueError(f"{where} holds tensors that no adapter lists: {extra[:8]}"
+                         + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
     if params is not None:
         check_compatible(params, adapters)
-    return adapters, meta.get("config")
+    return adapters, config
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``"<type> <repr>"`` of a value read from a file, clipped for error messages."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
+
+
+def check_alpha_field(value: Any, what: str) -> float:
+    """A LoRA alpha read from a file: a JSON number (not a bool), finite and > 0."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value <= 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {short_repr(value)}")
+    return float(value)
+
+
+def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.ndarray]) -> Adapter:
+    """One entry of the metadata's "adapters" object and its two tensors, checked field by field."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: adapters[{name!r}] must be a JSON object with alpha, rslora "
+                         f"and out_in, got {short_repr(info)}")
+    fields = ("alpha", "rslora", "out_in")
+    unknown = sorted(set(info) - set(fields))
+    missing = [f for f in fields if f not in info]
+    if unknown or missing:
+        raise ValueError(f"{where}: adapters[{name!r}] must have exactly the keys {list(fields)}"
+                         + (f"; missing {missing}" if missing else "")
+                         + (f"; unknown {unknown}" if unknown else ""))
+    alpha = check_alpha_field(info["alpha"], f"{where}: adapters[{name!r}].alpha")
+    for flag in ("rslora", "out_in"):
+        if not isinstance(info[flag], bool):
+            raise ValueError(f"{where}: adapters[{name!r}].{flag} must be true or false, got "
+                             f"{short_repr(info[flag])}")
+    arrays = []
+    for t in ("a", "b"):
+        key = f"{name}/{t}"
+        if key not in tensors:
+            raise ValueError(f"{where} lists adapter {name!r} but lacks tensor {key!r}")
+        arr = tensors[key]
+        if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):
+            raise ValueError(f"{where}: tensor {key!r} must be floating, got {arr.dtype}")
+        check_finite_tensor(arr, f"{where}: tensor {key!r}")
+        arrays.append(arr)
+    a, b = arrays
+    check_factor_shapes(a.shape, b.shape, f"{where}: adapter {name!r}")
+    return Adapter(jnp.asarray(a), jnp.asarray(b), alpha, info["rslora"], info["out_in"])

@@ -5,6 +5,11 @@ PEFT's directory holds ``adapter_model.safetensors`` with ``base_model.model.<mo
 ``adapter_config.json`` with ``r``, ``lora_alpha``, ``target_modules``, ``use_rslora`` and optional
 ``rank_pattern`` / ``alpha_pattern``. Stacked adapters map to one module per stack entry: their module
 name contains one ``{}`` placeholder per stacking axis, e.g. ``"model.layers.{}.mlp.up_proj"``.
+
+Both files are untrusted. Every config field jaxla reads is checked for type and range, and the
+``rank_pattern`` / ``alpha_pattern`` keys, which PEFT treats as regular expressions, are run by RE2
+(the ``google-re2`` package), whose matching time is linear in the module name: a key such as
+``"(a+)+b"`` cannot make the loader backtrack for minutes as Python's ``re`` would.
 """
 
 from __future__ import annotations
@@ -13,18 +18,27 @@ import collections
 import itertools
 import json
 import os
-import re
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from jaxla import _checks
 from jaxla.lora import _targets
 from jaxla.lora._adapter import Adapter, Adapters, check_pair
-from jaxla.lora._io import read_safetensors, write_atomic, write_safetensors
+from jaxla.lora._io import (
+    check_alpha_field,
+    check_finite_tensor,
+    host_adapters,
+    parse_json,
+    read_safetensors,
+    short_repr,
+    write_atomic,
+    write_safetensors,
+)
 
 __all__ = ["load_peft", "save_peft"]
 
@@ -46,12 +60,73 @@ def _modules(path: str, template: Any, stack_shape: tuple[int, ...]) -> list[tup
     return [(idx, template.format(*idx)) for idx in itertools.product(*map(range, stack_shape))]
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    # PEFT's rule: a pattern matches a module name that ends with it at a "." boundary.
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_PATTERN_CHARS = 1000
+
+
+def _pattern_value(patterns: list[tuple[str, Callable[[str], bool], Any]], module: str,
+                   default: Any) -> Any:
+    """PEFT's rule: the first key (in file order) that matches a trailing run of whole "."-parts of
+    the module name, i.e. ``re.match(rf"(.*\\.)?({key})$", module)``, gives the value."""
+    for _key, matches, value in patterns:
+        if matches(module):
             return value
     return default
+
+
+def _re2():
+    try:
+        import re2
+    except ImportError:
+        raise ImportError(
+            "adapter_config.json has rank_pattern/alpha_pattern keys, which are regular expressions "
+            "from a file; jaxla matches them with RE2 (linear time, no catastrophic backtracking). "
+            "Install it with `pip install google-re2`."
+        ) from None
+    return re2
+
+
+def _compile_patterns(config: Mapping[str, Any], field: str, where: str,
+                      check_value: Callable[[Any, str], Any]) -> list[tuple[str, Callable, Any]]:
+    """``[(key, matches(module) -> bool, value)]`` for ``config[field]``, every key and value checked."""
+    patterns = config.get(field)
+    if patterns is None:
+        return []
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{where}: {field} must be a JSON object {{module pattern: value}}, got "
+                         f"{short_repr(patterns)}")
+    if not patterns:
+        return []
+    re2 = _re2()
+    options = re2.Options()
+    options.log_errors = False  # the error is raised with the file and key instead
+    out = []
+    for key, value in patterns.items():
+        what = f"{where}: {field}[{_clip(key)!r}]"
+        if not key or len(key) > MAX_PATTERN_CHARS:
+            raise ValueError(f"{what}: a pattern must have 1 to {MAX_PATTERN_CHARS} characters, "
+                             f"got {len(key)}")
+        value = check_value(value, what)
+        try:
+            re2.compile(key, options)  # the key alone must be a whole regex, as in _targets
+            compiled = re2.compile(rf"(?:.*\.)?(?:{key})", options)
+        except re2.error as e:
+            msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) \
+                else str(e)
+            raise ValueError(f"{what}: the key is not a regular expression RE2 accepts ({msg}); "
+                             "RE2 has no backreferences or lookaround") from None
+        out.append((key, lambda module, rx=compiled: rx.fullmatch(module) is not None, value))
+    return out
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_rank(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer rank >= 1, got {short_repr(value)}")
+    return value
 
 
 def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Mapping[str, str],
@@ -66,6 +141,7 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
         for stacking axes.
       base_model: recorded as ``base_model_name_or_path``.
     """
+    arrays = host_adapters(adapters)
     missing = [k for k in adapters if k not in module_names]
     if missing:
         raise ValueError(f"module_names lacks entries for adapter paths {missing}")
@@ -74,10 +150,11 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
         raise ValueError("PEFT stores one use_rslora flag; these adapters mix rslora True and False")
     tensors, ranks, alphas = {}, {}, {}
     for path, ad in adapters.items():
+        a, b = arrays[path]
         for idx, module in _modules(path, module_names[path], ad.stack_shape):
-            tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(ad.a)[idx]
-            tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(ad.b)[idx]
-            ranks[module], alphas[module] = ad.rank, ad.alpha
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = a[idx]
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = b[idx]
+            ranks[module], alphas[module] = ad.rank, float(ad.alpha)
     r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
     config = {
@@ -93,20 +170,42 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
     write_atomic(os.path.join(directory, CONFIG), json.dumps(config, indent=2).encode())
 
 
-def _read_config(directory: str) -> dict[str, Any]:
+class _PeftConfig:
+    """The fields of adapter_config.json that jaxla reads, each checked for type and range."""
+
+    def __init__(self, config: dict[str, Any], where: str):
+        self.r = _check_rank(config["r"], f"{where}: 'r'")
+        self.alpha = check_alpha_field(config["lora_alpha"], f"{where}: 'lora_alpha'")
+        rslora = config.get("use_rslora", False)
+        if rslora is None:
+            rslora = False
+        if not isinstance(rslora, bool):
+            raise ValueError(f"{where}: 'use_rslora' must be true or false, got {short_repr(rslora)}")
+        self.rslora = rslora
+        self.ranks = _compile_patterns(config, "rank_pattern", where, _check_rank)
+        self.alphas = _compile_patterns(config, "alpha_pattern", where, check_alpha_field)
+
+
+def _read_config(directory: str) -> _PeftConfig:
     path = os.path.join(directory, CONFIG)
+    where = repr(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no PEFT config at {path!r}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
-        raise ValueError(f"{path!r} is not a PEFT LoRA config (needs 'r' and 'lora_alpha')")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path!r} has peft_type {config['peft_type']!r}; only LORA is supported")
-    return config
+        raise FileNotFoundError(f"no PEFT config at {where}")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where} has {size} bytes; a PEFT config is at most {MAX_CONFIG_BYTES}")
+    with open(path, "rb") as f:
+        config = parse_json(f.read(), where)
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} is not a PEFT LoRA config: expected a JSON object, got "
+                         f"{short_repr(config)}")
+    missing = [k for k in ("r", "lora_alpha") if k not in config]
+    if missing:
+        raise ValueError(f"{where} is not a PEFT LoRA config: it lacks {missing}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{where} has peft_type {short_repr(peft_type)}; only 'LORA' is supported")
+    return _PeftConfig(config, where)
 
 
 def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[str, str], *,
@@ -130,11 +229,16 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
         not fit ``params`` (naming the key and both shapes).
     """
     directory = os.fspath(directory)
+    if dtype is not None:
+        dtype = _checks.check_floating_dtype(dtype, "dtype")
+    if not isinstance(module_names, Mapping):
+        raise TypeError("module_names must be a mapping {jaxla path: PEFT module name}, got "
+                        f"{type(module_names).__name__}")
     config = _read_config(directory)
-    tensors, _ = read_safetensors(os.path.join(directory, WEIGHTS))
+    weights = os.path.join(directory, WEIGHTS)
+    tensors, _ = read_safetensors(weights)
     leaves = dict(_targets.flatten_with_paths(params))
     flip = None if out_in is None else _targets.predicate(out_in, "out_in")
-    rslora = bool(config.get("use_rslora", False))
     used, adapters = set(), {}
     for path, template in module_names.items():
         if path not in leaves:
@@ -154,14 +258,20 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
                 if k not in tensors:
                     raise ValueError(f"{WEIGHTS} has no tensor {k!r} (for jaxla path {path!r})")
             a, b = tensors[ka], tensors[kb]
-            declared = _pattern_value(config.get("rank_pattern"), module, config["r"])
+            declared = _pattern_value(config.ranks, module, config.r)
             if a.ndim != 2 or a.shape[0] != declared:
                 raise ValueError(f"{ka!r} has shape {a.shape}; adapter_config.json declares rank "
                                  f"{declared} for {module!r}, so ({declared}, d_in) was expected")
+            if b.ndim != 2 or b.shape[1] != declared:
+                raise ValueError(f"{kb!r} has shape {b.shape}; adapter_config.json declares rank "
+                                 f"{declared} for {module!r}, so (d_out, {declared}) was expected")
+            for k, arr in ((ka, a), (kb, b)):
+                if not jnp.issubdtype(arr.dtype, jnp.floating):
+                    raise ValueError(f"{weights!r}: tensor {k!r} must be floating, got {arr.dtype}")
+                check_finite_tensor(arr, f"{weights!r}: tensor {k!r}")
             a_list.append(a)
             b_list.append(b)
-            alphas.add(float(_pattern_value(config.get("alpha_pattern"), module,
-                                            config["lora_alpha"])))
+            alphas.add(_pattern_value(config.alphas, module, config.alpha))
             used.update((ka, kb))
         if len(alphas) != 1:
             raise ValueError(f"modules stacked into {path!r} have different alphas {sorted(alphas)}")
@@ -172,7 +282,7 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
         a = np.stack(a_list).reshape(*shape[:n], *a_list[0].shape)
         b = np.stack(b_list).reshape(*shape[:n], *b_list[0].shape)
         dt = dtype if dtype is not None else a.dtype
-        ad = Adapter(jnp.asarray(a, dt), jnp.asarray(b, dt), alphas.pop(), rslora,
+        ad = Adapter(jnp.asarray(a, dt), jnp.asarray(b, dt), alphas.pop(), config.rslora,
                      bool(flip(path, leaves[path])) if flip else False)
         check_pair(path, leaves[path], ad)
         adapters[path] = ad

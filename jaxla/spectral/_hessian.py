@@ -9,11 +9,21 @@ The Hessian is only touched through Hessian-vector products computed forward-ove
 of ``grad``), which cost about two gradient evaluations and O(P) memory. Gradient descent with step
 size η is unstable along directions with curvature above 2/η (the "edge of stability", Cohen et al.
 2021), so :func:`sharpness` compares λ_max(H) with 2/η.
+
+Compilation is the caller's: these functions take the user's ``loss_fn``/``fn`` as an ordinary
+argument and compose under the caller's ``jax.jit`` (as optax and equinox leave ``jit`` to the
+caller). They keep no jit cache keyed on the callable, so a fresh lambda per call neither grows a
+library cache nor stays alive in one. Eagerly, each call compiles one program for itself (with
+params and batch as its arguments) and keeps nothing; to compile once for many calls, jit the call
+site::
+
+    top = jax.jit(lambda p, b, k: spectral.hessian_top_eigenvalues(loss_fn, p, b, key=k))
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -99,6 +109,10 @@ def hessian_top_eigenvalues(
     Returns:
       :class:`jaxla.spectral.EigResult` with eigenvectors shaped like ``params`` plus a leading
       ``k`` axis, and the ``converged`` flag (``False`` for NaN losses or gradients).
+
+    No library cache holds ``loss_fn`` (see the module docstring): call it under your own
+    ``jax.jit`` to compile once; ``params``, ``batch`` and ``key`` may then be traced, the options
+    must stay static.
     """
     _check_loss(loss_fn, params, batch)
     if method not in ("lanczos", "power"):
@@ -106,15 +120,21 @@ def hessian_top_eigenvalues(
     if method == "power" and which != "largest":
         raise ValueError("method='power' finds eigenvalues of largest magnitude; use lanczos "
                          f"for which={which!r}")
-    # One compiled program per loss function, shapes and options (argument checks run while it
-    # traces and raise as usual); params and batch are arguments, never baked-in constants.
-    return _hessian_eigs(params, batch, key, loss_fn=loss_fn, k=k, method=method,
-                         num_iters=num_iters, tol=tol, which=which)
+    return _this_call_jit(_hessian_eigs, loss_fn, k=k, method=method, num_iters=num_iters,
+                          tol=tol, which=which)(params, batch, key)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("loss_fn", "k", "method", "num_iters", "tol", "which"))
-def _hessian_eigs(params, batch, key, *, loss_fn, k, method, num_iters, tol, which):
+def _this_call_jit(fn: Callable, user_fn: Callable, **static: Any) -> Callable:
+    """``jax.jit`` of ``fn(user_fn, *arrays, **static)``, made for one call and dropped after it.
+
+    The arrays stay arguments of the compiled program (a closure would bake params and batch into
+    it as constants); the wrapper is fresh, so no cache keyed on ``user_fn`` outlives the call; and
+    under the caller's ``jax.jit`` it is inlined into the caller's program.
+    """
+    return jax.jit(functools.partial(fn, user_fn, **static))
+
+
+def _hessian_eigs(loss_fn, params, batch, key, *, k, method, num_iters, tol, which):
     def op(v):
         return hvp(loss_fn, params, batch, v)
 
@@ -123,6 +143,12 @@ def _hessian_eigs(params, batch, key, *, loss_fn, k, method, num_iters, tol, whi
                                   which=which)
     rounds = 100 if num_iters is None else num_iters
     return _iterative.power_iteration(op, k=k, key=key, like=params, num_iters=rounds, tol=tol)
+
+
+def _check_learning_rate(learning_rate: Any) -> None:
+    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float)
+            or not math.isfinite(learning_rate) or not learning_rate > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
 
 
 class SharpnessResult(NamedTuple):
@@ -168,8 +194,7 @@ def sharpness(
     Returns:
       :class:`SharpnessResult` (scalars).
     """
-    if not isinstance(learning_rate, int | float) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    _check_learning_rate(learning_rate)
     n_params = sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(params))
     steps = None if num_iters is None else min(num_iters, max(n_params, 1))
     res = hessian_top_eigenvalues(loss_fn, params, batch, k=1, key=key, num_iters=steps, tol=tol)
@@ -192,7 +217,8 @@ def sharpness_callback(
     The returned function is pure: it returns a :class:`SharpnessResult` on steps divisible by
     ``every`` (``None`` otherwise) and keeps no history; the loop logs or collects the results. The
     Lanczos start vector is drawn from ``fold_in(key(seed), step)`` so runs are reproducible. The
-    computation is jitted once per parameter structure.
+    callback owns one ``jax.jit`` of the measurement, compiled once per parameter structure and
+    released with the callback (no global cache holds ``loss_fn``).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, e.g. the LoRA loss over adapter parameters.
@@ -205,8 +231,7 @@ def sharpness_callback(
       The callback.
     """
     every = _checks.check_positive_int(every, "every")
-    if not isinstance(learning_rate, int | float) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    _check_learning_rate(learning_rate)
 
     @jax.jit
     def measure(step, params, batch):
@@ -265,14 +290,16 @@ def jacobian_singular_values(
 
     Returns:
       :class:`JacobianSVDResult`.
+
+    No library cache holds ``fn`` (see the module docstring): call it under your own ``jax.jit`` to
+    compile once.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn)}")
-    return _jacobian_svd(x, key, fn=fn, k=k, num_iters=num_iters, tol=tol)
+    return _this_call_jit(_jacobian_svd, fn, k=k, num_iters=num_iters, tol=tol)(x, key)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "k", "num_iters", "tol"))
-def _jacobian_svd(x, key, *, fn, k, num_iters, tol):
+def _jacobian_svd(fn, x, key, *, k, num_iters, tol):
     out, vjp_fn = jax.vjp(fn, x)
 
     def gram(v):

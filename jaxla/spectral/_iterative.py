@@ -84,6 +84,17 @@ def _finish(fop, values, vectors, tol, iterations, ok):
     return EigResult(values, fop.unravel_rows(vectors), residuals, iterations, converged)
 
 
+def _jit_once(core, fop, **static):
+    """A jit of ``core`` bound to a function operator, made for one call and dropped after it.
+
+    Under the caller's ``jax.jit`` it is inlined into the caller's program. Eagerly it compiles the
+    loop once for this call. Being a fresh function, it sits in no cache keyed on the user's
+    callable, so neither the callable nor the arrays it closes over outlive the call (running the
+    ``while_loop`` eagerly instead would cache its body, constants included, by primitive).
+    """
+    return jax.jit(functools.partial(core, fop, **static))
+
+
 def power_iteration(
     op: Any,
     *,
@@ -122,7 +133,7 @@ def power_iteration(
     limits = (jnp.asarray(num_iters, jnp.int32), jnp.asarray(tol, fop.dtype))
     if fop.is_matrix:
         return _power_dense(fop.matrix, v0_block, *limits)
-    return jax.jit(functools.partial(_power_core, fop))(v0_block, *limits)
+    return _jit_once(_power_core, fop)(v0_block, *limits)
 
 
 def _power_core(fop, v, num_iters, tol):
@@ -244,7 +255,7 @@ def lanczos(
     opts = (jnp.asarray(tol, fop.dtype), jnp.asarray(_WHICH.index(which), jnp.int32))
     if fop.is_matrix:
         return _lanczos_dense(fop.matrix, q0, *opts, k=k, m=m)
-    return jax.jit(functools.partial(_lanczos_core, fop, k=k, m=m))(q0, *opts)
+    return _jit_once(_lanczos_core, fop, k=k, m=m)(q0, *opts)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "m"))

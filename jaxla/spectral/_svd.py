@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxla import _checks
+from jaxla import _checks, _rsvd
 from jaxla.spectral import _operator
 from jaxla.spectral._operator import HIGHEST
 
@@ -69,33 +69,9 @@ class LowRankResult(NamedTuple):
         return jnp.matmul(left, right, precision=HIGHEST)
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _orth(x: jax.Array) -> jax.Array:
-    return jnp.linalg.qr(x)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("size", "n_iter"))
-def _range_finder(w: jax.Array, size: int, *, key: Any, n_iter: int) -> jax.Array:
-    """Orthonormal ``(..., m, size)`` basis ``Q`` with ``Q Qᵀ w ≈ w`` (HMT Algorithm 4.4)."""
-    omega = jax.random.normal(key, (*w.shape[:-2], w.shape[-1], size), w.dtype)
-    q = _orth(jnp.matmul(w, omega, precision=HIGHEST))
-
-    def step(_, q):
-        z = _orth(jnp.matmul(_mT(w), q, precision=HIGHEST))
-        return _orth(jnp.matmul(w, z, precision=HIGHEST))
-
-    return jax.lax.fori_loop(0, n_iter, step, q)
-
-
-def _flip_u(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Makes the largest-magnitude entry of each column of ``u`` positive (deterministic signs)."""
-    idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
-    signs = jnp.sign(jnp.take_along_axis(u, idx, axis=-2))
-    signs = jnp.where(signs == 0, 1.0, signs).astype(u.dtype)
-    return u * signs, vt * _mT(signs)
+# The sketching core is shared with PiSSA initialisation (jaxla.lora) through jaxla._rsvd.
+_range_finder = _rsvd.range_finder
+_flip_u = _rsvd.flip_signs
 
 
 def _check_rank_arg(rank: Any, w: jax.Array, name: str = "rank") -> int:
@@ -145,18 +121,8 @@ def randomized_svd(
         n_iter = 7 if rank < 0.1 * limit else 4
     n_iter = _checks.check_positive_int(n_iter, "n_iter", allow_zero=True)
     size = min(rank + oversample, limit)
-    return _randomized_svd(w.astype(_checks.accum_dtype(w.dtype)), key, rank=rank, size=size,
-                           n_iter=n_iter)
-
-
-@functools.partial(jax.jit, static_argnames=("rank", "size", "n_iter"))
-def _randomized_svd(w, key, *, rank, size, n_iter):
-    q = _range_finder(w, size, key=key, n_iter=n_iter)
-    b = jnp.matmul(_mT(q), w, precision=HIGHEST)
-    ub, s, vt = jnp.linalg.svd(b, full_matrices=False)
-    u = jnp.matmul(q, ub[..., :rank], precision=HIGHEST)
-    u, vt = _flip_u(u, vt[..., :rank, :])
-    return SVDResult(u, s[..., :rank], vt)
+    return SVDResult(*_rsvd.randomized_svd(w.astype(_checks.accum_dtype(w.dtype)), key, rank=rank,
+                                           size=size, n_iter=n_iter))
 
 
 def low_rank_approx(w: Any, rank: int) -> LowRankResult:
