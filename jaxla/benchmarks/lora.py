@@ -2,7 +2,8 @@
 
 Rows:
 * forward at the seed's shape (batch 4096, 768 → 3072, r = 8): plain ``jaxla.linear``, unmerged
-  ``jaxla.lora.linear`` and ``jaxla.linear`` on merged weights; ``ratio_vs_plain`` is the target
+  ``jaxla.lora.linear`` (factored, the default), ``lora.linear(..., formulation="merged")`` (W + ΔW
+  formed per call) and ``jaxla.linear`` on merged weights; ``ratio_vs_plain`` is the target
   (unmerged ≤ 1.10, merged ≈ 1.00).
 * one training step (forward, backward, Adam) on a residual MLP stack, same weights and data for all:
   full fine-tune, LoRA through ``jaxla.lora.linear``, LoRA through ``jaxla.lora.wrap`` (merged in the
@@ -37,18 +38,24 @@ def _forward_rows(spec: dict, iters: int) -> list[dict]:
     merged, _ = lora.merge({"p": params}, {"p/w": adapter})
     plain = harness.measure(jax.jit(jaxla.linear), params, x, iters=iters)
     unmerged = harness.measure(jax.jit(lora.linear), params, adapter, x, iters=iters)
+    # formulation="merged": W + ΔW formed inside the call (one big matmul; rows >= d_in pay for it).
+    folded = harness.measure(jax.jit(lambda p, a, x: lora.linear(p, a, x, formulation="merged")),
+                             params, adapter, x, iters=iters)
     merged_t = harness.measure(jax.jit(jaxla.linear), merged["p"], x, iters=iters)
     # Both adapted variants against the float64 definition x·(W + scale·(b·a)ᵀ) + bias.
     w64 = np.asarray(params["w"], np.float64)
     delta64 = adapter.scale * (np.asarray(adapter.b, np.float64) @ np.asarray(adapter.a, np.float64)).T
     ref = np.asarray(x, np.float64) @ (w64 + delta64) + np.asarray(params["b"], np.float64)
     checks = {"lora unmerged": harness.check_close(unmerged["out"], ref, rtol=1e-4, atol=1e-4),
+              "lora formulation=merged": harness.check_close(folded["out"], ref, rtol=1e-4, atol=1e-4),
               "lora merged": harness.check_close(merged_t["out"], ref, rtol=1e-4, atol=1e-4)}
     flops = harness.matmul_flops(batch, d_out, d_in)
     ceiling = harness.matmul_ceiling(jnp.float32, quick=iters < 5)
     shape = f"{batch}x{d_in}->{d_out} r={r}"
     rows = []
-    for name, res in (("plain", plain), ("lora unmerged", unmerged), ("lora merged", merged_t)):
+    variants = (("plain", plain), ("lora unmerged", unmerged), ("lora formulation=merged", folded),
+                ("lora merged", merged_t))
+    for name, res in variants:
         rows.append({
             "name": f"forward {name} {shape}",
             "ms": res["median_s"] * 1e3,
