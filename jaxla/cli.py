@@ -42,20 +42,14 @@ EXIT_INTERRUPTED = 130
 # or crashed XLA (issue 16); no mesh config needs more than a few.
 MAX_CPU_DEVICES = 1024
 
-# What to lower when a demo runs out of memory, by run.demo.
-_MEMORY_KEYS = {
-    "lowrank": ("train.batch_size", "lowrank.d_in", "lowrank.d_out", "lowrank.eval_examples"),
-    "tiny_lm": ("train.batch_size", "tiny_lm.d_model", "tiny_lm.d_ff", "tiny_lm.n_layers",
-                "tiny_lm.length", "tiny_lm.eval_examples"),
-}
-
 _FINETUNE_HELP = """\
 Runs a configured fine-tune demo and prints a summary table.
 
-Without CONFIG it runs the default demo (configs/lowrank.toml: LoRA with r = 8 recovers a rank-8
-update of a frozen 768 x 3072 matrix). Other shipped configs: configs/tiny_lm.toml (a tiny
-transformer pretrained on one task and LoRA-adapted to another), configs/lowrank_mesh.toml and
-configs/tiny_lm_mesh.toml (the same on a data x model device mesh).
+Without CONFIG it runs the default demo (built-in config lowrank: LoRA with r = 8 recovers a rank-8
+update of a frozen 768 x 3072 matrix). CONFIG is a TOML file or the name of a built-in config:
+tiny_lm (a tiny transformer pretrained on one task and LoRA-adapted to another), lowrank_mesh and
+tiny_lm_mesh (the same on a data x model device mesh). They ship inside the package
+(jaxla/finetune/demos/lowrank.toml, tiny_lm.toml, ...); a checkout links them as configs/*.toml.
 
 Outputs in the run directory: config.toml/config.json (resolved config), metrics.jsonl, checkpoints/,
 adapter.safetensors, summary.json, resume.jsonl (one line per --resume), and loss/singular-value
@@ -150,9 +144,21 @@ def _is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e))
 
 
+def _memory_keys(cfg) -> list[str]:
+    """The config keys of the demo's largest memory terms (its own estimate), largest first."""
+    from jaxla.finetune import _registry
+
+    demo = _registry.get(cfg.run.demo)
+    keys = ["train.batch_size"]
+    terms = sorted(demo.memory(cfg), key=lambda t: -t.bytes) if demo is not None else []
+    for term in terms:
+        keys += [k for k in term.keys if k not in keys]
+    return keys
+
+
 def _out_of_memory(e: BaseException, cfg) -> int:
     detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    keys = ", ".join(_MEMORY_KEYS.get(cfg.run.demo, ("train.batch_size",)))
+    keys = ", ".join(_memory_keys(cfg))
     return _fail(
         f"out of memory while running the {cfg.run.demo!r} demo ({detail}). Lower {keys} (e.g. "
         f"--set train.batch_size={max(cfg.train.batch_size // 4, 1)}), or spread the run over more "

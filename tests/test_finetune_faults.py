@@ -312,8 +312,10 @@ def test_structural_change_rules_match_the_optimizers():
                     assert f"optim.{key}" in _rundir.RESUME_ADJUSTABLE
     # tiny_lm's full-parameter phases take their learning rate as an argument: values only.
     assert _state_structure(base, learning_rate=1.0) == _state_structure(base)
+    tiny = finetune.load_config("tiny_lm")
     assert {"tiny_lm.pretrain_learning_rate", "tiny_lm.full_ft_learning_rate"} < \
-        _rundir.RESUME_ADJUSTABLE
+        _rundir.resume_adjustable(tiny)
+    assert _rundir.resume_adjustable(finetune.Config()) == _rundir.RESUME_ADJUSTABLE
 
 
 def test_nan_stop_before_a_checkpoint_then_resume_with_the_advised_rate(capsys, tmp_path):

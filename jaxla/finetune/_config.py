@@ -5,7 +5,9 @@ section of the demo ``run.demo`` names, which the demo's own module defines (see
 :mod:`jaxla.finetune.demos`). Every section is a frozen dataclass whose fields carry their range
 check as metadata (``check=(predicate, what is expected)``); :func:`build_section` converts and
 validates one TOML table into it. A field with ``operational=True`` metadata only changes how a run
-reports, never its numbers: checkpoints stay valid across changes to it.
+reports, never its numbers: checkpoints stay valid across changes to it. A field with
+``learning_rate_of=PHASE`` metadata is the learning rate of that phase of the demo (instead of
+``optim.learning_rate``): ``--resume`` may change it like the [optim] settings.
 
 This module knows nothing about the demos: :class:`jaxla.finetune.Config` and the loaders that find a
 demo's section by name live in :mod:`jaxla.finetune._loader`; the functions here work on any config
@@ -221,6 +223,13 @@ def _operational(cfg: Any) -> set[tuple[str, str]]:
         if f.metadata.get("operational"):
             keys.add((cfg.run.demo, f.name))
     return keys
+
+
+def phase_learning_rate_keys(cfg: Any) -> dict[str, str]:
+    """``{phase: "demo.key"}`` for the demo fields marked ``learning_rate_of`` (other phases use
+    ``optim.learning_rate``)."""
+    return {f.metadata["learning_rate_of"]: f"{cfg.run.demo}.{f.name}"
+            for f in dataclasses.fields(cfg.section) if f.metadata.get("learning_rate_of")}
 
 
 def config_to_dict(cfg: Any) -> dict[str, dict[str, Any]]:

@@ -91,17 +91,22 @@ class RunWarning(UserWarning):
 
 
 # Keys --resume may change: optimizer hyperparameters that the optimizer state's structure does not
-# depend on (only their values enter the update), so every checkpoint stays loadable. The learning
-# rates of tiny_lm's full-parameter phases belong here too: a NaN stop in those phases names them.
+# depend on (only their values enter the update), so every checkpoint stays loadable. A demo's own
+# per-phase learning rates (fields marked ``learning_rate_of``) are adjustable too: see
+# :func:`resume_adjustable`.
 RESUME_ADJUSTABLE = frozenset({
     "optim.learning_rate",
     "optim.schedule",
     "optim.warmup_steps",
     "optim.grad_clip",
     "optim.weight_decay",
-    "tiny_lm.pretrain_learning_rate",
-    "tiny_lm.full_ft_learning_rate",
 })
+
+
+def resume_adjustable(cfg: Config) -> frozenset[str]:
+    """The keys ``--resume`` may change for ``cfg``: :data:`RESUME_ADJUSTABLE` plus the demo's
+    per-phase learning rates."""
+    return RESUME_ADJUSTABLE | frozenset(_config.phase_learning_rate_keys(cfg).values())
 
 
 def structural_change(key: str, before: Any, after: Any) -> str | None:
@@ -132,7 +137,8 @@ def checkpoint_fingerprint(cfg: Config) -> str:
     :data:`RESUME_ADJUSTABLE` (a checkpoint stays valid when they change), but with whether
     gradient clipping is on (it changes the state's structure)."""
     numeric = _config.numeric_dict(cfg)
-    kept = {k: v for k, v in numeric.items() if k not in RESUME_ADJUSTABLE}
+    adjustable = resume_adjustable(cfg)
+    kept = {k: v for k, v in numeric.items() if k not in adjustable}
     kept["optim.grad_clip > 0"] = cfg.optim.grad_clip > 0
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -285,14 +291,15 @@ def _resume_changes(out: Path, saved: dict[str, Any], cfg: Config) -> dict[str, 
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k)}
     problems = {k: p for k, (a, b) in changed.items() if (p := structural_change(k, a, b))}
-    fixed = [k for k in changed if k not in RESUME_ADJUSTABLE and k not in problems]
+    adjustable = resume_adjustable(cfg)
+    fixed = [k for k in changed if k not in adjustable and k not in problems]
     if fixed or not changed:
         diffs = _differences({k: before.get(k) for k in fixed}, {k: now.get(k) for k in fixed})
         raise RunError(
             f"--resume: the checkpoint in {str(out)!r} was written by a different config ("
             + ("; ".join(diffs) if diffs else "fingerprint mismatch")
             + "). Resume with the same config and overrides (only the optimizer settings "
-            + ", ".join(sorted(RESUME_ADJUSTABLE)) + " may change), or start a new run elsewhere."
+            + ", ".join(sorted(adjustable)) + " may change), or start a new run elsewhere."
         )
     if problems:
         raise RunError(
@@ -424,8 +431,7 @@ def _prepare_resume(out: Path, cfg: Config) -> ResumeRecord:
 
 def nonfinite_advice(cfg: Config, phase: str, out: Path) -> str:
     """How to continue after a NaN/inf stop in ``phase``: the exact ``--resume --set`` to use."""
-    key = {"pretrain": "tiny_lm.pretrain_learning_rate",
-           "full_ft": "tiny_lm.full_ft_learning_rate"}.get(phase, "optim.learning_rate")
+    key = _config.phase_learning_rate_keys(cfg).get(phase, "optim.learning_rate")
     section, name = key.split(".")
     lower = getattr(getattr(cfg, section), name) / 10
     if cfg.optim.grad_clip > 0:

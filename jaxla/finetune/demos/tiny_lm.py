@@ -49,8 +49,10 @@ class TinyLMConfig:
     pretrain_task: str = field(default="copy", metadata=_TASKS)
     adapt_task: str = field(default="reverse", metadata=_TASKS)
     pretrain_steps: int = field(default=600, metadata=POS)
-    pretrain_learning_rate: float = field(default=3e-3, metadata=POS)
-    full_ft_learning_rate: float = field(default=1e-3, metadata=POS)
+    # learning_rate_of: the phase whose learning rate this is (--resume may change it, and a NaN stop
+    # in that phase names it).
+    pretrain_learning_rate: float = field(default=3e-3, metadata={**POS, "learning_rate_of": "pretrain"})
+    full_ft_learning_rate: float = field(default=1e-3, metadata={**POS, "learning_rate_of": "full_ft"})
     full_ft_baseline: bool = True
     eval_examples: int = field(default=512, metadata=POS)
     # How many generations are printed: reporting only, a checkpoint stays valid across it.
