@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxla
+import jaxla.attention
 from benchmarks import harness
 from benchmarks import specs_attention as specs
-from jaxla.attention import _api
 
 try:  # optional comparison; torch is not a dependency
     import torch
@@ -105,13 +105,11 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True,
     flops = harness.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
     ours = harness.measure(_jax_fn(jaxla.dot_product_attention, causal, backward), *args,
                            iters=iters, warmup=1 if iters > 1 else 0)
-    canon = dict(query=args[0], key=args[1], value=args[2], bias=None, mask=None, softcap=None, window=None,
-                 is_causal=causal)
     row = {
         "name": name,
         "T": t,
         "causal": causal,
-        "impl": _api._choose(None, canon, None)[0],
+        "impl": jaxla.attention.select_implementation(*args[:3], is_causal=causal),
         "jaxla_ms": ours["median_s"] * 1e3,
         "jaxla_gflops": flops / ours["median_s"] / 1e9,
         "frac_of_matmul_ceiling": flops / ours["median_s"] / ceiling,

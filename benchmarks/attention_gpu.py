@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from benchmarks import harness
 from benchmarks import specs_attention_gpu as specs
-from jaxla.attention._pallas import pallas_attention
+from jaxla.attention import pallas_attention
 
 
 def _inputs(b, t, n, k, h, *, seed=0):
