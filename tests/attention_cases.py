@@ -4,7 +4,7 @@ Imported by the attention test modules (which never import each other). ``np_att
 contract written out in NumPy: visibility, softmax over visible keys, ``EMPTY_ROW_LSE`` for a row that
 sees no key, and the analytic backward for given output and logsumexp cotangents. ``draw_case`` samples
 a combination of features (causal, window, lengths, segments, soft cap, scale, bias, mask, GQA,
-Hv != H, odd lengths) from a seed.
+Hv != H, odd lengths) from a seed, optionally forcing one group of them on.
 
 Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
 H query/key head dim, Hv value head dim.
@@ -127,52 +127,72 @@ class Case(NamedTuple):
         return f"q{q.shape} k{k.shape} v{v.shape}"
 
 
-def draw_case(rng: np.random.Generator, *, lengths=(1, 7, 20, 33), head_dims=((64, 64), (64, 128),
-              (8, 8), (8, 4), (12, 16)), feature_p: float = 0.3, bias_p: float = 0.15) -> Case:
+FOCUSES = ("bias_mask", "head_dims", "packing", "band")
+
+
+def draw_case(rng: np.random.Generator, *, focus: str | None = None, lengths=(1, 7, 20, 33),
+              head_dims=((64, 64), (64, 128), (8, 8), (8, 4), (12, 16)),
+              feature_p: float = 0.3) -> Case:
     """A random combination of attention features (each on with probability ``feature_p``).
 
     Args:
       rng: the seeded generator; the same seed gives the same case.
+      focus: one of ``FOCUSES`` to force a group of features on, so that a few seeds cover them
+        all: "bias_mask" (a bias and a mask array, which not every backend has), "head_dims"
+        (Hv != H or head dims that are not multiples of 8), "packing" (segments and lengths),
+        "band" (causal or a window, soft cap, scale). None: nothing forced.
       lengths: query lengths to pick from; S is T half the time, else another of these.
-      head_dims: (H, Hv) pairs to pick from (the first is picked half the time).
-      feature_p: probability of each of causal, window, lengths, segments, soft cap, scale.
-      bias_p: probability of a bias array, and of a mask array (features not every backend has).
+      head_dims: (H, Hv) pairs to pick from (the first is picked half the time unless the focus is
+        "head_dims", which picks among the others).
+      feature_p: probability of each feature that the focus does not force.
     """
+    if focus is not None and focus not in FOCUSES:
+        raise ValueError(f"focus must be one of {FOCUSES} or None, got {focus!r}")
+
+    def on(group):
+        return focus == group or rng.random() < feature_p
+
     b = int(rng.integers(1, 3))
     t = int(rng.choice(lengths))
     s = t if rng.random() < 0.5 else int(rng.choice(lengths))
     kh = int(rng.choice([1, 2]))
     n = kh * int(rng.choice([1, 2]))
-    h, hv = head_dims[0] if rng.random() < 0.5 else head_dims[int(rng.integers(len(head_dims)))]
+    if focus == "head_dims":
+        h, hv = head_dims[int(rng.integers(1, len(head_dims)))]
+    else:
+        h, hv = head_dims[0] if rng.random() < 0.5 else head_dims[int(rng.integers(len(head_dims)))]
     q = rng.normal(size=(b, t, n, h))
     k = rng.normal(size=(b, s, kh, h))
     v = rng.normal(size=(b, s, kh, hv))
     kw, ref = {}, {}
-    if rng.random() < feature_p:
+    # With the band focus: causal only, a window only, or both.
+    band = int(rng.integers(3)) if focus == "band" else None
+    if band in (0, 2) or (band is None and on("causal")):
         kw["is_causal"] = ref["causal"] = True
-    if rng.random() < feature_p:
+    if band in (1, 2) or (band is None and on("window")):
         w = (int(rng.integers(0, 6)), int(rng.integers(0, 6)))
         kw["local_window_size"] = ref["window"] = w
-    if rng.random() < feature_p:
+    if on("packing"):
         ql = rng.integers(0, t + 1, size=b).astype(np.int32)
         kw["query_seq_lengths"], ref["q_len"] = ql, ql
-    if rng.random() < feature_p:
+    if on("packing"):
         kl = rng.integers(1, s + 1, size=b).astype(np.int32)
         kw["key_value_seq_lengths"], ref["kv_len"] = kl, kl
-    if rng.random() < feature_p:
+    if on("packing"):
         qs = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
         ks = np.sort(rng.integers(0, 3, size=(b, s)), axis=1).astype(np.int32)
         single = s == t and rng.random() < 0.5
         kw["segment_ids"] = qs if single else (qs, ks)
         ref["q_seg"], ref["kv_seg"] = qs, (qs if single else ks)
-    if rng.random() < feature_p:
+    if on("band"):
         kw["logits_soft_cap"] = ref["softcap"] = 2.0
-    if rng.random() < feature_p:
+    if on("band"):
         kw["scale"] = ref["scale"] = 0.3
     bias = mask = None
-    if rng.random() < bias_p:
+    # A bias or mask array sends the cpu and pallas backends away, so only the focus forces them.
+    if focus == "bias_mask" or rng.random() < feature_p / 3:
         bias = rng.normal(size=(b if rng.random() < 0.5 else 1, n if rng.random() < 0.5 else 1, t, s))
-    if rng.random() < bias_p:
+    if focus == "bias_mask" or rng.random() < feature_p / 3:
         shape = (1, n if rng.random() < 0.5 else 1, t if rng.random() < 0.7 else 1, s)
         mask = rng.random(size=shape) < 0.7
     return Case((q, k, v, bias, mask), kw, ref)

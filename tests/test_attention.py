@@ -262,7 +262,6 @@ def test_attention_namespace_exports_documented_names():
         obj = getattr(jaxla.attention, name)
         if callable(obj):
             assert obj.__doc__ and len(obj.__doc__) > 40, name
-    assert jaxla.attention.IMPLEMENTATIONS == ("xla", "chunked", "cpu", "pallas")
 
 
 def test_traced_scale_is_rejected():

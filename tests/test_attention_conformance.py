@@ -24,7 +24,7 @@ from jaxla.attention import (
     pallas_attention,
 )
 from jaxla.attention._args import canonical_args
-from tests.attention_cases import draw_case, np_attention
+from tests.attention_cases import FOCUSES, draw_case, np_attention
 
 PLATFORM = jax.default_backend()
 # Pallas has no compiled kernel on CPU: there it runs its exact kernel bodies in interpret mode.
@@ -99,11 +99,12 @@ def _assert_matches(got, ref, *, msg, tol=2e-5, grad_tol=1e-4):
                                    err_msg=f"{gname} {msg}")
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(2 * len(FOCUSES)))
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_random_feature_combinations(name, seed):
+    """Seed i forces the feature group FOCUSES[i % 4] on and samples the rest."""
     rng = np.random.default_rng(seed)
-    case = draw_case(rng)
+    case = draw_case(rng, focus=FOCUSES[seed % len(FOCUSES)])
     q, k, v, bias, mask = (_f32(x) for x in case.arrays)
     skip_unless_supported(name, q, k, v, bias, mask, **case.kwargs)
     d_out = rng.normal(size=(*q.shape[:-1], v.shape[-1]))
@@ -113,21 +114,21 @@ def test_random_feature_combinations(name, seed):
     _assert_matches(got, ref, msg=f"{name} {case.shape} {case.kwargs}")
 
 
-@pytest.mark.parametrize("t,s", [(1, 257), (257, 100)])
+@pytest.mark.parametrize("t,s,causal", [(1, 257, True), (257, 100, False)])
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_odd_lengths_causal_window_gqa_default_tiles(name, t, s):
+def test_odd_lengths_window_gqa_default_tiles(name, t, s, causal):
     rng = np.random.default_rng(t + s)
     arrays = (rng.normal(size=(1, t, 4, 64)), rng.normal(size=(1, s, 2, 64)),
               rng.normal(size=(1, s, 2, 128)))
-    kw = dict(is_causal=True, local_window_size=(40, 3),
-              key_value_seq_lengths=np.array([s - 3], np.int32))
+    kv_len = np.array([s - 3], np.int32)
+    kw = dict(is_causal=causal, local_window_size=(40, 3), key_value_seq_lengths=kv_len)
     q, k, v = (_f32(x) for x in arrays)
     skip_unless_supported(name, q, k, v, **kw)
     d_out, d_lse = rng.normal(size=(1, t, 4, 128)), rng.normal(size=(1, t, 4))
-    ref = np_attention(*arrays, causal=True, window=(40, 3), kv_len=kw["key_value_seq_lengths"],
-                       d_out=d_out, d_lse=d_lse)
+    ref = np_attention(*arrays, causal=causal, window=(40, 3), kv_len=kv_len, d_out=d_out,
+                       d_lse=d_lse)
     got = _fwd_bwd(name, None, kw, tiles=False)(q, k, v, None, _f32(d_out), _f32(d_lse))
-    _assert_matches(got, ref, msg=f"{name} T={t} S={s}")
+    _assert_matches(got, ref, msg=f"{name} T={t} S={s} causal={causal}")
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)

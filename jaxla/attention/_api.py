@@ -14,10 +14,11 @@ Adding a backend ``"name"``:
 2. Register it in ``_BACKENDS`` below (module path) and, if ``implementation=None`` should prefer it
    somewhere, in ``_preferred``; add the name to the ``implementation`` docs of
    ``dot_product_attention``.
-3. ``tests/test_attention_conformance.py`` runs every name in ``IMPLEMENTATIONS`` over the shared
-   cases of ``tests/attention_cases.py`` (skipping those its ``unsupported_reason`` declines); a
-   backend that only runs on an accelerator gets a ``RUNNERS`` entry there for a CPU mode, as
-   Pallas does with interpret mode. Backend-specific behaviour gets its own test file.
+3. Nothing else to wire up for tests: ``tests/test_attention_conformance.py`` runs every name in
+   ``IMPLEMENTATIONS`` over the shared cases of ``tests/attention_cases.py`` against the float64
+   reference, skipping the cases its ``unsupported_reason`` declines. A backend that only runs on an
+   accelerator needs a CPU mode there (as "pallas" runs in interpret mode, see ``attention()`` in
+   that file). What is specific to the backend gets its own ``tests/test_attention_name.py``.
 
 Dimension legend (used by every docstring here):
   B batch, T query length, S key/value length, N query heads, K key/value heads (N a multiple of K),
