@@ -73,9 +73,9 @@ def test_matches_jax_nn_on_overlapping_arguments(case, rng):
     # jax.nn averages all values for rows that see nothing (and zeros query-padding rows): compare
     # the rows that see at least one key, and check ours gives zeros elsewhere.
     ref_lse = np_attention(q, k, v, bias, mask, scale=kw.get("scale"),
-                              causal=kw.get("is_causal", False),
-                              window=kw.get("local_window_size"), q_len=kw.get("query_seq_lengths"),
-                              kv_len=kw.get("key_value_seq_lengths")).lse
+                           causal=kw.get("is_causal", False), window=kw.get("local_window_size"),
+                           q_len=kw.get("query_seq_lengths"),
+                           kv_len=kw.get("key_value_seq_lengths")).lse
     seen = ref_lse > EMPTY_ROW_LSE
     assert seen.any()
     for impl in IMPLS:

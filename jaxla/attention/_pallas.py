@@ -1,9 +1,10 @@
 """The ``"pallas"`` backend: flash attention as Pallas kernels (block sizes, padding, ``custom_vjp``).
 
 The attention front end calls ``unsupported_reason`` and, when it returns None, ``attend``;
-``pallas_attention`` (public as ``jaxla.attention.pallas_attention``) adds tile sizes and interpret
-mode. Callers never see a block-multiple rule: T and S are padded here to multiples of every block size the
-three kernels use, the padding is masked inside the kernels, and the results are sliced back.
+``pallas_attention`` (public as ``jaxla.attention.pallas_attention``, with ``BlockSizes`` as
+``jaxla.attention.PallasBlockSizes``) adds tile sizes and interpret mode. Callers never see a
+block-multiple rule: T and S are padded here to multiples of every block size the three kernels
+use, the padding is masked inside the kernels, and the results are sliced back.
 
 Backends: Triton on GPU, Mosaic on TPU, and Pallas interpret mode anywhere (the CPU tests run the
 exact kernel bodies that the GPU compiles). Mosaic GPU is not used: the Triton kernels are the one
@@ -35,6 +36,7 @@ _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 class BlockSizes:
     """Tile sizes of the three kernels (rows of Q × rows of K/V per step) and Triton launch options.
 
+    Public as ``jaxla.attention.PallasBlockSizes``, the ``block_sizes`` of ``pallas_attention``.
     Sizes are upper bounds: a sequence shorter than a block uses the next power of two at or above
     its length instead (at least 16, the smallest tile a GPU matrix unit takes; 128 on TPU).
     """
@@ -198,10 +200,6 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
         layout = "bnth" if backend == "mosaic" else "btnh"
     if layout not in c.LAYOUTS:
         raise ValueError(f"layout must be one of {c.LAYOUTS}, got {layout!r}")
-    if pallas_block_sizes is not None and not isinstance(pallas_block_sizes, BlockSizes):
-        raise TypeError(
-            f"block_sizes must be a PallasBlockSizes, got {type(pallas_block_sizes).__name__}"
-        )
 
     query, key, value = args.query, args.key, args.value
     b, t, n, h = query.shape
