@@ -51,16 +51,15 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 inline v8f load(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
 inline void store(float* p, v8f x) { *reinterpret_cast<v8f_u*>(p) = x; }
 inline v8f splat(float x) { return v8f{} + x; }
-// Maxima that propagate NaN (a plain a > b ? a : b drops it): a NaN score must make its row NaN,
-// as in the plain-JAX definition, never be skipped as if that key were masked.
-inline v8f vmax_nan(v8f acc, v8f x) { return (x > acc) | (x != x) ? x : acc; }
-inline float max_nan(float acc, float x) { return (x > acc || x != x) ? x : acc; }
+inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 
-// 2^x for x <= 0 (scores minus their running maximum); exactly 0 below -126 and for -inf, NaN for
-// NaN (the clamp is written so that NaN passes through it).
+// 2^x for x <= 0 (scores minus their running maximum); exactly 0 below -126 and for -inf, and NaN
+// for NaN: the clamp keeps x unless lo > x, which is false for NaN (one max instruction, as before).
+// That is what makes a NaN or +inf score (+inf - +inf) turn its row's sum, output and logsumexp
+// into NaN, as in the plain-JAX definition, instead of a plausible number.
 inline v8f exp2v(v8f x) {
   const v8f lo = splat(-126.0f);
-  v8f xc = x < lo ? lo : x;
+  v8f xc = vmax(lo, x);
   const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   v8f r = (xc + magic) - magic;
   v8f f = (xc - r) * splat(0.69314718056f);  // f in [-ln2/2, ln2/2]
@@ -80,9 +79,9 @@ inline v8f exp2v(v8f x) {
   return x < lo ? v8f{} : y;
 }
 
-inline float hmax_nan(v8f x) {
+inline float hmax(v8f x) {
   float m = x[0];
-  for (int i = 1; i < 8; ++i) m = max_nan(m, x[i]);
+  for (int i = 1; i < 8; ++i) m = std::max(m, x[i]);
   return m;
 }
 
@@ -348,12 +347,19 @@ void forward_item(const Problem& pr, const float* q, const float* k, const float
           }
         }
         v8f mx = splat(-kInf);
-        for (int64_t j = 0; j < cpad; j += 8) mx = vmax_nan(mx, load(row + j));
+        for (int64_t j = 0; j < cpad; j += 8) mx = vmax(mx, load(row + j));
         const float m_old = w.m[r];
-        const float m_new = max_nan(m_old, hmax_nan(mx));
-        if (m_new == -kInf) {  // nothing visible so far
-          std::fill(row, row + cpad, 0.0f);
-          continue;
+        float m_new = std::max(m_old, hmax(mx));
+        if (m_new == -kInf) {
+          // Nothing visible so far, unless the max skipped NaN scores (it may): then the row is
+          // NaN from here on. Only rows without a finite score pay for this scan.
+          bool nan = false;
+          for (int64_t j = 0; j < cpad; ++j) nan = nan || row[j] != row[j];
+          if (!nan) {
+            std::fill(row, row + cpad, 0.0f);
+            continue;
+          }
+          m_new = std::numeric_limits<float>::quiet_NaN();
         }
         const v8f mv = splat(m_new);
         v8f sum = v8f{};
