@@ -136,6 +136,8 @@ def test_attention_weights_are_the_probabilities(rng):
     np.testing.assert_allclose(out, _dpa(q, k, v, **kw), atol=1e-5)
     assert float(w[0, 0, 2, 3]) == 0.0  # causal
     assert jaxla.attention_weights(q[0], k[0]).shape == (4, 9, 11)
+    assert jaxla.attention_weights(q[:, :0], k).shape == (2, 4, 0, 11)
+    assert jaxla.attention_weights(q, k[:, :0]).shape == (2, 4, 9, 0)
 
 
 def test_implementation_none_dispatch_and_select_implementation(rng, caplog):

@@ -32,6 +32,7 @@ import logging
 from types import ModuleType
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxla import _checks
@@ -285,5 +286,9 @@ def attention_weights(
         local_window_size=local_window_size, segment_ids=segment_ids,
         logits_soft_cap=logits_soft_cap,
     )
-    probs = _reference.attention_probs(args)
+    if args.kv_len == 0:  # no key: every row is a row that sees nothing (and has no entries)
+        b, n, t = args.batch, args.num_heads, args.q_len
+        probs = jnp.zeros((b, n, t, 0), _checks.accum_dtype(args.dtype))
+    else:
+        probs = _reference.attention_probs(args)
     return probs if args.batched else probs[0]
