@@ -153,6 +153,8 @@ def test_implementation_none_dispatch_and_select_implementation(rng, caplog):
     mid = _f32(rng.normal(size=(1, 127, 2, 4)), rng.normal(size=(1, 128, 2, 4)))
     assert select(*mid, mid[1]) == "xla"
     assert select(*long_q, long_q[1], implementation="xla") == "xla"
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in long_q]
+    assert select(*shapes, shapes[1], key_value_seq_lengths=jnp.array([3], jnp.int32)) == "chunked"
     # The same checks as dot_product_attention: bad arguments are errors, not a name.
     with pytest.raises(ValueError, match="implementation must be one of"):
         select(*small, small[1], implementation="cudnn")

@@ -125,7 +125,8 @@ def select_implementation(
     when the compiled kernel supports the arguments, on GPU/TPU ``"pallas"`` when the kernel supports
     them, else ``"chunked"`` when T·S >= 128², else ``"xla"``. Why a backend declined is logged at
     DEBUG level on the ``jaxla.attention`` logger. Only shapes, dtypes and options matter, so the
-    answer is the same under ``jit`` and for any array values.
+    answer is the same under ``jit`` and for any array values, and ``jax.ShapeDtypeStruct``s can
+    stand in for the arrays (nothing is computed).
 
     Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim,
     Hv value head dim.
@@ -146,19 +147,30 @@ def select_implementation(
         (including an explicit ``implementation`` that cannot run them).
 
     Example:
-      >>> q = jnp.zeros((1, 4096, 8, 64))
+      >>> q = jax.ShapeDtypeStruct((1, 4096, 8, 64), jnp.float32)
       >>> jaxla.attention.select_implementation(q, q, q, is_causal=True)  # doctest: +SKIP
       'cpu'
     """
     del return_residual
     _check_options(implementation, block_sizes)
-    args = canonical_args(
-        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, segment_ids=segment_ids,
-        logits_soft_cap=logits_soft_cap,
-    )
-    return _select(implementation, args, jax.default_backend())[0]
+    platform = jax.default_backend()
+    chosen = []
+
+    def choose(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
+               segment_ids):
+        args = canonical_args(
+            query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window_size, segment_ids=segment_ids,
+            logits_soft_cap=logits_soft_cap,
+        )
+        chosen.append(_select(implementation, args, platform)[0])
+        return ()
+
+    # Traced abstractly: nothing is computed, and ShapeDtypeStructs work as well as arrays.
+    jax.eval_shape(choose, query, key, value, bias, mask, query_seq_lengths,
+                   key_value_seq_lengths, segment_ids)
+    return chosen[0]
 
 
 def dot_product_attention(
