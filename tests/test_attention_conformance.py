@@ -162,12 +162,16 @@ def test_nan_and_inf_inputs_propagate_to_the_rows_that_see_them(name):
     base = [rng.normal(size=sh).astype(np.float32)
             for sh in ((1, 20, 2, 64), (1, 20, 2, 64), (1, 20, 2, 64))]
     skip_unless_supported(name, *base)
-    f = jax.jit(lambda q, k, v: attention(name, q, k, v, tiles=False))
+    def f(q, k, v):
+        (out, lse), vjp = jax.vjp(lambda q: attention(name, q, k, v, tiles=False), q)
+        return out, lse, vjp((jnp.ones_like(out), jnp.zeros_like(lse)))[0]
+
+    f = jax.jit(f)
     # Query head 1 reads kv head 1; the bad entry is feature 3 of position 5 (query, key or value).
     for which, bad in [(w, x) for w in range(3) for x in (np.nan, np.inf)]:
         arrays = [x.copy() for x in base]
         arrays[which][0, 5, 1, 3] = bad
-        out, lse = (np.asarray(x) for x in f(*arrays))
+        out, lse, dq = (np.asarray(x) for x in f(*arrays))
         bad_out = np.zeros(out.shape, bool)
         if which == 0:  # that query row
             bad_out[0, 5, 1] = True
@@ -178,6 +182,8 @@ def test_nan_and_inf_inputs_propagate_to_the_rows_that_see_them(name):
         what = f"{name}: {bad} in {'qkv'[which]}"
         np.testing.assert_array_equal(~np.isfinite(out), bad_out, err_msg=what)
         np.testing.assert_array_equal(~np.isfinite(lse), bad_out.all(-1), err_msg=what)
+        if which == 0:  # and the backward pass does not hide it either
+            np.testing.assert_array_equal(~np.isfinite(dq).all(-1), bad_out.all(-1), err_msg=what)
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
