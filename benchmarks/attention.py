@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxla
-import jaxla.attention
 from benchmarks import harness
 from benchmarks import specs_attention as specs
 
