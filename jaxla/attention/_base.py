@@ -58,6 +58,7 @@ def normalize(args: AttentionArgs, out: jax.Array, lse: jax.Array) -> tuple[jax.
     acc = _checks.accum_dtype(args.dtype)
     lse = lse.astype(acc)
     # -inf and EMPTY_ROW_LSE both mark a row with no visible key; NaN compares false and stays.
+    # (A row whose visible logits are all below -2.4e38 would count as empty too; no real one is.)
     empty = lse <= EMPTY_ROW_LSE
     out = jnp.where(empty[..., None], jnp.zeros((), out.dtype), out).astype(args.out_dtype)
     lse = jnp.where(empty, jnp.asarray(EMPTY_ROW_LSE, acc), lse)
