@@ -26,7 +26,7 @@ SMALL = BlockSizes(16, 16, 16, 32, 32, 16)
 
 
 def _visible(T, S, *, causal, window):
-    """(T, S) visibility of the band, padded rows and columns excluded (as the contract states it)."""
+    """(T, S) visibility of the causal/window band alone, as the contract states it."""
     return visibility(1, T, S, causal=causal, window=window)[0]
 
 
