@@ -1,13 +1,13 @@
-"""Pallas flash attention in interpret mode on CPU against a float64 NumPy reference.
+"""Tests specific to the Pallas flash-attention kernels (interpret mode on CPU).
 
-Interpret mode runs the same kernel bodies that Triton/Mosaic compile, so these tests cover the
-kernels' numerics, masking, padding and block skipping; compiled lowering is covered by the
-``gpu``-marked tests and ``benchmarks/attention_gpu.py`` on a GPU machine.
+Interpret mode runs the same kernel bodies that Triton/Mosaic compile. Values, logsumexp, gradients,
+empty rows, odd lengths, NaN/inf and bfloat16 against the float64 reference are checked for every
+backend, this one included, in test_attention_conformance.py. Here: the TPU layout, block skipping,
+block sizes, the reasons the kernels decline, Triton lowering from a CPU host, and the ``gpu``-marked
+compiled tests (``jaxla/benchmarks/attention_gpu.py`` times them on a GPU machine).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,215 +15,49 @@ import numpy as np
 import pytest
 
 import jaxla
+from jaxla.attention import EMPTY_ROW_LSE, _base, pallas_attention
 from jaxla.attention import _pallas_common as c
-from jaxla.attention._pallas import BlockSizes, _attention, pallas_attention, unsupported_reason
+from jaxla.attention._args import canonical_args
+from jaxla.attention._pallas import BlockSizes, attend, unsupported_reason
+from tests.attention_cases import np_attention, visibility
 
 # Small tiles so that even short sequences span several blocks (skipping and padding get exercised).
 SMALL = BlockSizes(16, 16, 16, 32, 32, 16)
 
 
-# ---- float64 NumPy reference: forward, logsumexp and the analytic backward -------------------
+def _visible(T, S, *, causal, window):
+    """(T, S) visibility of the causal/window band alone, as the contract states it."""
+    return visibility(1, T, S, causal=causal, window=window)[0]
 
 
-def _visible(T, S, *, causal, window, q_seg, kv_seg, q_len, kv_len):
-    """(B, T, S) boolean visibility, exactly as the contract states it."""
-    i = np.arange(T)[:, None]
-    j = np.arange(S)[None, :]
-    vis = np.ones((T, S), bool)
-    if causal:
-        vis &= j <= i
-    if window is not None:
-        left, right = window
-        if left is not None:
-            vis &= j >= i - left
-        if right is not None:
-            vis &= j <= i + right
-    vis = np.broadcast_to(vis, (len(q_len), T, S)).copy()
-    vis &= (np.arange(T)[None, :, None] < q_len[:, None, None])
-    vis &= (np.arange(S)[None, None, :] < kv_len[:, None, None])
-    vis &= q_seg[:, :, None] == kv_seg[:, None, :]
-    return vis
-
-
-def reference(q, k, v, d_out, d_lse, *, scale, causal=False, window=None, q_seg=None, kv_seg=None,
-              q_len=None, kv_len=None, softcap=None):
-    """Returns out, lse and (dq, dk, dv) for the cotangents (d_out, d_lse), all float64."""
-    q, k, v, d_out, d_lse = (np.asarray(x, np.float64) for x in (q, k, v, d_out, d_lse))
-    B, T, N, _ = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    q_seg = np.zeros((B, T), int) if q_seg is None else np.asarray(q_seg)
-    kv_seg = np.zeros((B, S), int) if kv_seg is None else np.asarray(kv_seg)
-    q_len = np.full((B,), T) if q_len is None else np.asarray(q_len)
-    kv_len = np.full((B,), S) if kv_len is None else np.asarray(kv_len)
-    vis = _visible(T, S, causal=causal, window=window, q_seg=q_seg, kv_seg=kv_seg, q_len=q_len,
-                   kv_len=kv_len)[:, None]  # (B, 1, T, S)
-    kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
-    raw = np.einsum("btnh,bsnh->bnts", q, kk) * scale
-    tanh = None
-    logits = raw
-    if softcap is not None:
-        tanh = np.tanh(raw / softcap)
-        logits = softcap * tanh
-    logits = np.where(vis, logits, -np.inf)
-    m = logits.max(-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(vis, np.exp(logits - m), 0.0)
-    z = e.sum(-1, keepdims=True)
-    p = e / np.where(z == 0, 1.0, z)
-    out = np.einsum("bnts,bsnh->btnh", p, vv)
-    lse = np.where(z[..., 0] == 0, -np.inf, np.log(np.where(z == 0, 1.0, z))[..., 0] + m[..., 0])
-    do = np.transpose(d_out, (0, 2, 1, 3))  # BNTHv
-    dv = np.einsum("bnts,bnth->bsnh", p, do)
-    dp = np.einsum("bnth,bsnh->bnts", do, vv)
-    delta = (do * np.transpose(out, (0, 2, 1, 3))).sum(-1, keepdims=True)
-    ds = p * (dp - delta + np.transpose(d_lse, (0, 2, 1))[..., None])
-    if tanh is not None:
-        ds = ds * (1.0 - tanh**2)
-    dq = np.einsum("bnts,bsnh->btnh", ds, kk) * scale
-    dk = np.einsum("bnts,btnh->bsnh", ds, q) * scale
-
-    def group_sum(x):
-        return x.reshape(B, S, K, G, x.shape[-1]).sum(3)
-
-    return out, np.transpose(lse, (0, 2, 1)), (dq, group_sum(dk), group_sum(dv))
-
-
-# ---- cases ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    T: int
-    S: int
-    N: int = 2
-    K: int = 1
-    H: int = 64
-    Hv: int | None = None
-    B: int = 1
-    causal: bool = False
-    window: tuple | None = None
-    segments: bool = False
-    lengths: bool | str = False  # True: both, "q" or "kv": only that one
-    softcap: float | None = None
-    layout: str = "btnh"
-
-    def __str__(self):
-        return "-".join(f"{f.name}{getattr(self, f.name)}" for f in dataclasses.fields(self)
-                        if getattr(self, f.name) != f.default or f.name in ("T", "S"))
-
-
-# A sampled grid: every feature and every odd length in {1, 7, 100, 130} appears, not every product.
-CASES = [
-    Case(T=7, S=7, causal=True),
-    Case(T=130, S=100, N=4, K=2, segments=True, window=(20, 5), B=2),
-    Case(T=100, S=130, N=2, K=2, lengths=True, softcap=5.0, B=2),
-    Case(T=1, S=130, N=4, K=1, H=128, lengths="kv"),
-    Case(T=130, S=7, causal=True, window=(3, None), Hv=128, H=64),
-    Case(T=100, S=100, causal=True, segments=True, lengths=True, softcap=3.0, B=2,
-         layout="bnth"),
-]
-SLOW_CASES = [
-    Case(T=130, S=130, N=8, K=2, causal=True, window=(40, 0), segments=True, B=2),
-    Case(T=7, S=1, N=3, K=3, H=128, lengths="q"),
-    Case(T=100, S=100, N=4, K=2, lengths=True, softcap=2.0, layout="bnth", B=2),
-]
-
-
-def _inputs(case: Case, rng, dtype):
-    Hv = case.Hv or case.H
-    q = rng.standard_normal((case.B, case.T, case.N, case.H))
-    k = rng.standard_normal((case.B, case.S, case.K, case.H))
-    v = rng.standard_normal((case.B, case.S, case.K, Hv))
-    d_out = rng.standard_normal((case.B, case.T, case.N, Hv))
-    d_lse = rng.standard_normal((case.B, case.T, case.N))
-    kw = {}
-    if case.segments:  # a few contiguous segments, different per batch row
-        kw["q_seg"] = np.sort(rng.integers(0, 3, (case.B, case.T)), axis=1).astype(np.int32)
-        kw["kv_seg"] = np.sort(rng.integers(0, 3, (case.B, case.S)), axis=1).astype(np.int32)
-    if case.lengths in (True, "q"):
-        kw["q_len"] = rng.integers(0, case.T + 1, (case.B,)).astype(np.int32)
-    if case.lengths in (True, "kv"):
-        kw["kv_len"] = rng.integers(1, case.S + 1, (case.B,)).astype(np.int32)
-    arrays = [np.asarray(x, dtype) for x in (q, k, v)]
-    return arrays, d_out.astype(np.float32), d_lse.astype(np.float32), kw
-
-
-def _run(case, arrays, d_out, d_lse, kw, *, block_sizes=SMALL):
-    """Pallas out, lse and grads (one forward, one backward) through ``jax.vjp``."""
-    scale = case.H**-0.5
+def test_mosaic_layout_in_interpret_mode_matches_reference(rng):
+    """The TPU kernels see (B, N, T, H) arrays; interpret mode runs them in that layout too."""
+    b, t, s, n, kh, h = 2, 100, 100, 2, 1, 64
+    q, k, v, d_out = (rng.standard_normal(sh) for sh in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h),
+                                                          (b, t, n, h)))
+    d_lse = rng.standard_normal((b, t, n))
+    seg = np.sort(rng.integers(0, 3, (b, t)), axis=1).astype(np.int32)
+    q_len, kv_len = np.array([77, 100], np.int32), np.array([100, 64], np.int32)
+    kw = dict(is_causal=True, segment_ids=seg, query_seq_lengths=q_len,
+              key_value_seq_lengths=kv_len, logits_soft_cap=3.0)
+    ref = np_attention(q, k, v, causal=True, q_seg=seg, kv_seg=seg, q_len=q_len, kv_len=kv_len,
+                       softcap=3.0, d_out=d_out, d_lse=d_lse)
 
     def f(q, k, v):
-        return _attention(
-            q, k, v, scale=scale, is_causal=case.causal, local_window_size=case.window,
-            q_segment_ids=kw.get("q_seg"), kv_segment_ids=kw.get("kv_seg"),
-            query_seq_lengths=kw.get("q_len"), key_value_seq_lengths=kw.get("kv_len"),
-            logits_soft_cap=case.softcap, return_residual=True, block_sizes=block_sizes,
-            interpret=True, layout=case.layout,
-        )
+        args = canonical_args(q, k, v, **kw)
+        return _base.run(attend, args, pallas_block_sizes=SMALL, interpret=True, layout="bnth")
 
-    (out, lse), vjp = jax.vjp(jax.jit(f), *arrays)
-    grads = vjp((jnp.asarray(d_out, out.dtype), jnp.asarray(d_lse)))
-    return out, lse, grads
-
-
-def _check_case(case, rng, dtype, tol):
-    arrays, d_out, d_lse, kw = _inputs(case, rng, dtype)
-    ref_out, ref_lse, ref_grads = reference(
-        *arrays, d_out, d_lse, scale=case.H**-0.5, causal=case.causal, window=case.window,
-        softcap=case.softcap, **kw,
-    )
-    out, lse, grads = _run(case, arrays, d_out, d_lse, kw)
-    assert out.dtype == dtype and lse.dtype == jnp.float32
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
-    np.testing.assert_allclose(np.asarray(out, np.float64), ref_out, **tol)
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], **tol)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert g.dtype == dtype and g.shape == r.shape, name
-        assert np.all(np.isfinite(np.asarray(g, np.float64))), name
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    (out, lse), vjp = jax.vjp(jax.jit(f), *f32)
+    grads = vjp((jnp.asarray(d_out, jnp.float32), jnp.asarray(d_lse, jnp.float32)))
+    tol = {"rtol": 2e-4, "atol": 2e-5}
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref.out, **tol)
+    np.testing.assert_allclose(np.asarray(lse, np.float64), ref.lse, **tol)
+    assert np.any(np.asarray(lse) == EMPTY_ROW_LSE)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref[2:5], strict=True):
         scale = max(1.0, float(np.abs(r).max()))
         np.testing.assert_allclose(np.asarray(g, np.float64) / scale, r / scale, **tol,
                                    err_msg=name)
-
-
-F32_TOL = {"rtol": 2e-4, "atol": 2e-5}
-BF16_TOL = {"rtol": 3e-2, "atol": 3e-2}
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_reference_f32(case, rng):
-    _check_case(case, rng, np.float32, F32_TOL)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", SLOW_CASES, ids=str)
-def test_matches_reference_f32_more(case, rng):
-    _check_case(case, rng, np.float32, F32_TOL)
-
-
-def test_matches_reference_bf16(rng):
-    case = Case(T=100, S=130, N=4, K=2, causal=True, lengths=True)
-    _check_case(case, rng, jnp.bfloat16, BF16_TOL)
-
-
-def test_fully_masked_rows_give_zeros_and_zero_grads(rng):
-    # Row 0: q length 0 (every query masked). Row 1: query segment 7 matches no key segment.
-    case = Case(T=7, S=100, B=2)
-    arrays, d_out, d_lse, _ = _inputs(case, rng, np.float32)
-    q_seg = np.zeros((2, 7), np.int32)
-    q_seg[1, 3:] = 7
-    kw = {"q_len": np.array([0, 7], np.int32), "kv_len": np.array([100, 100], np.int32),
-          "q_seg": q_seg, "kv_seg": np.zeros((2, 100), np.int32)}
-    out, lse, (dq, dk, dv) = _run(case, arrays, d_out, d_lse, kw)
-    out, lse, dq, dk = (np.asarray(x) for x in (out, lse, dq, dk))
-    assert np.all(out[0] == 0) and np.all(out[1, 3:] == 0)
-    assert np.all(np.isneginf(lse[0])) and np.all(np.isneginf(lse[1, 3:]))
-    assert np.all(np.isfinite(lse[1, :3]))
-    assert np.all(dq[0] == 0) and np.all(dq[1, 3:] == 0)
-    assert np.all(dk[0] == 0) and np.all(np.asarray(dv)[0] == 0)
-    assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dq))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -242,8 +76,7 @@ def test_block_ranges_cover_every_visible_key(seed):
                   has_segments=False, layout="btnh", backend="interpret", block_q=bq, block_k=bk,
                   block_q_dq=bq, block_k_dq=bk, block_q_dkv=bq, block_k_dkv=bk, num_warps=4,
                   num_stages=2, num_warps_bwd=4, num_stages_bwd=2, highest_precision=True)
-    vis = _visible(T, S, causal=causal, window=(left, right), q_seg=np.zeros((1, T)),
-                   kv_seg=np.zeros((1, S)), q_len=np.array([T]), kv_len=np.array([S]))[0]
+    vis = _visible(T, S, causal=causal, window=(left, right))
     # Padded rows/cols: the kernels treat padded keys as hidden and padded queries as free.
     vis = np.pad(vis, ((0, plan.t_pad - T), (0, plan.s_pad - S)))
     vis[T:, :S] = True
@@ -283,13 +116,13 @@ def test_block_ranges_cover_every_visible_key(seed):
 def test_check_grads_float64(x64, rng):
     from jax.test_util import check_grads
 
-    q = jnp.asarray(rng.standard_normal((1, 7, 2, 16)))
-    k = jnp.asarray(rng.standard_normal((1, 20, 1, 16)))
-    v = jnp.asarray(rng.standard_normal((1, 20, 1, 16)))
+    q = jnp.asarray(rng.standard_normal((1, 7, 2, 64)))
+    k = jnp.asarray(rng.standard_normal((1, 20, 1, 64)))
+    v = jnp.asarray(rng.standard_normal((1, 20, 1, 64)))
 
     @jax.jit
     def f(q, k, v):
-        return pallas_attention(q, k, v, scale=0.25, is_causal=True, local_window_size=(5, None),
+        return pallas_attention(q, k, v, scale=0.25, is_causal=True, local_window_size=(5, 20),
                                 logits_soft_cap=2.0, block_sizes=SMALL, interpret=True)
 
     check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
@@ -305,71 +138,71 @@ def test_default_block_sizes_and_fit():
 
 
 def test_argument_errors():
+    """Shared checks come from the canonical arguments; these are the Pallas-specific ones."""
     q = jnp.zeros((1, 8, 4, 64), jnp.float32)
     kv = jnp.zeros((1, 9, 2, 64), jnp.float32)
-    call = {"scale": 0.125, "interpret": True}
-    with pytest.raises(ValueError, match="query must have rank 4"):
-        pallas_attention(q[0], kv, kv, **call)
-    with pytest.raises(ValueError, match="multiple of kv heads"):
-        pallas_attention(jnp.zeros((1, 8, 3, 64)), kv, kv, **call)
-    with pytest.raises(TypeError, match="share a dtype"):
-        pallas_attention(q, kv.astype(jnp.bfloat16), kv, **call)
-    with pytest.raises(ValueError, match="value has size"):
-        pallas_attention(q, kv, kv[:, :5], **call)
-    with pytest.raises(ValueError, match="given together"):
-        pallas_attention(q, kv, kv, q_segment_ids=jnp.zeros((1, 8), jnp.int32), **call)
-    with pytest.raises(ValueError, match="kv_segment_ids has size"):
-        pallas_attention(q, kv, kv, q_segment_ids=jnp.zeros((1, 8), jnp.int32),
-                         kv_segment_ids=jnp.zeros((1, 8), jnp.int32), **call)
-    with pytest.raises(TypeError, match="query_seq_lengths must have an integer"):
-        pallas_attention(q, kv, kv, query_seq_lengths=jnp.zeros((1,)), **call)
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
+        pallas_attention(jnp.zeros((1, 8, 3, 64)), kv, kv, interpret=True)
     with pytest.raises(ValueError, match="local_window_size"):
-        pallas_attention(q, kv, kv, local_window_size=(-1, 2), **call)
+        pallas_attention(q, kv, kv, local_window_size=(-1, 2), interpret=True)
+    with pytest.raises(ValueError, match=r"pallas_attention cannot run.*head dim 8 not in"):
+        pallas_attention(q[..., :8], kv[..., :8], kv[..., :8], interpret=True)
+    with pytest.raises(TypeError, match="block_sizes must be a PallasBlockSizes"):
+        pallas_attention(q, kv, kv, block_sizes=jaxla.ChunkedBlockSizes(), interpret=True)
     if jax.default_backend() == "cpu":
-        with pytest.raises(ValueError, match="platform cpu needs interpret mode"):
-            pallas_attention(q, kv, kv, scale=0.125, interpret=False)
+        with pytest.raises(ValueError, match="platform cpu has no compiled Pallas kernel"):
+            pallas_attention(q, kv, kv, interpret=False)
 
 
 def test_unsupported_reason():
-    q = jax.ShapeDtypeStruct((2, 16, 8, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 32, 2, 128), jnp.bfloat16)
-    kw = {"has_bias": False, "has_mask": False}
-    assert unsupported_reason(q, kv, kv, platform="gpu", **kw) is None
-    assert unsupported_reason(q, kv, kv, platform="tpu", **kw) is None
-    assert "interpret" in unsupported_reason(q, kv, kv, platform="cpu", **kw)
-    assert "bias" in unsupported_reason(q, kv, kv, platform="gpu", has_bias=True, has_mask=False)
-    assert "mask" in unsupported_reason(q, kv, kv, platform="gpu", has_bias=False, has_mask=True)
-    q96 = jax.ShapeDtypeStruct((2, 16, 8, 96), jnp.bfloat16)
-    assert "head dim 96" in unsupported_reason(q96, q96, q96, platform="gpu", **kw)
-    mixed = jax.ShapeDtypeStruct((2, 32, 2, 128), jnp.float32)
-    assert "differ" in unsupported_reason(q, mixed, kv, platform="gpu", **kw)
-    odd = jax.ShapeDtypeStruct((2, 32, 3, 128), jnp.bfloat16)
-    assert "multiple" in unsupported_reason(q, odd, odd, platform="gpu", **kw)
+    def args(q_shape, kv_shape, dtype=jnp.bfloat16, hv=None, **kw):
+        kv = jnp.zeros(kv_shape, dtype)
+        v = kv if hv is None else jnp.zeros((*kv_shape[:-1], hv), dtype)
+        return canonical_args(jnp.zeros(q_shape, dtype), kv, v, **kw)
+
+    a = args((2, 16, 8, 128), (2, 32, 2, 128))
+    assert unsupported_reason(a, platform="gpu") is None
+    assert unsupported_reason(a, platform="tpu") is None
+    assert unsupported_reason(a, platform="cpu", interpret=True) is None
+    assert "interpret" in unsupported_reason(a, platform="cpu")
+    with_bias = args((2, 16, 8, 128), (2, 32, 2, 128), bias=jnp.zeros((1, 1, 16, 32)))
+    assert "bias" in unsupported_reason(with_bias, platform="gpu")
+    with_mask = args((2, 16, 8, 128), (2, 32, 2, 128), mask=jnp.ones((1, 1, 16, 32), bool))
+    assert "mask" in unsupported_reason(with_mask, platform="gpu")
+    assert "head dim 96" in unsupported_reason(args((2, 16, 8, 96), (2, 16, 8, 96)), platform="gpu")
+    assert "value head dim 32" in unsupported_reason(args((2, 16, 8, 64), (2, 16, 8, 64), hv=32),
+                                                     platform="gpu")
+    with jax.enable_x64(True):
+        f64 = args((2, 16, 8, 64), (2, 16, 8, 64), dtype=jnp.float64)
+        assert "float64" in unsupported_reason(f64, platform="gpu")
+        assert unsupported_reason(f64, platform="cpu", interpret=True) is None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
 @pytest.mark.parametrize("causal", [False, True])
 def test_compiled_matches_reference(causal, rng):
-    case = Case(T=300, S=260, N=8, K=2, H=128, B=2, causal=causal, lengths=True)
-    arrays, d_out, d_lse, kw = _inputs(case, rng, jnp.bfloat16)
-    ref_out, ref_lse, ref_grads = reference(*arrays, d_out, d_lse, scale=case.H**-0.5,
-                                            causal=causal, **kw)
+    b, t, s, n, kh, h = 2, 300, 260, 8, 2, 128
+    q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.bfloat16)
+               for sh in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h)))
+    d_out, d_lse = rng.standard_normal((b, t, n, h)), rng.standard_normal((b, t, n))
+    q_len, kv_len = np.array([300, 123], np.int32), np.array([260, 77], np.int32)
+    ref = np_attention(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)), causal=causal,
+                       q_len=q_len, kv_len=kv_len, d_out=d_out, d_lse=d_lse)
 
     def f(q, k, v):
-        return pallas_attention(q, k, v, scale=case.H**-0.5, is_causal=causal,
-                                query_seq_lengths=kw["q_len"], key_value_seq_lengths=kw["kv_len"],
-                                return_residual=True, interpret=False)
+        return pallas_attention(q, k, v, is_causal=causal, query_seq_lengths=q_len,
+                                key_value_seq_lengths=kv_len, return_residual=True,
+                                interpret=False)
 
-    (out, lse), vjp = jax.vjp(jax.jit(f), *arrays)
-    grads = vjp((jnp.asarray(d_out, out.dtype), jnp.asarray(d_lse)))
-    np.testing.assert_allclose(np.asarray(out, np.float64), ref_out, **BF16_TOL)
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], **BF16_TOL)
-    for g, r in zip(grads, ref_grads, strict=True):
+    (out, lse), vjp = jax.vjp(jax.jit(f), q, k, v)
+    grads = vjp((jnp.asarray(d_out, out.dtype), jnp.asarray(d_lse, jnp.float32)))
+    tol = {"rtol": 3e-2, "atol": 3e-2}
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref.out, **tol)
+    np.testing.assert_allclose(np.asarray(lse, np.float64), ref.lse, **tol)
+    for g, r in zip(grads, ref[2:5], strict=True):
         scale = max(1.0, float(np.abs(r).max()))
-        np.testing.assert_allclose(np.asarray(g, np.float64) / scale, r / scale, **BF16_TOL)
+        np.testing.assert_allclose(np.asarray(g, np.float64) / scale, r / scale, **tol)
 
 
 @pytest.mark.slow
@@ -389,8 +222,8 @@ def test_gpu_benchmark_quick_smoke():
 @pytest.mark.parametrize("head_dim,dtype,features", [
     (128, jnp.bfloat16, {"is_causal": True, "key_value_seq_lengths": jnp.array([100, 200])}),
     (64, jnp.float16, {"local_window_size": (64, 32), "logits_soft_cap": 3.0}),
-    (256, jnp.float32, {"q_segment_ids": jnp.zeros((2, 300), jnp.int32),
-                        "kv_segment_ids": jnp.zeros((2, 260), jnp.int32)}),
+    (256, jnp.float32, {"segment_ids": (jnp.zeros((2, 300), jnp.int32),
+                                         jnp.zeros((2, 260), jnp.int32))}),
 ])
 def test_triton_lowering_without_a_gpu(monkeypatch, head_dim, dtype, features):
     """Lowers forward and backward for CUDA from this CPU host: every kernel becomes Triton IR."""

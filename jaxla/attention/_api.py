@@ -1,4 +1,24 @@
-"""Public scaled dot-product attention: argument checks, canonical form, and implementation choice.
+"""Public scaled dot-product attention: the canonical arguments, backend choice, and the one path out.
+
+Every call goes the same way: ``_args.canonical_args`` validates the arguments into one
+``AttentionArgs`` record; ``select_implementation`` picks a backend by asking each candidate's
+``unsupported_reason``; ``_base.run`` calls its ``attend`` and normalises the result (dtype, empty
+rows, empty shapes).
+
+Adding a backend ``"name"``:
+
+1. Write ``jaxla/attention/_name.py`` with ``unsupported_reason(args, *, platform) -> str | None``
+   and ``attend(args, *, block_sizes) -> (out, lse)`` over ``AttentionArgs`` (the protocol is
+   ``_base.Backend``; ``_reference.py`` is the shortest example). It needs no argument checks, no
+   dtype cast, no empty-row or empty-shape handling: those happen once, outside it.
+2. Register it in ``_BACKENDS`` below (module path) and, if ``implementation=None`` should prefer it
+   somewhere, in ``_preferred``; add the name to the ``implementation`` docs of
+   ``dot_product_attention``.
+3. Nothing else to wire up for tests: ``tests/test_attention_conformance.py`` runs every name in
+   ``IMPLEMENTATIONS`` over the shared cases of ``tests/attention_cases.py`` against the float64
+   reference, skipping the cases its ``unsupported_reason`` declines. A backend that only runs on an
+   accelerator needs a CPU mode there (as "pallas" runs in interpret mode, see ``attention()`` in
+   that file). What is specific to the backend gets its own ``tests/test_attention_name.py``.
 
 Dimension legend (used by every docstring here):
   B batch, T query length, S key/value length, N query heads, K key/value heads (N a multiple of K),
@@ -9,21 +29,29 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jaxla import _checks
-from jaxla.attention import _chunked, _cpu, _masks, _reference
+from jaxla.attention import _base, _reference
+from jaxla.attention._args import AttentionArgs, canonical_args
 from jaxla.attention._chunked import ChunkedBlockSizes
 
 _log = logging.getLogger("jaxla.attention")
 
-IMPLEMENTATIONS = ("xla", "chunked", "cpu", "pallas")
+# Every backend: its name (the ``implementation`` argument) and module, imported on first use so a
+# backend whose dependencies are missing only declines (with the import error as its reason).
+_BACKENDS = {
+    "xla": "jaxla.attention._reference",
+    "chunked": "jaxla.attention._chunked",
+    "cpu": "jaxla.attention._cpu",
+    "pallas": "jaxla.attention._pallas",
+}
+IMPLEMENTATIONS = tuple(_BACKENDS)
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 # implementation=None uses "chunked" from this many score entries per (batch, head) on; below it the
 # scores are small and "xla" has no loop overhead. Measured on a 2-core CPU (f32, N=8, H=64, causal
@@ -32,191 +60,117 @@ IMPLEMENTATIONS = ("xla", "chunked", "cpu", "pallas")
 _CHUNKED_MIN_SCORES = 128 * 128
 
 
-def _canonical(query, key, value, bias, mask, segment_ids, query_seq_lengths,
-               key_value_seq_lengths, local_window_size, scale, logits_soft_cap):
-    """Checks every argument and returns them in canonical rank-4 form (see the module legend)."""
-    query = _checks.as_array(query, "query")
-    key = _checks.as_array(key, "key")
-    value = _checks.as_array(value, "value")
-    for x, name in ((query, "query"), (key, "key"), (value, "value")):
-        _checks.check_floating(x, name)
-    _checks.check_rank(query, "query", (3, 4), "BTNH or TNH")
-    _checks.check_rank(key, "key", query.ndim, "BSKH or SKH, the same rank as query")
-    _checks.check_rank(value, "value", query.ndim, "BSKHv or SKHv, the same rank as query")
-    batched = query.ndim == 4
-    if not batched:
-        query, key, value = query[None], key[None], value[None]
-    b, t, n, h = query.shape
-    s, k = key.shape[1], key.shape[2]
-    shapes = f"query {query.shape}, key {key.shape}, value {value.shape} (BTNH, BSKH, BSKHv)"
-    if key.shape[0] != b or value.shape[0] != b:
-        raise ValueError(f"query, key and value must have the same batch size B; got {shapes}")
-    if key.shape[-1] != h:
-        raise ValueError(f"query and key must have the same head dim H; got {shapes}")
-    if value.shape[1:3] != (s, k):
-        raise ValueError(f"value must have the same S and K as key; got {shapes}")
-    if n % k:
-        raise ValueError(
-            f"the number of query heads N={n} must be a multiple of the kv heads K={k}; got {shapes}"
-        )
-    out_dtype = query.dtype
-    compute = _checks.promote_dtypes(query.dtype, key.dtype, value.dtype)
-    query, key, value = query.astype(compute), key.astype(compute), value.astype(compute)
-    full = (b, n, t, s)
-    if bias is not None:
-        bias = _pairwise(bias, "bias", full, batched)
-        _checks.check_floating(bias, "bias")
-    if mask is not None:
-        mask = _pairwise(mask, "mask", full, batched)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(
-                f"mask must be boolean (True = attend), got dtype {mask.dtype} with shape "
-                f"{mask.shape}; pass an additive mask as bias"
-            )
-    q_len = _lengths(query_seq_lengths, "query_seq_lengths", b, batched)
-    kv_len = _lengths(key_value_seq_lengths, "key_value_seq_lengths", b, batched)
-    q_seg, kv_seg = _segments(segment_ids, b, t, s, batched)
-    window = _window(local_window_size)
-    scale = 1.0 / float(np.sqrt(h)) if scale is None else _static_float(scale, "scale")
-    if logits_soft_cap is not None:
-        logits_soft_cap = _static_float(logits_soft_cap, "logits_soft_cap")
-        if logits_soft_cap <= 0:
-            raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap}")
-    return dict(
-        query=query, key=key, value=value, bias=bias, mask=mask, q_seg=q_seg, kv_seg=kv_seg,
-        q_len=q_len, kv_len=kv_len, window=window, scale=scale, softcap=logits_soft_cap,
-        batched=batched, out_dtype=out_dtype,
-    )
-
-
-def _pairwise(x, name, full, batched):
-    x = _checks.as_array(x, name)
-    layout = "broadcastable to BNTS" if batched else "broadcastable to NTS"
-    if x.ndim > (4 if batched else 3):
-        raise ValueError(f"{name} must have rank <= {4 if batched else 3} ({layout}), got {x.shape}")
-    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    if any(d not in (1, f) for d, f in zip(x.shape, full, strict=True)):
-        raise ValueError(
-            f"{name} with shape {x.shape} does not broadcast to (B, N, T, S) = {full}: every axis "
-            "must be 1 or the full size"
-        )
-    return x
-
-
-def _lengths(x, name, b, batched):
-    if x is None:
-        return None
-    x = _checks.as_array(x, name)
-    _checks.check_integer(x, name)
-    if x.shape != (b,):
-        raise ValueError(
-            f"{name} must have shape (B,) = ({b},)"
-            + ("" if batched else " (B = 1 for rank-3 inputs)")
-            + f", got {x.shape}"
-        )
-    return x.astype(jnp.int32)
-
-
-def _segments(segment_ids, b, t, s, batched):
-    if segment_ids is None:
-        return None, None
-    if isinstance(segment_ids, tuple | list):
-        if len(segment_ids) != 2:
-            raise ValueError(
-                "segment_ids must be one array or a pair (query ids (B, T), key ids (B, S)), "
-                f"got a sequence of length {len(segment_ids)}"
-            )
-        q_seg, kv_seg = segment_ids
-    else:
-        if t != s:
-            raise ValueError(
-                f"a single segment_ids array needs T == S, got T={t}, S={s}; pass a pair "
-                "(query ids (B, T), key ids (B, S))"
-            )
-        q_seg = kv_seg = segment_ids
-    out = []
-    for x, name, length in ((q_seg, "query segment_ids", t), (kv_seg, "key segment_ids", s)):
-        x = _checks.as_array(x, name)
-        _checks.check_integer(x, name)
-        expected = (b, length) if batched else (length,)
-        if x.shape != expected:
-            raise ValueError(f"{name} must have shape {expected}, got {x.shape}")
-        out.append(x.reshape(b, length).astype(jnp.int32))
-    return tuple(out)
-
-
-def _window(w):
-    if w is None:
-        return None
-    if isinstance(w, int | np.integer) and not isinstance(w, bool):
-        w = (int(w), int(w))
-    if (
-        not isinstance(w, Sequence)
-        or len(w) != 2
-        or any(isinstance(x, bool) or not isinstance(x, int | np.integer) for x in w)
-    ):
-        raise TypeError(f"local_window_size must be an int or a pair of ints (left, right), got {w!r}")
-    if w[0] < 0 or w[1] < 0:
-        raise ValueError(f"local_window_size sizes must be >= 0, got (left, right) = {tuple(w)}")
-    return int(w[0]), int(w[1])
-
-
-def _static_float(x, name):
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    """(backend module, None), or (None, why it cannot be imported)."""
     try:
-        return float(x)
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        # Traced values land here too: the value shapes the computation, so it must be static.
-        raise TypeError(
-            f"{name} must be a static Python number, got {type(x).__name__} {x!r}"
-        ) from None
-
-
-def _load_pallas():
-    try:
-        return importlib.import_module("jaxla.attention._pallas")
+        return importlib.import_module(_BACKENDS[name]), None
     except ImportError as e:
-        return e
+        what = "the Pallas kernel" if name == "pallas" else f"the {name!r} backend"
+        return None, f"{what} is unavailable ({_BACKENDS[name]}: {e})"
 
 
-def _choose(implementation, args, block_sizes) -> tuple[str, Any]:
-    """Returns (implementation name, pallas module or None), raising for impossible requests."""
+def _preferred(args: AttentionArgs, platform: str) -> tuple[str, ...]:
+    """The order implementation=None tries: the platform's kernel, then plain JAX by size."""
+    kernels = ("cpu",) if platform == "cpu" else ("pallas",) if platform in _ACCELERATORS else ()
+    plain = "chunked" if args.q_len * args.kv_len >= _CHUNKED_MIN_SCORES else "xla"
+    return (*kernels, plain, "xla")
+
+
+def _check_options(implementation, block_sizes) -> None:
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
     if block_sizes is not None and not isinstance(block_sizes, ChunkedBlockSizes):
         raise TypeError(f"block_sizes must be a ChunkedBlockSizes, got {type(block_sizes).__name__}")
-    if implementation in ("xla", "chunked"):
-        return implementation, None
+
+
+def _select(implementation: str | None, args: AttentionArgs, platform: str) -> tuple[str, ModuleType]:
+    """(name, module) of the backend to run, raising ValueError when an explicit one declines."""
+    names = (implementation,) if implementation is not None else _preferred(args, platform)
+    for name in names:
+        module, reason = _load(name)
+        if reason is None:
+            reason = module.unsupported_reason(args, platform=platform)
+        if reason is None:
+            return name, module
+        if implementation is not None:
+            raise ValueError(f'implementation="{name}" cannot run these arguments: {reason}')
+        _log.debug("implementation=None: not using %r: %s", name, reason)
+    raise AssertionError("the 'xla' backend declined, which it never does")  # pragma: no cover
+
+
+def select_implementation(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: str | None = None,
+    return_residual: bool = False,
+    block_sizes: ChunkedBlockSizes | None = None,
+) -> str:
+    """Which backend :func:`dot_product_attention` runs for these arguments, without running it.
+
+    Takes exactly the arguments of :func:`dot_product_attention` (so a caller can pass the same
+    ones) and checks them the same way. With ``implementation=None`` the rule is: on CPU ``"cpu"``
+    when the compiled kernel supports the arguments, on GPU/TPU ``"pallas"`` when the kernel supports
+    them, else ``"chunked"`` when T·S >= 128², else ``"xla"``. Why a backend declined is logged at
+    DEBUG level on the ``jaxla.attention`` logger. Only shapes, dtypes and options matter, so the
+    answer is the same under ``jit`` and for any array values, and ``jax.ShapeDtypeStruct``s can
+    stand in for the arrays (nothing is computed).
+
+    Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim,
+    Hv value head dim.
+
+    Args:
+      query: BTNH (or TNH).
+      key: BSKH (or SKH).
+      value: BSKHv (or SKHv).
+      bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size,
+        segment_ids, logits_soft_cap, implementation, return_residual, block_sizes: as in
+        :func:`dot_product_attention` (``return_residual`` does not change the choice).
+
+    Returns:
+      One of ``"xla"``, ``"chunked"``, ``"cpu"``, ``"pallas"``.
+
+    Raises:
+      ValueError / TypeError: as :func:`dot_product_attention` would for the same arguments
+        (including an explicit ``implementation`` that cannot run them).
+
+    Example:
+      >>> q = jax.ShapeDtypeStruct((1, 4096, 8, 64), jnp.float32)
+      >>> jaxla.attention.select_implementation(q, q, q, is_causal=True)  # doctest: +SKIP
+      'cpu'
+    """
+    del return_residual
+    _check_options(implementation, block_sizes)
     platform = jax.default_backend()
-    if implementation == "cpu" or (implementation is None and platform == "cpu"):
-        reason = _cpu.unsupported_reason(
-            args["query"], args["key"], args["value"], has_bias=args["bias"] is not None,
-            has_mask=args["mask"] is not None, softcap=args["softcap"], platform=platform,
+    chosen = []
+
+    def choose(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
+               segment_ids):
+        args = canonical_args(
+            query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window_size, segment_ids=segment_ids,
+            logits_soft_cap=logits_soft_cap,
         )
-        if reason is None:
-            return "cpu", None
-        if implementation == "cpu":
-            raise ValueError(f'implementation="cpu" cannot run these arguments: {reason}')
-        _log.debug("not using the compiled CPU attention kernel: %s", reason)
-    if implementation == "pallas" or platform in ("gpu", "tpu", "cuda", "rocm"):
-        pallas = _load_pallas()
-        reason = (
-            f"the Pallas kernel is unavailable (jaxla.attention._pallas: {pallas})"
-            if isinstance(pallas, ImportError)
-            else pallas.unsupported_reason(
-                args["query"], args["key"], args["value"],
-                has_bias=args["bias"] is not None, has_mask=args["mask"] is not None,
-                platform=platform,
-            )
-        )
-        if reason is None:
-            return "pallas", pallas
-        if implementation == "pallas":
-            raise ValueError(f'implementation="pallas" cannot run these arguments: {reason}')
-        _log.debug("not using the Pallas attention kernel: %s", reason)
-    t, s = args["query"].shape[1], args["key"].shape[1]
-    return ("chunked" if t * s >= _CHUNKED_MIN_SCORES else "xla"), None
+        chosen.append(_select(implementation, args, platform)[0])
+        return ()
+
+    # Traced abstractly: nothing is computed, and ShapeDtypeStructs work as well as arrays.
+    jax.eval_shape(choose, query, key, value, bias, mask, query_seq_lengths,
+                   key_value_seq_lengths, segment_ids)
+    return chosen[0]
 
 
 def dot_product_attention(
@@ -257,7 +211,7 @@ def dot_product_attention(
       bias: additive bias broadcastable to BNTS (NTS for rank 3): each axis 1 or full size; fewer
         axes are padded with leading ones. Differentiable.
       mask: boolean, True = attend, broadcastable to BNTS like ``bias``.
-      scale: logit scale, a Python number; ``1/sqrt(H)`` by default.
+      scale: logit scale, a finite Python number; ``1/sqrt(H)`` by default.
       is_causal: key j visible to query i only if ``j <= i``.
       query_seq_lengths: int (B,): query rows at or beyond the length see nothing (output zeros).
       key_value_seq_lengths: int (B,): keys at or beyond the length are hidden.
@@ -265,14 +219,16 @@ def dot_product_attention(
         ``i - left .. i + right``.
       segment_ids: int (B, T) when T == S, or a pair ``(query ids (B, T), key ids (B, S))``
         ((T,), (S,) for rank 3): tokens attend only within their segment (packed sequences).
-      logits_soft_cap: ``c > 0`` replaces the logits by ``c·tanh(logits / c)`` before masking.
+      logits_soft_cap: finite ``c > 0`` replaces the logits by ``c·tanh(logits / c)`` before
+        masking.
       implementation: ``"xla"`` (materialises the T×S scores; the readable reference), ``"chunked"``
         (tiled online softmax in plain JAX, O(T + S) memory, skips blocks outside causal/window
         bands), ``"cpu"`` (jaxla's compiled CPU kernels: float32 compute, no bias/mask arrays or
         soft cap, head dims multiples of 8), ``"pallas"`` (fused GPU/TPU kernel, when available for
         the arguments), or None: Pallas on GPU/TPU when it supports the arguments; on CPU ``"cpu"``
         when it supports them; else ``"chunked"`` when T·S >= 128² (measured faster from there on
-        CPU), else ``"xla"``.
+        CPU), else ``"xla"``; :func:`select_implementation` says which, and why the others declined
+        is logged at DEBUG level on the ``jaxla.attention`` logger.
       return_residual: also return the logsumexp of the visible logits.
       block_sizes: tile sizes (query positions, keys) of ``"chunked"`` and ``"cpu"``; by default
         ``ChunkedBlockSizes.default()`` for chunked and ``_cpu.default_block_sizes`` for cpu.
@@ -280,47 +236,26 @@ def dot_product_attention(
     Returns:
       The output BTNHv (TNHv) in the query dtype, and with ``return_residual`` also the logsumexp
       BTN (TN) in float32 (float64 for float64 inputs). The logsumexp of a row that sees no key is
-      ``-0.7 · float32 max`` (finite, so exp of it is 0 and no NaN appears downstream), and it is
-      differentiable (its gradient is the probability row).
+      ``EMPTY_ROW_LSE = -0.7 · float32 max`` (finite, so exp of it is 0 and no NaN appears
+      downstream), and it is differentiable (its gradient is the probability row). Every
+      implementation gives the same contract, also for empty shapes: T = 0 gives empty results;
+      S = 0 makes every row one that sees no key. A NaN or inf in query, key, value or bias is never
+      hidden: the rows that see it come out NaN (or inf), as in the ``"xla"`` definition.
 
     Raises:
-      ValueError / TypeError: naming the argument and the shapes, for any inconsistent argument, an
-        unknown ``implementation``, or ``"pallas"`` when the kernel cannot run the arguments.
+      ValueError / TypeError: naming the argument and the shapes, for any inconsistent argument
+        (including a non-finite ``scale`` or ``logits_soft_cap``), an unknown ``implementation``,
+        or an explicit ``implementation`` that cannot run the arguments (the reason is given).
     """
-    args = _canonical(query, key, value, bias, mask, segment_ids, query_seq_lengths,
-                      key_value_seq_lengths, local_window_size, scale, logits_soft_cap)
-    args["is_causal"] = bool(is_causal)
-    name, pallas = _choose(implementation, args, block_sizes)
-    band = _masks.make_band(args["is_causal"], args["window"])
-    common = (args["query"], args["key"], args["value"])
-    if name == "pallas":
-        out = pallas.pallas_attention(
-            *common, scale=args["scale"], is_causal=args["is_causal"],
-            local_window_size=args["window"], q_segment_ids=args["q_seg"],
-            kv_segment_ids=args["kv_seg"], query_seq_lengths=args["q_len"],
-            key_value_seq_lengths=args["kv_len"], logits_soft_cap=args["softcap"],
-            return_residual=return_residual,
-        )
-        out, lse = out if return_residual else (out, None)
-    else:
-        rest = (args["bias"], args["mask"], args["q_seg"], args["kv_seg"], args["q_len"],
-                args["kv_len"])
-        kw = dict(scale=args["scale"], band=band, softcap=args["softcap"])
-        if name == "chunked":
-            sizes = block_sizes or ChunkedBlockSizes.default()
-            out, lse = _chunked.chunked_attention(*common, *rest, block_sizes=sizes, **kw)
-        elif name == "cpu":
-            sizes = None if block_sizes is None else (block_sizes.block_q, block_sizes.block_k)
-            out, lse = _cpu.cpu_attention(
-                *common, args["q_seg"], args["kv_seg"], args["q_len"], args["kv_len"],
-                scale=args["scale"], band=band, block_sizes=sizes,
-            )
-        else:
-            out, lse = _reference.xla_attention(*common, *rest, **kw)
-    out = out.astype(args["out_dtype"])
-    if not args["batched"]:
-        out = out[0]
-        lse = None if lse is None else lse[0]
+    _check_options(implementation, block_sizes)
+    args = canonical_args(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
+    )
+    _, backend = _select(implementation, args, jax.default_backend())
+    out, lse = _base.run(backend.attend, args, block_sizes=block_sizes)
     return (out, lse) if return_residual else out
 
 
@@ -357,11 +292,15 @@ def attention_weights(
     """
     query_arr = _checks.as_array(query, "query")
     key_arr = _checks.as_array(key, "key")
-    args = _canonical(query_arr, key_arr, key_arr, bias, mask, segment_ids, query_seq_lengths,
-                      key_value_seq_lengths, local_window_size, scale, logits_soft_cap)
-    probs = _reference.attention_probs(
-        args["query"], args["key"], args["bias"], args["mask"], args["q_seg"], args["kv_seg"],
-        args["q_len"], args["kv_len"], scale=args["scale"],
-        band=_masks.make_band(bool(is_causal), args["window"]), softcap=args["softcap"],
+    args = canonical_args(
+        query_arr, key_arr, key_arr, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
     )
-    return probs if args["batched"] else probs[0]
+    if args.kv_len == 0:  # no key: every row is a row that sees nothing (and has no entries)
+        b, n, t = args.batch, args.num_heads, args.q_len
+        probs = jnp.zeros((b, n, t, 0), _checks.accum_dtype(args.dtype))
+    else:
+        probs = _reference.attention_probs(args)
+    return probs if args.batched else probs[0]

@@ -1,4 +1,4 @@
-"""The ``"chunked"`` implementation: tiled online-softmax ("flash") attention in plain JAX.
+"""The ``"chunked"`` backend: tiled online-softmax ("flash") attention in plain JAX.
 
 Queries are cut into blocks of ``block_q`` positions and keys into blocks of ``block_k``. Every
 (query block, key block) pair that the static causal/window band does not rule out is visited once by
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ import numpy as np
 from jax import lax
 
 from jaxla import _checks
-from jaxla.attention import _masks
+from jaxla.attention import _masks, _reference
+from jaxla.attention._args import AttentionArgs
 
 _LOG2E = math.log2(math.e)
 
@@ -84,11 +86,45 @@ def split_length(length: int, block: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
+    """Static part of one call (a ``custom_vjp`` nondiff argument): options, true S and G, tiles."""
+
     scale: float
     band: _masks.Band
     softcap: float | None
     block_q: int
     block_k: int
+    s_len: int  # S, the true key length (keys at or past it are padding)
+    groups: int  # G = N // K
+
+
+class _Operands(NamedTuple):
+    """The arrays of one call in the tiled layout (padded to whole blocks); None where unused."""
+
+    q: jax.Array  # (B, K, Tp·G, H)
+    q_z: jax.Array | None  # q · scale · log2(e), when it can be folded in (f32/f64, no bias/softcap)
+    k: jax.Array  # (B, K, Sp, H)
+    v: jax.Array  # (B, K, Sp, Hv)
+    bias: jax.Array | None  # (Bx, Kx, Tp or 1, Gx, Sp or 1)
+    mask: jax.Array | None  # like bias, boolean
+    q_seg: jax.Array | None  # (B, Tp)
+    kv_seg: jax.Array | None  # (B, Sp)
+    q_len: jax.Array | None  # (B,)
+    kv_len: jax.Array | None  # (B,)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether visibility depends on array values, so no block is known to be fully visible."""
+        return any(x is not None for x in (self.mask, self.q_seg, self.q_len, self.kv_len))
+
+
+class _BackwardOperands(NamedTuple):
+    """What the backward pass adds to the operands, in the same tiled layout."""
+
+    lse2: jax.Array  # (B, K, Tp·G) base-2 logsumexp, +inf on rows that see nothing
+    do: jax.Array  # (B, K, Tp·G, Hv) output cotangent
+    q_t: jax.Array  # (B, K, H, Tp·G), q transposed
+    do_t: jax.Array  # (B, K, Hv, Tp·G)
+    delta: jax.Array  # (B, K, Tp·G): rowsum(dO·O) - d lse
 
 
 # ---- layout: (B, T, N, D) <-> (B, K, Tp·G, D), padded to whole blocks -----------------------------
@@ -157,22 +193,21 @@ def _tile(x, i, bq, j, bk):
 
 def _scores(cfg, ops, i, j, masked):
     """Scores of tile (i, j) in base-2 units (B, K, t·G, s), and tanh of the softcap (or None)."""
-    bq, bk = cfg.block_q, cfg.block_k
-    acc = ops["acc"]
-    prescaled = ops["q_z"] is not None
-    g = ops["g"]
-    qb = lax.dynamic_slice_in_dim(ops["q_z" if prescaled else "q"], i * bq * g, bq * g, 2)
-    kb = lax.dynamic_slice_in_dim(ops["k"], j * bk, bk, 2)
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    acc = _checks.accum_dtype(ops.q.dtype)
+    prescaled = ops.q_z is not None
+    qb = lax.dynamic_slice_in_dim(ops.q_z if prescaled else ops.q, i * bq * g, bq * g, 2)
+    kb = lax.dynamic_slice_in_dim(ops.k, j * bk, bk, 2)
     x = lax.dot_general(qb, kb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=acc)
     tanh = None
     if prescaled:
         z = x
-    elif ops["bias"] is None and cfg.softcap is None:
+    elif ops.bias is None and cfg.softcap is None:
         z = x * jnp.asarray(cfg.scale * _LOG2E, acc)
     else:
         x = x * jnp.asarray(cfg.scale, acc)
-        if ops["bias"] is not None:
-            x = x + _rows(_tile(ops["bias"], i, bq, j, bk), bq, g).astype(acc)
+        if ops.bias is not None:
+            x = x + _rows(_tile(ops.bias, i, bq, j, bk), bq, g).astype(acc)
         if cfg.softcap is not None:
             tanh = jnp.tanh(x / cfg.softcap)
             x = cfg.softcap * tanh
@@ -185,24 +220,24 @@ def _scores(cfg, ops, i, j, masked):
 def _visible(cfg, ops, i, j):
     bq, bk = cfg.block_q, cfg.block_k
     q_pos, k_pos = _masks.positions(i * bq, bq), _masks.positions(j * bk, bk)
-    vis = _masks.band_visible(q_pos, k_pos, cfg.band, ops["s"])[None, None, :, None, :]
+    vis = _masks.band_visible(q_pos, k_pos, cfg.band, cfg.s_len)[None, None, :, None, :]
 
     def block(x, start, size):
         return None if x is None else lax.dynamic_slice_in_dim(x, start, size, 1)
 
     dyn = _masks.dynamic_visible(
-        q_pos, k_pos, q_len=ops["q_len"], kv_len=ops["kv_len"],
-        q_seg=block(ops["q_seg"], i * bq, bq), kv_seg=block(ops["kv_seg"], j * bk, bk),
+        q_pos, k_pos, q_len=ops.q_len, kv_len=ops.kv_len,
+        q_seg=block(ops.q_seg, i * bq, bq), kv_seg=block(ops.kv_seg, j * bk, bk),
     )
     if dyn is not None:
         vis = vis & dyn[:, None, :, None, :]
-    if ops["mask"] is not None:
-        vis = vis & _tile(ops["mask"], i, bq, j, bk)
+    if ops.mask is not None:
+        vis = vis & _tile(ops.mask, i, bq, j, bk)
     return vis
 
 
 def _forward_pairs(cfg, ops, pairs, masked, carry):
-    bk, r = cfg.block_k, cfg.block_q * ops["g"]
+    bk, r = cfg.block_k, cfg.block_q * cfg.groups
 
     def step(carry, ij):
         o, m, l = carry
@@ -216,7 +251,7 @@ def _forward_pairs(cfg, ops, pairs, masked, carry):
         m_use = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
         p = jnp.exp2(z - m_use[..., None])
         alpha = jnp.exp2(m_old - m_use)
-        vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
+        vb = lax.dynamic_slice_in_dim(ops.v, j * bk, bk, 2)
         pv = lax.dot_general(
             p.astype(vb.dtype), vb, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=o.dtype
         )
@@ -228,8 +263,8 @@ def _forward_pairs(cfg, ops, pairs, masked, carry):
     return lax.scan(step, carry, pairs)[0]
 
 
-def _backward_pairs(cfg, ops, pairs, masked, carry):
-    bq, bk, g = cfg.block_q, cfg.block_k, ops["g"]
+def _backward_pairs(cfg, ops, bops, pairs, masked, carry):
+    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
     r = bq * g
     # Batched (B, K) contractions over the tile's rows, i.e. the tile on the left transposed, take a
     # much slower path on XLA:CPU than plain row-by-column products. dK and dV are therefore built
@@ -240,13 +275,13 @@ def _backward_pairs(cfg, ops, pairs, masked, carry):
         dq, dk_t, dv_t, dbias = carry
         i, j = ij[0], ij[1]
         kb, z, tanh = _scores(cfg, ops, i, j, masked)
-        q_t = lax.dynamic_slice_in_dim(ops["q_t"], i * r, r, 3)
-        lse2 = lax.dynamic_slice_in_dim(ops["lse2"], i * r, r, 2)
+        q_t = lax.dynamic_slice_in_dim(bops.q_t, i * r, r, 3)
+        lse2 = lax.dynamic_slice_in_dim(bops.lse2, i * r, r, 2)
         p = jnp.exp2(z - lse2[..., None])
-        dob = lax.dynamic_slice_in_dim(ops["do"], i * r, r, 2)
-        do_t = lax.dynamic_slice_in_dim(ops["do_t"], i * r, r, 3)
-        vb = lax.dynamic_slice_in_dim(ops["v"], j * bk, bk, 2)
-        delta = lax.dynamic_slice_in_dim(ops["delta"], i * r, r, 2)
+        dob = lax.dynamic_slice_in_dim(bops.do, i * r, r, 2)
+        do_t = lax.dynamic_slice_in_dim(bops.do_t, i * r, r, 3)
+        vb = lax.dynamic_slice_in_dim(ops.v, j * bk, bk, 2)
+        delta = lax.dynamic_slice_in_dim(bops.delta, i * r, r, 2)
         dp = lax.dot_general(dob, vb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=p.dtype)
         dx = p * (dp - delta[..., None])  # gradient w.r.t. the (soft-capped) logits
         if tanh is not None:
@@ -297,33 +332,29 @@ def _plan(cfg, t, s, dynamic_mask):
     return [(as_array(p), masked) for p, masked in ((full, False), (partial, True)) if p]
 
 
-def _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+def _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) -> _Operands:
     _b, t, n, _ = q.shape
     s, kh = k.shape[1], k.shape[2]
     tp, sp = _round_up(t, cfg.block_q), _round_up(s, cfg.block_k)
     lay = partial(_pair_layout, n=n, k=kh, t=t, tp=tp, s=s, sp=sp)
-    acc = _checks.accum_dtype(q.dtype)
     # Folding scale·log2(e) into Q once saves a pass over every score tile. Only where Q's own
     # precision makes the extra rounding invisible (f32/f64), and when no bias/softcap needs the
     # logits in natural units.
     q_z = None
     if bias is None and cfg.softcap is None and jnp.dtype(q.dtype) in (jnp.float32, jnp.float64):
         q_z = _q_layout(q * jnp.asarray(cfg.scale * _LOG2E, q.dtype), kh, tp)
-    return {
-        "q": _q_layout(q, kh, tp),
-        "q_z": q_z,
-        "k": _kv_layout(k, sp),
-        "v": _kv_layout(v, sp),
-        "bias": None if bias is None else lay(bias, fill=0),
-        "mask": None if mask is None else lay(mask, fill=False),
-        "q_seg": None if q_seg is None else _pad_axis(q_seg, 1, tp),
-        "kv_seg": None if kv_seg is None else _pad_axis(kv_seg, 1, sp),
-        "q_len": q_len,
-        "kv_len": kv_len,
-        "s": s,
-        "acc": acc,
-        "g": n // kh,
-    }
+    return _Operands(
+        q=_q_layout(q, kh, tp),
+        q_z=q_z,
+        k=_kv_layout(k, sp),
+        v=_kv_layout(v, sp),
+        bias=None if bias is None else lay(bias, fill=0),
+        mask=None if mask is None else lay(mask, fill=False),
+        q_seg=None if q_seg is None else _pad_axis(q_seg, 1, tp),
+        kv_seg=None if kv_seg is None else _pad_axis(kv_seg, 1, sp),
+        q_len=q_len,
+        kv_len=kv_len,
+    )
 
 
 def _round_up(x, m):
@@ -333,37 +364,36 @@ def _round_up(x, m):
 def _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     acc = _checks.accum_dtype(q.dtype)
-    b, kh, rows, _ = ops["q"].shape
+    b, kh, rows, _ = ops.q.shape
     o = jnp.zeros((b, kh, rows, v.shape[-1]), acc)
     m = jnp.full((b, kh, rows), -jnp.inf, acc)
     l = jnp.zeros((b, kh, rows), acc)
-    dynamic = any(ops[x] is not None for x in ("mask", "q_seg", "q_len", "kv_len"))
-    for pairs, masked in _plan(cfg, q.shape[1], k.shape[1], dynamic):
+    for pairs, masked in _plan(cfg, q.shape[1], k.shape[1], ops.dynamic):
         o, m, l = _forward_pairs(cfg, ops, pairs, masked, (o, m, l))
-    seen = l > 0
-    safe_l = jnp.where(seen, l, jnp.ones_like(l))
-    out = _q_unlayout(o / safe_l[..., None], q.shape[1], ops["g"]).astype(q.dtype)
+    # l == 0 exactly when a row saw no visible key; a NaN l (non-finite input) is not empty and
+    # gives a NaN output and logsumexp.
+    empty = l == 0
+    safe_l = jnp.where(empty, jnp.ones_like(l), l)
+    out = _q_unlayout(o / safe_l[..., None], q.shape[1], cfg.groups).astype(q.dtype)
     # +inf for rows that see nothing: exp2(z - lse2) is then 0 in the backward pass, never NaN.
-    lse2 = jnp.where(seen, m + jnp.log2(safe_l), jnp.full_like(m, jnp.inf))
+    lse2 = jnp.where(empty, jnp.full_like(m, jnp.inf), m + jnp.log2(safe_l))
     return out, lse2
 
 
-def _lse_natural(lse2, t, g):
-    from jaxla.attention._reference import lse_from_base2
-
-    return _q_unlayout(lse_from_base2(lse2)[..., None], t, g)[..., 0]
+def _lse_natural(cfg, lse2, t):
+    return _q_unlayout(_reference.lse_from_base2(lse2)[..., None], t, cfg.groups)[..., 0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     out, lse2 = _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
-    return out, _lse_natural(lse2, q.shape[1], q.shape[2] // k.shape[2])
+    return out, _lse_natural(cfg, lse2, q.shape[1])
 
 
 def _flash_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     out, lse2 = _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     res = (q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse2)
-    return (out, _lse_natural(lse2, q.shape[1], q.shape[2] // k.shape[2])), res
+    return (out, _lse_natural(cfg, lse2, q.shape[1])), res
 
 
 def _flash_bwd(cfg, res, cotangents):
@@ -371,23 +401,21 @@ def _flash_bwd(cfg, res, cotangents):
     d_out, d_lse = cotangents
     ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     acc = lse2.dtype
-    t, kh, g = q.shape[1], k.shape[2], ops["g"]
-    tp = ops["q"].shape[2] // g
-    ops["lse2"] = lse2
-    ops["do"] = _q_layout(d_out.astype(v.dtype), kh, tp)
-    ops["q_t"] = jnp.swapaxes(ops["q"], 2, 3)
-    ops["do_t"] = jnp.swapaxes(ops["do"], 2, 3)
+    t, s, kh, g = q.shape[1], k.shape[1], k.shape[2], cfg.groups
+    tp = ops.q.shape[2] // g
+    do = _q_layout(d_out.astype(v.dtype), kh, tp)
     # d lse / d logits is the probability row, so a residual cotangent just shifts delta.
     delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
-    ops["delta"] = _q_layout(delta[..., None], kh, tp)[..., 0]
-    dq = jnp.zeros(ops["q"].shape, acc)
-    dk = jnp.zeros(ops["q_t"].shape[:2] + ops["k"].shape[3:] + ops["k"].shape[2:3], acc)
-    dv = jnp.zeros(ops["do_t"].shape[:2] + ops["v"].shape[3:] + ops["v"].shape[2:3], acc)
-    dbias = None if bias is None else jnp.zeros(ops["bias"].shape, acc)
-    dynamic = any(ops[x] is not None for x in ("mask", "q_seg", "q_len", "kv_len"))
-    for pairs, masked in _plan(cfg, t, k.shape[1], dynamic):
-        dq, dk, dv, dbias = _backward_pairs(cfg, ops, pairs, masked, (dq, dk, dv, dbias))
-    s = k.shape[1]
+    bops = _BackwardOperands(
+        lse2=lse2, do=do, q_t=jnp.swapaxes(ops.q, 2, 3), do_t=jnp.swapaxes(do, 2, 3),
+        delta=_q_layout(delta[..., None], kh, tp)[..., 0],
+    )
+    dq = jnp.zeros(ops.q.shape, acc)
+    dk = jnp.zeros(bops.q_t.shape[:2] + ops.k.shape[3:] + ops.k.shape[2:3], acc)
+    dv = jnp.zeros(bops.do_t.shape[:2] + ops.v.shape[3:] + ops.v.shape[2:3], acc)
+    dbias = None if bias is None else jnp.zeros(ops.bias.shape, acc)
+    for pairs, masked in _plan(cfg, t, s, ops.dynamic):
+        dq, dk, dv, dbias = _backward_pairs(cfg, ops, bops, pairs, masked, (dq, dk, dv, dbias))
     dq = _q_unlayout(dq, t, g).astype(q.dtype)
     dk = jnp.transpose(dk[..., :s], (0, 3, 1, 2)).astype(k.dtype)
     dv = jnp.transpose(dv[..., :s], (0, 3, 1, 2)).astype(v.dtype)
@@ -399,20 +427,28 @@ def _flash_bwd(cfg, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def chunked_attention(
-    query, key, value, bias, mask, q_seg, kv_seg, q_len, kv_len, *, scale, band, softcap,
-    block_sizes: ChunkedBlockSizes,
-):
-    """Blockwise attention on canonical rank-4 arguments (see ``_reference.xla_attention``).
+def unsupported_reason(args: AttentionArgs, *, platform: str) -> str | None:
+    """Plain JAX: every argument on every platform."""
+    del args, platform
+    return None
 
-    Returns:
-      ``(out, lse)``: out (B, T, N, Hv) in the query dtype; lse (B, T, N) in the accumulation dtype.
+
+def attend(args: AttentionArgs, *, block_sizes: ChunkedBlockSizes | None = None):
+    """The backend entry point (see ``_base``): out (B, T, N, Hv), lse (B, T, N).
+
+    Args:
+      args: the canonical arguments.
+      block_sizes: tile sizes; ``ChunkedBlockSizes.default()`` when None.
     """
+    sizes = block_sizes or ChunkedBlockSizes.default()
     cfg = _Config(
-        scale=float(scale),
-        band=band,
-        softcap=None if softcap is None else float(softcap),
-        block_q=split_length(query.shape[1], block_sizes.block_q),
-        block_k=split_length(key.shape[1], block_sizes.block_k),
+        scale=args.scale,
+        band=args.band,
+        softcap=args.softcap,
+        block_q=split_length(args.q_len, sizes.block_q),
+        block_k=split_length(args.kv_len, sizes.block_k),
+        s_len=args.kv_len,
+        groups=args.num_heads // args.num_kv_heads,
     )
-    return _flash(cfg, query, key, value, bias, mask, q_seg, kv_seg, q_len, kv_len)
+    return _flash(cfg, args.query, args.key, args.value, args.bias, args.mask, args.q_segment_ids,
+                  args.kv_segment_ids, args.query_seq_lengths, args.key_value_seq_lengths)

@@ -1,4 +1,4 @@
-"""The ``"cpu"`` implementation: jaxla's compiled CPU attention kernels, called through XLA's FFI.
+"""The ``"cpu"`` backend: jaxla's compiled CPU attention kernels, called through XLA's FFI.
 
 ``_cpu_ext.cc`` holds a tiled online-softmax forward pass and a blockwise backward pass (from the saved
 logsumexp) in float32, each run as whole tiles per thread on XLA's CPU thread pool. They cover the
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxla.attention import _reference
+from jaxla.attention._args import AttentionArgs
 
 try:
     from jaxla.attention import _cpu_ext
@@ -53,23 +54,22 @@ def available() -> str | None:
     return None
 
 
-def unsupported_reason(query, key, value, *, has_bias, has_mask, softcap, platform) -> str | None:
-    """None when the kernels can run these (canonical rank-4) arguments, else the reason."""
+def unsupported_reason(args: AttentionArgs, *, platform: str) -> str | None:
+    """None when the kernels can run these arguments on ``platform``, else the reason."""
     if platform != "cpu":
         return f"it runs on CPU only (the default backend is {platform})"
     reason = available()
     if reason is not None:
         return reason
-    if has_bias:
+    if args.bias is not None:
         return "a bias array is not supported by the CPU kernel"
-    if has_mask:
+    if args.mask is not None:
         return "a mask array is not supported by the CPU kernel"
-    if softcap is not None:
+    if args.softcap is not None:
         return "logits_soft_cap is not supported by the CPU kernel"
-    dtype = jnp.dtype(query.dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"dtype {dtype} (the CPU kernel computes in float32; float64 uses chunked)"
-    h, hv = query.shape[-1], value.shape[-1]
+    if args.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {args.dtype} (the CPU kernel computes in float32; float64 uses chunked)"
+    h, hv = args.head_dim, args.value_head_dim
     if h % 8 or hv % 8:
         return f"head dims H={h}, Hv={hv} must be multiples of 8 for the CPU kernel"
     return None
@@ -136,38 +136,42 @@ def default_block_sizes(g: int) -> tuple[int, int]:
     return max(1, 96 // g), 256
 
 
-def cpu_attention(query, key, value, q_seg, kv_seg, q_len, kv_len, *, scale, band, block_sizes):
-    """Attention on canonical rank-4 arguments with the compiled CPU kernels.
+def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Array]:
+    """The backend entry point (see ``_base``) on arguments ``unsupported_reason`` accepted.
 
     Args:
-      query: (B, T, N, H); key: (B, S, K, H); value: (B, S, K, Hv); float32, bfloat16 or float16.
-      q_seg, kv_seg: int32 (B, T), (B, S) or None; q_len, kv_len: int32 (B,) or None.
-      scale: logit scale; band: the static causal/window band (``_masks.Band``).
-      block_sizes: ``(block_q, block_k)``, or None for ``default_block_sizes``.
+      args: the canonical arguments (float32, bfloat16 or float16; no bias, mask or soft cap).
+      block_sizes: a ``ChunkedBlockSizes`` whose ``(block_q, block_k)`` are the kernel's tiles, or
+        None for ``default_block_sizes``.
 
     Returns:
-      ``(out, lse)``: out (B, T, N, Hv) in the query dtype; lse (B, T, N) float32.
+      ``(out, lse)``: out (B, T, N, Hv) in the compute dtype; lse (B, T, N) float32.
     """
     _register()
-    b, t, n, _ = query.shape
-    s, kh = key.shape[1], key.shape[2]
-    block_q, block_k = block_sizes or default_block_sizes(n // kh)
+    b, t, n, _ = args.query.shape
+    s, kh = args.kv_len, args.num_kv_heads
+    if block_sizes is None:
+        block_q, block_k = default_block_sizes(n // kh)
+    else:
+        block_q, block_k = block_sizes.block_q, block_sizes.block_k
+    band = args.band
     cfg = _Config(
-        scale=float(scale),
+        scale=args.scale,
         left=-1 if band.left is None else int(band.left),
         right=-1 if band.right is None else int(band.right),
-        has_seg=q_seg is not None,
+        has_seg=args.q_segment_ids is not None,
         block_q=int(block_q),
         block_k=int(block_k),
     )
-    q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len.astype(jnp.int32)
-    kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len.astype(jnp.int32)
+    q_len, kv_len = args.query_seq_lengths, args.key_value_seq_lengths
+    q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len
+    kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
+    q_seg, kv_seg = args.q_segment_ids, args.kv_segment_ids
     if q_seg is None:
         q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-    f32 = [x.astype(jnp.float32) for x in (query, key, value)]
-    out, lse = _attention(cfg, *f32, q_len, kv_len, q_seg.astype(jnp.int32),
-                          kv_seg.astype(jnp.int32))
-    return out.astype(query.dtype), lse
+    f32 = [x.astype(jnp.float32) for x in (args.query, args.key, args.value)]
+    out, lse = _attention(cfg, *f32, q_len, kv_len, q_seg, kv_seg)
+    return out.astype(args.dtype), lse
 
 
-__all__ = ["available", "cpu_attention", "default_block_sizes", "unsupported_reason"]
+__all__ = ["attend", "available", "default_block_sizes", "unsupported_reason"]

@@ -53,10 +53,13 @@ inline void store(float* p, v8f x) { *reinterpret_cast<v8f_u*>(p) = x; }
 inline v8f splat(float x) { return v8f{} + x; }
 inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 
-// 2^x for x <= 0 (scores minus their running maximum); exactly 0 below -126 and for -inf.
+// 2^x for x <= 0 (scores minus their running maximum); exactly 0 below -126 and for -inf, and NaN
+// for NaN: the clamp keeps x unless lo > x, which is false for NaN (one max instruction, as before).
+// That is what makes a NaN or +inf score (+inf - +inf) turn its row's sum, output and logsumexp
+// into NaN, as in the plain-JAX definition, instead of a plausible number.
 inline v8f exp2v(v8f x) {
   const v8f lo = splat(-126.0f);
-  v8f xc = vmax(x, lo);
+  v8f xc = vmax(lo, x);
   const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   v8f r = (xc + magic) - magic;
   v8f f = (xc - r) * splat(0.69314718056f);  // f in [-ln2/2, ln2/2]
@@ -346,10 +349,17 @@ void forward_item(const Problem& pr, const float* q, const float* k, const float
         v8f mx = splat(-kInf);
         for (int64_t j = 0; j < cpad; j += 8) mx = vmax(mx, load(row + j));
         const float m_old = w.m[r];
-        const float m_new = std::max(m_old, hmax(mx));
-        if (m_new == -kInf) {  // nothing visible so far
-          std::fill(row, row + cpad, 0.0f);
-          continue;
+        float m_new = std::max(m_old, hmax(mx));
+        if (m_new == -kInf) {
+          // Nothing visible so far, unless the max skipped NaN scores (it may): then the row is
+          // NaN from here on. Only rows without a finite score pay for this scan.
+          bool nan = false;
+          for (int64_t j = 0; j < cpad; ++j) nan = nan || row[j] != row[j];
+          if (!nan) {
+            std::fill(row, row + cpad, 0.0f);
+            continue;
+          }
+          m_new = std::numeric_limits<float>::quiet_NaN();
         }
         const v8f mv = splat(m_new);
         v8f sum = v8f{};
@@ -373,11 +383,13 @@ void forward_item(const Problem& pr, const float* q, const float* k, const float
     for (int64_t gg = 0; gg < g; ++gg) {
       const int64_t r = i * g + gg, n = kvh * g + gg;
       float* dst = out + ((b * pr.t + t0 + i) * pr.n + n) * hv;
+      // l == 0 exactly when the row saw no key; a NaN l (non-finite input) gives NaN out and lse.
       const float l = w.l[r];
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const bool empty = l == 0.0f;
+      const float inv = empty ? 0.0f : 1.0f / l;
       const float* o = w.o.data() + r * hv;
       for (int64_t d = 0; d < hv; ++d) dst[d] = o[d] * inv;
-      lse2[(b * pr.t + t0 + i) * pr.n + n] = l > 0.0f ? w.m[r] + std::log2(l) : kInf;
+      lse2[(b * pr.t + t0 + i) * pr.n + n] = empty ? kInf : w.m[r] + std::log2(l);
     }
 }
 
@@ -543,7 +555,7 @@ void backward_item(const Problem& pr, const BwdArgs& a, float* dq, int64_t item,
         const int64_t r = i * g + gg;
         float* p = w.sc.data() + r * ld;
         float* ds = w.dp.data() + r * ld;
-        if (lo >= hi || !(w.lse[r] < kInf)) {
+        if (lo >= hi || w.lse[r] == kInf) {  // sees nothing here (a NaN lse gives NaN gradients)
           std::fill(p, p + cpad, 0.0f);
           std::fill(ds, ds + cpad, 0.0f);
           continue;

@@ -1,6 +1,6 @@
 """Peak memory of causal attention forward+backward at long T, measured in a fresh process.
 
-The attention suite runs this as a child process (``python -m benchmarks._attention_memory T``) so that
+The attention suite runs this as a child process (``python -m jaxla.benchmarks._attention_memory T``) so that
 memory freed by earlier rows cannot hide allocations. It prints one JSON object: XLA's scratch
 (``temp_MB``) and the process's peak resident memory while the compiled program runs, beyond the inputs
 and the compiled program (``run_peak_MB``; includes the outputs and any kernel-allocated scratch).

@@ -10,7 +10,7 @@ which does not see scratch a compiled kernel allocates itself, so the memory row
 process's peak resident memory during the run in a fresh process (``run_peak_MB``, beyond the inputs;
 Linux). ``ok`` checks jaxla's output (or dQ) against jax.nn's.
 
-    python -m benchmarks.attention --quick
+    python -m jaxla.benchmarks.attention --quick
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxla
-from jaxla.attention import _api
 from jaxla.benchmarks import harness
 from jaxla.benchmarks import specs_attention as specs
 
@@ -105,13 +104,11 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True,
     flops = harness.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
     ours = harness.measure(_jax_fn(jaxla.dot_product_attention, causal, backward), *args,
                            iters=iters, warmup=1 if iters > 1 else 0)
-    canon = dict(query=args[0], key=args[1], value=args[2], bias=None, mask=None, softcap=None, window=None,
-                 is_causal=causal)
     row = {
         "name": name,
         "T": t,
         "causal": causal,
-        "impl": _api._choose(None, canon, None)[0],
+        "impl": jaxla.attention.select_implementation(*args[:3], is_causal=causal),
         "jaxla_ms": ours["median_s"] * 1e3,
         "jaxla_gflops": flops / ours["median_s"] / 1e9,
         "frac_of_matmul_ceiling": flops / ours["median_s"] / ceiling,

@@ -7,7 +7,7 @@
    forward+backward. TFLOP/s use FlashAttention's convention (``harness.attention_flops``), and each
    is also given as a fraction of a bf16 matmul ceiling measured in the same run.
 
-Run ``python -m benchmarks.attention_gpu`` on the GPU (JSON goes to ``$OUT/attention_gpu.json`` when
+Run ``python -m jaxla.benchmarks.attention_gpu`` on the GPU (JSON goes to ``$OUT/attention_gpu.json`` when
 ``$OUT`` is set); ``--quick`` is a CPU smoke run in Pallas interpret mode with tiny shapes.
 """
 
@@ -19,7 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jaxla.attention._pallas import pallas_attention
+from jaxla.attention import pallas_attention
 from jaxla.benchmarks import harness
 from jaxla.benchmarks import specs_attention_gpu as specs
 

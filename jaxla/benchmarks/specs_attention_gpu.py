@@ -1,4 +1,4 @@
-"""Shapes shared by the Pallas attention tests and ``benchmarks/attention_gpu.py`` (plain data).
+"""Shapes shared by the Pallas attention tests and ``jaxla/benchmarks/attention_gpu.py`` (plain data).
 
 Timing follows the issue: bf16, B·T = 16k tokens, N = 16 query heads, H = 128, T in {1024, 4096,
 16384}, causal and not, forward and forward+backward. Checks use odd lengths (not block multiples),
