@@ -145,16 +145,18 @@ def _tensor_source(reader, path: Path, arch: str, layers: int, heads: int,
         to_gguf.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gguf}"
                         for gguf, hf in _LAYER_TENSORS.items()})
     permute = arch == "llama"
+    used = set(to_gguf.values())
+    for tensor in reader.tensors:  # every type checked before any data is decoded
+        if tensor.name in used and tensor.tensor_type not in supported:
+            raise ValueError(f"{path}: tensor {tensor.name!r} has the unsupported type "
+                             f"{tensor.tensor_type.name}; supported: "
+                             f"{sorted(t.name for t in supported)}")
 
     def read(hf_name: str) -> np.ndarray:
         gguf_name = to_gguf[hf_name]
         if gguf_name not in by_gguf:
             raise ValueError(f"{path}: missing tensor {gguf_name!r}")
         tensor = by_gguf[gguf_name]
-        if tensor.tensor_type not in supported:
-            raise ValueError(f"{path}: tensor {gguf_name!r} has the unsupported type "
-                             f"{tensor.tensor_type.name}; supported: "
-                             f"{sorted(t.name for t in supported)}")
         try:
             x = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         except Exception as e:

@@ -36,7 +36,7 @@ from jax.typing import ArrayLike
 
 from jaxla import _norms
 from jaxla.attention._api import dot_product_attention
-from jaxla.attention._rope import apply_rope, rope_frequencies
+from jaxla.attention._rope import apply_rope
 from jaxla.models._family import Family, TensorSource, take
 from jaxla.models._layers import dense, layer_adapters
 
@@ -283,8 +283,8 @@ def peft_module_names(config: LlamaConfig) -> dict[str, str]:
 def _inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     """(H/2,) float64 RoPE frequencies with Llama 3's scaling (a host constant)."""
     s = config.rope_scaling
-    freqs = np.asarray(rope_frequencies(config.head_dim, theta=config.rope_theta,
-                                        dtype=jnp.float32), np.float64)
+    # The same frequencies as rope_frequencies, on the host: a constant folded into the program.
+    freqs = float(config.rope_theta) ** -(np.arange(0, config.head_dim, 2) / config.head_dim)
     wavelength = 2 * math.pi / freqs
     low_wavelength = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelength = s.original_max_position_embeddings / s.high_freq_factor
@@ -304,7 +304,7 @@ def rope(config: LlamaConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
     if s.type == "linear":
         return apply_rope(x, positions.astype(jnp.float32) / s.factor, theta=config.rope_theta)
     freqs = jnp.asarray(_inverse_frequencies(config), jnp.float32)
-    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (B, T, 1, H/2)
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs.reshape(1, 1, 1, -1)  # (B, T, 1, H/2)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     half = config.head_dim // 2
     x32 = x.astype(jnp.float32)
