@@ -273,10 +273,10 @@ def test_padding_left_and_right_equal_unpadded_rows(checkpoints):
     hf, w, directory = checkpoints["mistral_window"]
     model = models.load(directory)
     a, b = [4, 9, 2, 33, 7], [11, 12, 13]
-    ids = jnp.asarray([a, [0, 0] + b], jnp.int32)
+    ids = jnp.asarray([a, [0, 0, *b]], jnp.int32)
     left = models.forward(model.config, model.params, ids,
                           attention_mask=jnp.asarray([[True] * 5, [False] * 2 + [True] * 3]))
-    right = models.forward(model.config, model.params, jnp.asarray([a, b + [0, 0]], jnp.int32),
+    right = models.forward(model.config, model.params, jnp.asarray([a, [*b, 0, 0]], jnp.int32),
                            attention_mask=jnp.asarray([[True] * 5, [True] * 3 + [False] * 2]))
     ref_a, ref_b = np_forward(hf, w, np.array(a)), np_forward(hf, w, np.array(b))
     np.testing.assert_allclose(left[0], ref_a, atol=1e-5, rtol=1e-5)
@@ -309,7 +309,8 @@ def test_adapters_equal_merged_weights_and_differentiate(checkpoints):
 
 def tiny_tokenizer():
     """A byte-level BPE trained on a few sentences (the reference), and its GGUF metadata."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
 
     ref = Tokenizer(tok_models.BPE())
     ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -376,13 +377,13 @@ def test_gguf_bad_files_are_named(tmp_path, rng):
     write_gguf(good, hf, w)
     data = good.read_bytes()
     (tmp_path / "short.gguf").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="short.gguf"):
+    with pytest.raises(ValueError, match=r"short.gguf"):
         models.load(tmp_path / "short.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04" + data[4:200])
     with pytest.raises(ValueError, match="not a GGUF file"):
         models.load(tmp_path / "junk.gguf")
     write_gguf(tmp_path / "missing.gguf", hf, w, skip={"blk.1.ffn_up.weight"})
-    with pytest.raises(ValueError, match="missing tensor 'blk.1.ffn_up.weight'"):
+    with pytest.raises(ValueError, match=r"missing tensor 'blk.1.ffn_up.weight'"):
         models.load(tmp_path / "missing.gguf")
     bad = dict(w)
     bad["model.layers.0.mlp.up_proj.weight"] = np.zeros((32, 32), np.float32)
@@ -406,7 +407,7 @@ def test_gguf_bad_files_are_named(tmp_path, rng):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="token_embd.weight.*unsupported type IQ4_NL"):
+    with pytest.raises(ValueError, match=r"token_embd.weight.*unsupported type IQ4_NL"):
         models.load(tmp_path / "type.gguf")
 
 
@@ -416,7 +417,7 @@ def test_gguf_bad_files_are_named(tmp_path, rng):
 
 def test_hf_bad_configs_and_ids(checkpoints, tmp_path):
     hf, w, directory = checkpoints["llama"]
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config.json"):
         models.load(tmp_path)
     write_hf(tmp_path / "yarn", {**hf, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, w)
     with pytest.raises(ValueError, match=r"rope_scaling type 'yarn'.*'llama3'"):
@@ -445,10 +446,10 @@ def greedy_by_forward(model, ids, steps):
 
 
 def test_generate_cache_equals_full_forward_and_left_padding(checkpoints):
-    hf, _, directory = checkpoints["mistral_window"]
+    _hf, _, directory = checkpoints["mistral_window"]
     model = models.load(directory)
     a, b = [4, 9, 2, 33, 7], [11, 12, 13]
-    out = models.generate(model.config, model.params, jnp.asarray([a, [0, 0] + b], jnp.int32),
+    out = models.generate(model.config, model.params, jnp.asarray([a, [0, 0, *b]], jnp.int32),
                           attention_mask=jnp.asarray([[True] * 5, [False] * 2 + [True] * 3]),
                           max_new_tokens=6)
     assert out.shape == (2, 6) and out.dtype == jnp.int32

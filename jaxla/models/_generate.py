@@ -84,8 +84,8 @@ def _sample(logits, key, temperature, top_p):
                                              "eos_id"))
 def _generate(params, adapters, inputs, key, *, config, max_new_tokens, temperature, top_p, eos_id):
     b, t = inputs.input_ids.shape
-    s = t + max_new_tokens
-    logits, (ks, vs) = _llama.run(config, params, inputs, adapters=adapters, return_kv=True)
+    logits, (ks, vs) = _llama.run(config, params, inputs, adapters=adapters, return_kv=True,
+                                   last_only=True)
     dtype = params["layers"]["attn_norm"]["scale"].dtype
     pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
     cache = {"k": jnp.pad(ks.astype(dtype), pad), "v": jnp.pad(vs.astype(dtype), pad)}

@@ -231,8 +231,9 @@ def tokenizer_from_metadata(reader, where: str):
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", str, "default"), where)
     tokenizer.decoder = decoders.ByteLevel()
     control = [AddedToken(t, special=True, normalized=False)
-               for t, kind in zip(tokens, types) if kind == 3]
-    user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == 4]
+               for t, kind in zip(tokens, types, strict=True) if kind == 3]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, types, strict=True) if kind == 4]
     if control:
         tokenizer.add_special_tokens(control)
     if user:

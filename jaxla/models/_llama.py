@@ -406,9 +406,11 @@ def window(config: LlamaConfig) -> tuple[int, int] | None:
 
 
 def run(config: LlamaConfig, params: Mapping[str, Any], inputs: Inputs, *,
-        adapters: Mapping[str, Any] | None = None, return_kv: bool = False):
-    """The decoder over checked inputs: logits (B, T, V) float32, and with ``return_kv`` the stacked
-    rotated keys and values (L, B, T, K, H) of every layer (a generation cache's prefill)."""
+        adapters: Mapping[str, Any] | None = None, return_kv: bool = False,
+        last_only: bool = False):
+    """The decoder over checked inputs: logits (B, T, V) float32 ((B, 1, V) of the last token with
+    ``last_only``), and with ``return_kv`` the stacked rotated keys and values (L, B, T, K, H) of
+    every layer (a generation cache's prefill)."""
     per_layer = layer_adapters(adapters)
     x = embed_tokens(config, params, inputs.input_ids).astype(params["layers"]["attn_norm"]["scale"].dtype)
     segments = None if inputs.attention_mask is None else inputs.attention_mask.astype(jnp.int32)
@@ -423,7 +425,7 @@ def run(config: LlamaConfig, params: Mapping[str, Any], inputs: Inputs, *,
         return finish_layer(config, layer, layer_ad, x, attended), ((k, v) if return_kv else None)
 
     x, kv = jax.lax.scan(step, x, (params["layers"], per_layer))
-    logits = logits_of(config, params, adapters, x)
+    logits = logits_of(config, params, adapters, x[:, -1:] if last_only else x)
     return (logits, kv) if return_kv else logits
 
 
