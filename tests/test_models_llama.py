@@ -475,6 +475,22 @@ def test_generate_stops_rows_at_eos_and_samples_with_key(checkpoints):
     assert np.all((np.asarray(s1) >= 0) & (np.asarray(s1) < model.config.vocab_size))
 
 
+def test_generate_with_adapters_equals_merged_weights(checkpoints):
+    _, _, directory = checkpoints["qwen2_bias"]
+    model = models.load(directory)
+    adapters = lora.init(jax.random.key(4), model.params, rank=2, alpha=8.0,
+                         targets=("layers/attn/v/w", "layers/mlp/up/w"), stack_axes=1)
+    adapters = {k: dataclasses.replace(v, b=jax.random.normal(jax.random.key(5), v.b.shape))
+                for k, v in adapters.items()}
+    merged, _ = lora.merge(model.params, adapters)
+    prompt = jnp.asarray(IDS)
+    adapted = models.generate(model.config, model.params, prompt, max_new_tokens=5, adapters=adapters)
+    np.testing.assert_array_equal(adapted, models.generate(model.config, merged, prompt,
+                                                           max_new_tokens=5))
+    assert adapted[0].tolist() != models.generate(model.config, model.params, prompt,
+                                                  max_new_tokens=5)[0].tolist()
+
+
 def test_generate_bad_input(checkpoints):
     _, _, directory = checkpoints["llama"]
     model = models.load(directory)

@@ -154,8 +154,9 @@ def generate(config: Any, params: Any, prompt_ids: ArrayLike, *, max_new_tokens:
     if t + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"the prompt's T={t} tokens plus max_new_tokens={max_new_tokens} exceed the "
                          f"model's context max_position_embeddings={config.max_position_embeddings}")
-    if inputs.attention_mask is not None and not isinstance(inputs.attention_mask, jax.core.Tracer):
-        if not bool(np.all(np.asarray(inputs.attention_mask)[:, -1])):
+    mask = None if inputs.attention_mask is None else _llama.concrete(inputs.attention_mask)
+    if mask is not None:
+        if not bool(np.all(mask[:, -1])):
             raise ValueError("attention_mask must be left-padded for generate: the last column must be "
                              "True in every row")
     temperature = float(temperature)

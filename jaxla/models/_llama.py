@@ -130,11 +130,11 @@ class LlamaConfig:
 
 
 def _get(hf: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    value = hf.get(key, default)
-    if value is None and default is None:
-        if key in hf:
-            return None
-        raise ValueError(f"config.json: missing key {key!r}")
+    value = hf.get(key)
+    if value is None:  # absent or null: the default, if the key has one
+        if default is None:
+            raise ValueError(f"config.json: missing key {key!r}")
+        return default
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise ValueError(f"config.json: {key!r} must be {kind}, got {value!r}")
     if not isinstance(value, kind):
@@ -356,6 +356,14 @@ def finish_layer(config: LlamaConfig, layer: Mapping[str, Any], adapters: Mappin
                      ).astype(x.dtype)
 
 
+def concrete(x: jax.Array) -> np.ndarray | None:
+    """``x`` on the host when its values are known at trace time (outside jit), else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 class Inputs(NamedTuple):
     """Checked forward inputs: int32 ids, bool mask and int32 positions, all (B, T)."""
 
@@ -373,8 +381,8 @@ def check_inputs(config: LlamaConfig, input_ids: ArrayLike, attention_mask: Arra
     if ids.shape[1] > config.max_position_embeddings:
         raise ValueError(f"input_ids has T={ids.shape[1]} tokens, more than the model's context "
                          f"max_position_embeddings={config.max_position_embeddings}")
-    if not isinstance(ids, jax.core.Tracer):
-        host = np.asarray(ids)
+    host = concrete(ids)
+    if host is not None:
         if host.size and (host.min() < 0 or host.max() >= config.vocab_size):
             bad = host[(host < 0) | (host >= config.vocab_size)]
             raise ValueError(f"input_ids must lie in [0, vocab_size={config.vocab_size}); got "
