@@ -269,6 +269,17 @@ def test_hf_forward_matches_numpy(checkpoints, variant):
     np.testing.assert_allclose(got[0], np_forward(hf, w, IDS[0]), atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_params_track_the_reference(checkpoints):
+    hf, w, directory = checkpoints["smollm_tied"]
+    model = models.load(directory, dtype=jnp.bfloat16)
+    assert model.params["layers"]["attn"]["q"]["w"].dtype == jnp.bfloat16
+    got = batch_logits(model, IDS)
+    assert got.dtype == np.float32
+    ref = np_forward(hf, w, IDS[0])
+    # bf16 keeps 8 bits of mantissa: a few percent of the logits' spread after two layers.
+    np.testing.assert_allclose(got[0], ref, atol=0.05 * np.abs(ref).max())
+
+
 def test_padding_left_and_right_equal_unpadded_rows(checkpoints):
     hf, w, directory = checkpoints["mistral_window"]
     model = models.load(directory)
