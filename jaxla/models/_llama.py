@@ -328,8 +328,8 @@ def logits_of(config: LlamaConfig, params: Mapping[str, Any], adapters: Mapping[
         table = params["embed"]["table"]
         return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype),
                           preferred_element_type=jnp.float32)
-    return dense(params["lm_head"], adapters or {}, "lm_head/w", h,
-                 ).astype(jnp.float32)
+    # In the params' dtype with f32 accumulation, as Hugging Face's lm_head runs.
+    return dense(params["lm_head"], adapters or {}, "lm_head/w", h).astype(jnp.float32)
 
 
 def qkv(config: LlamaConfig, layer: Mapping[str, Any], adapters: Mapping[str, Any], x: jax.Array,
