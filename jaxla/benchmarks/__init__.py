@@ -36,6 +36,7 @@ SUITES: tuple[Entry, ...] = (
     Entry("lora", "LoRA forward and training step vs plain, full fine-tune and Flax NNX"),
     Entry("spectral", "randomized SVD, Lanczos, Hessian top eigenvalue, PCA vs dense/scikit-learn"),
     Entry("finetune", "the configured fine-tune demos: compile, steps/s, fresh-process wall time"),
+    Entry("models", "SmolLM2-135M prefill/decode tokens/s f32 and bf16, compile vs depth, peak RSS"),
 )
 
 TOOLS: tuple[Entry, ...] = (
