@@ -102,6 +102,9 @@ def test_adapters_apply_inside_the_scan_and_are_differentiable(tiny, rng, key):
                                np.asarray(models.forward(model.config, merged, ids)), atol=2e-5)
     assert not np.allclose(np.asarray(with_adapters),
                            np.asarray(models.forward(model.config, model.params, ids)), atol=1e-3)
+    embedding_adapter = lora.init(key, model.params, rank=2, alpha=4.0, targets="embeddings/word")
+    with pytest.raises(ValueError, match=r"adapters \['embeddings/word'\] are not applied"):
+        models.forward(model.config, model.params, ids, adapters=embedding_adapter)
     grads = jax.grad(lambda ad: jnp.sum(models.forward(model.config, model.params, ids,
                                                        adapters=ad) ** 3))(adapters)
     assert all(np.all(np.isfinite(np.asarray(g.b))) and np.any(np.asarray(g.b) != 0)

@@ -321,6 +321,12 @@ def forward(config: BertConfig, params: Mapping[str, Any], input_ids: ArrayLike,
     x = _norms.layer_norm(emb["norm"], x, eps=c.layer_norm_eps)
     key_mask = mask[:, None, None, :]  # (B, 1, 1, S): every query sees the real keys
     n, h = c.num_heads, c.head_dim
+    if adapters:
+        adaptable = peft_module_names(c)
+        unknown = sorted(k for k in adapters if k not in adaptable)
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not applied by the BERT forward (it would "
+                             f"ignore them); adaptable paths: {sorted(adaptable)}")
     layer_ads = layer_adapters(adapters)
 
     def layer(x, scanned):
