@@ -80,6 +80,24 @@ def test_embed_equals_numpy_mean_pooling(tiny, rng):
     ref = np_mean_pool(np_bert(tensors, TINY, ids, mask), mask)
     np.testing.assert_allclose(np.asarray(emb), ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, atol=1e-6)
+    # A row with no real token: finite hidden states (no key visible gives zeros) and a zero embedding.
+    none = jnp.zeros((1, 6), jnp.bool_)
+    hidden = models.forward(model.config, model.params, jnp.asarray(ids[:1], jnp.int32),
+                            attention_mask=none)
+    assert np.all(np.isfinite(np.asarray(hidden)))
+    empty = models.embed(model.config, model.params, jnp.asarray(ids[:1], jnp.int32),
+                         attention_mask=none)
+    np.testing.assert_array_equal(np.asarray(empty), 0.0)
+
+
+def test_bfloat16_params(tmp_path, rng):
+    tensors = write_checkpoint(tmp_path, rng, tokenizer=False)
+    model = models.load(tmp_path, dtype=jnp.bfloat16)
+    assert model.params["layers"]["mlp"]["up"]["w"].dtype == jnp.bfloat16
+    ids = rng.integers(0, TINY["vocab_size"], (1, 5))
+    out = models.forward(model.config, model.params, jnp.asarray(ids, jnp.int32))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np_bert(tensors, TINY, ids), atol=0.1)
 
 
 def test_tokenizer_encodes_wordpiece_with_cls_and_sep(tiny):
