@@ -88,7 +88,8 @@ def _check_bool(value, what):
 
 
 def _with_magnitude(adapters: Adapters, leaves: Mapping[str, Any]) -> Adapters:
-    """DoRA: m initialised to the column norms of W + ΔW₀ (= W's norms for b = 0)."""
+    """DoRA: m initialised to the column norms of ``leaves`` + ΔW₀ (the weights the adapters train
+    on): W's norms for b = 0, and ``‖W_res + ΔW₀‖ = ‖W‖`` for PiSSA / OLoRA."""
     out = {}
     for name, ad in adapters.items():
         out[name] = dataclasses.replace(ad, m=_magnitude(jnp.asarray(leaves[name]), ad.a, ad.b,
@@ -258,8 +259,8 @@ def init_pissa(
                               niter, oversample, dt)
         adapters[name] = Adapter(a, b, al, rslora, flip)
     base, _ = unmerge(params, adapters)
-    if dora:
-        adapters = _with_magnitude(adapters, {name: leaf for name, leaf, *_ in plan})
+    if dora:  # m = ‖W_res + ΔW₀‖ = ‖W‖
+        adapters = _with_magnitude(adapters, dict(_targets.flatten_with_paths(base)))
     return adapters, base
 
 
@@ -303,8 +304,8 @@ def init_olora(
         a, b = _olora_factors(jnp.asarray(leaf), r, flip, dt)
         adapters[name] = Adapter(a, b, al, rslora, flip)
     base, _ = unmerge(params, adapters)
-    if dora:
-        adapters = _with_magnitude(adapters, {name: leaf for name, leaf, *_ in plan})
+    if dora:  # m = ‖W_res + ΔW₀‖ = ‖W‖
+        adapters = _with_magnitude(adapters, dict(_targets.flatten_with_paths(base)))
     return adapters, base
 
 
