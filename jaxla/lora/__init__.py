@@ -15,10 +15,12 @@ E stacked adapter sets.
   update is ``scale · b @ a``.
 * The adapters of a model are a plain dict ``{path: Adapter}`` keyed by the "/"-joined key path of
   each adapted leaf (``"params/Dense_0/kernel"``, ``"layers/0/kernel/value"``, ...). ``Adapter`` is a
-  registered pytree whose only children are ``a`` and ``b``; ``alpha``, ``rslora`` and ``out_in`` are
-  static treedef data, so jit, grad, vmap, Optax and safetensors see only the two arrays and the scale
-  is never traced, trained or weight-decayed. (Changing alpha therefore recompiles; switching between
-  adapters of the same shapes does not.)
+  registered pytree whose children are ``a`` and ``b`` (and, when set, DoRA's magnitude ``m`` and the
+  array scale ``gain``; a plain adapter has neither, so its leaves are exactly ``a`` and ``b``);
+  ``alpha``, ``rslora`` and ``out_in`` are static treedef data, so jit, grad, vmap, Optax and
+  safetensors see only the arrays and the scale is never traced, trained or weight-decayed.
+  (Changing alpha therefore recompiles; switching between adapters of the same shapes does not, and
+  :func:`pad_rank` makes adapters of any rank and alpha share one compiled program.)
 * Products accumulate in float32 (float64 for float64 inputs). :func:`linear` computes
   ``x·W + b + scale·((x·aᵀ)·bᵀ)`` without forming an (I, O) update; :func:`merge` accumulates
   ``W + ΔW`` in float32 and rounds to W's dtype once; :func:`unmerge` subtracts; both return the
