@@ -79,3 +79,32 @@ def test_make_adapters_follows_the_section(key):
     assert ads["w"].m is not None
     np.testing.assert_allclose(np.asarray(lora.merge(base, {"w": ads["w"]})[0]["w"]), params["w"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_dora_pissa_run_resumes_bitwise(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from jaxla.finetune import _runner
+
+    extra = ("lora.dora=true", "lora.init=pissa", "lora.dropout=0.2", "run.checkpoint_every=1")
+    full, _ = _run(tmp_path / "full", *extra)
+    original = _runner._Progress.update
+
+    def update(self, step, m):  # Ctrl-C arrives while step 2 runs
+        original(self, step, m)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(_runner._Progress, "update", update)
+    cfg = finetune.apply_overrides(finetune.load_config(None), [*TINY, *extra])
+    out = tmp_path / "half" / "run"
+    summary = finetune.run_finetune(cfg, out=out, progress=False, echo=lambda s: None)
+    assert summary["interrupted"]
+    monkeypatch.setattr(_runner._Progress, "update", original)
+    summary = finetune.run_finetune(cfg, out=out, resume=True, progress=False, echo=lambda s: None)
+    assert not summary["interrupted"]
+    a, _ = lora.load(full / "adapter.safetensors")
+    b, _ = lora.load(out / "adapter.safetensors")
+    for f in ("a", "b", "m"):
+        np.testing.assert_array_equal(np.asarray(getattr(a["w"], f)), np.asarray(getattr(b["w"], f)))

@@ -73,6 +73,17 @@ def test_dora_float32_merged_equals_unmerged_within_tolerance(rng):
     assert float(err) < 1e-6
 
 
+def test_dora_bfloat16_stays_within_bfloat16_rounding(rng):
+    w, ad = _setup(rng, d_in=16, d_out=12, r=3, dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((8, 16)), jnp.bfloat16)
+    ref = _f64(x) @ _np_dora_weight(w, ad)
+    y = lora.linear({"w": w}, ad, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(_f64(y), ref, rtol=3e-2, atol=3e-2)
+    merged, err = lora.merge({"w": w}, {"w": ad})
+    assert merged["w"].dtype == jnp.bfloat16 and 0 < float(err) < 2e-2
+
+
 def test_dora_gradients_treat_the_norm_as_a_constant(rng, x64):
     w, ad = _setup(rng, dtype=jnp.float64)
     x = jnp.asarray(rng.standard_normal((3, 6)))
@@ -166,6 +177,10 @@ def test_dora_files_round_trip_jaxla_and_peft(tmp_path, rng):
     plain = lora.Adapter(ad.a, ad.b, ad.alpha)
     with pytest.raises(ValueError, match="mix DoRA"):
         lora.save_peft(tmp_path / "mixed", {"w": ad, "v": plain}, {"w": "a", "v": "b"})
+    with pytest.raises(ValueError, match="is DoRA; per-example stacks take plain LoRA"):
+        lora.stack([{"w": ad}, {"w": ad}])
+    with pytest.raises(ValueError, match=r"m has shape \(4,\); expected"):
+        lora.merge(params, {"w": dataclasses.replace(ad, m=ad.m[:4])})
 
 
 # --- dropout --------------------------------------------------------------------------------------

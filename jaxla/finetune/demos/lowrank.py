@@ -14,6 +14,7 @@ Dimension legend: B batch, I ``d_in``, O ``d_out``, r LoRA rank, k ``true_rank``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,9 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     eval_loss = float(ctx.jit(_eval_loss(lc, cfg.run.seed))(adapters, frozen))
     # The update against the original W: for PiSSA / OLoRA the trained adapter minus its
     # initial value (a rank-2r adapter, lora.to_lora_delta).
-    learned = lora.to_lora_delta(adapters, initial) if initial is not None else adapters
+    # (DoRA: the low-rank part only, its magnitudes are not a delta.)
+    learned = adapters if initial is None else lora.to_lora_delta(
+        *({k: dataclasses.replace(ad, m=None) for k, ad in ads.items()} for ads in (adapters, initial)))
     adapter = learned["w"]
     # ΔW* as factors (a* = Uᵀ, b* = V·σ): the report never forms an (I, O) matrix.
     truth = (u64.T.astype(np.float32), (v64 * sig64).astype(np.float32), 1.0)
@@ -181,7 +184,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
     lora.save(ctx.out / "adapter.safetensors", adapters, config={"demo": "lowrank"})
     extra_files = []
-    if initial is not None:  # ready to apply to the original W (lora.merge(params, delta))
+    if initial is not None and not cfg.lora.dora:  # apply to the original W: merge(params, delta)
         lora.save(ctx.out / "adapter_delta.safetensors", learned,
                   config={"demo": "lowrank", "against": "original W"})
         extra_files.append("adapter_delta.safetensors")
