@@ -220,6 +220,8 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     The adapted weights are merged (in float32, cast to each weight's dtype) inside the call, so any
     model works unchanged and the result is differentiable with respect to the adapters. Models built
     from :func:`jaxla.lora.linear` avoid the merged (I, O) temporaries and their (I, O) gradients.
+    DoRA adapters merge to ``m · (W + ΔW) / ‖W + ΔW‖`` with the norm detached in the backward, as in
+    :func:`linear`; LoRA dropout needs :func:`linear` (a merged weight has no separate adapter input).
 
     Args:
       apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. a Flax ``model.apply``.

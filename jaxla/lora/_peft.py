@@ -240,7 +240,8 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
       strict: raise if the file holds LoRA modules that ``module_names`` does not mention.
 
     Returns:
-      ``{path: Adapter}``.
+      ``{path: Adapter}``; with ``"use_dora": true`` each adapter's ``m`` is the module's
+      ``lora_magnitude_vector`` (required, ``(d_out,)``, finite).
 
     Raises:
       FileNotFoundError: a missing file. ValueError: corrupt files, missing keys, or shapes that do
