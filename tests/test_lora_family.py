@@ -308,6 +308,17 @@ def test_combine_linear_cat_svd_ties_match_the_definitions(rng, x64):
     np.testing.assert_allclose(_f64(ties.a), _np_ties(a, wa, 0.5), atol=1e-12)
     np.testing.assert_allclose(_f64(ties.b), _np_ties(b, wb, 0.5), atol=1e-12)
 
+    mp = lora.combine(sets, ws, method="magnitude_prune", density=0.5)["w"]
+    pruned = [_np_ties([t], [1.0], 0.5) for t in a]  # one tensor: TIES is plain magnitude pruning
+    np.testing.assert_allclose(_f64(mp.a), wa[0] * pruned[0] + wa[1] * pruned[1], atol=1e-12)
+
+    # DARE-linear: every entry is Σ wᵢ·keepᵢ·aᵢ/density for some keep pattern.
+    dl = _f64(lora.combine(sets, ws, method="dare_linear", density=0.5, key=jax.random.key(5))["w"].a)
+    options = np.stack([k0 * wa[0] * a[0] / 0.5 + k1 * wa[1] * a[1] / 0.5
+                        for k0 in (0, 1) for k1 in (0, 1)])
+    assert np.all(np.min(np.abs(options - dl[None]), axis=0) < 1e-12)
+    assert np.any(dl == 0) or np.any(np.abs(options[3] - dl) > 1e-12)  # something was dropped
+
     # DARE: with density 1 nothing is dropped, so it is linear / TIES without pruning.
     k = jax.random.key(3)
     np.testing.assert_allclose(_f64(lora.combine(sets, ws, method="dare", density=1.0, key=k)["w"].a),
@@ -395,6 +406,25 @@ def test_pad_rank_hot_swaps_without_recompiling(rng):
             np.testing.assert_allclose(np.asarray(got[row]), np.asarray(want), rtol=1e-5,
                                        atol=1e-5)
     assert len(batched_traces) == 1
+
+
+def test_pad_rank_stacked_adapters_slice_per_layer_in_scan(key, rng):
+    params = {"layers": {"w": jnp.asarray(rng.standard_normal((3, 6, 6)), jnp.float32)}}
+    ad = lora.init(key, params, rank=2, alpha=6.0, targets="w", stack_axes=1)
+    ad = {k: dataclasses.replace(v, b=jnp.asarray(rng.standard_normal((3, 6, 2)), jnp.float32))
+          for k, v in ad.items()}
+    padded = lora.pad_rank(ad, 4)["layers/w"]
+    assert padded.gain.shape == (3,)
+    x = jnp.asarray(rng.standard_normal((2, 6)), jnp.float32)
+
+    def run(adapter):
+        def body(h, layer):
+            w, a = layer
+            return lora.linear({"w": w}, a, h), None
+        return jax.lax.scan(body, x, (params["layers"]["w"], adapter))[0]
+
+    np.testing.assert_allclose(np.asarray(run(padded)), np.asarray(run(ad["layers/w"])),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_pad_rank_scale_is_never_trained(rng):

@@ -33,7 +33,10 @@ def _pad_one(name: str, ad: Any, rank: int) -> Adapter:
     extra = rank - ad.rank
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
     b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, extra)])
-    gain = scale_of(ad, jnp.float32)
+    # One scale per stacked matrix, so slicing the stack per layer (lax.scan, tree.map(v[i]))
+    # slices the scale with it.
+    gain = jnp.broadcast_to(scale_of(ad, jnp.float32), ad.stack_shape) if ad.stack_shape \
+        else scale_of(ad, jnp.float32)
     # alpha/rslora become placeholders (the scale is gain): every padded adapter of this rank has
     # the same static data, whatever its original rank and alpha.
     return dataclasses.replace(ad, a=a, b=b, alpha=float(rank), rslora=False, gain=gain)
@@ -47,7 +50,8 @@ def pad_rank(adapters: Adapters | Adapter, rank: int) -> Adapters | Adapter:
 
     Every adapter's ``a (..., r, I)`` becomes ``(..., R, I)`` and ``b (..., O, r)`` becomes
     ``(..., O, R)`` (zero padding: ΔW unchanged), and its scale ``alpha / r`` (or ``alpha / √r``)
-    becomes ``gain``, a float32 array leaf; the static ``alpha`` / ``rslora`` are set to placeholders
+    becomes ``gain``, a float32 array leaf of the stacking shape (``()`` for a matrix, so a stack
+    sliced per layer carries each layer's scale); the static ``alpha`` / ``rslora`` are set to placeholders
     (``R``, False) so that adapters of any rank ≤ R and any alpha share one treedef. A function jitted
     on one padded adapter set therefore runs another (other ranks, other alphas, same paths and
     weight shapes) without recompiling. :func:`jaxla.lora.linear`, :func:`jaxla.lora.merge`,
