@@ -108,3 +108,24 @@ def test_dora_pissa_run_resumes_bitwise(tmp_path, monkeypatch):
     b, _ = lora.load(out / "adapter.safetensors")
     for f in ("a", "b", "m"):
         np.testing.assert_array_equal(np.asarray(getattr(a["w"], f)), np.asarray(getattr(b["w"], f)))
+
+
+def test_tiny_lm_runs_dora_on_an_olora_base(tmp_path):
+    tiny = [
+        "tiny_lm.n_layers=1", "tiny_lm.d_model=16", "tiny_lm.n_heads=2", "tiny_lm.d_ff=32",
+        "tiny_lm.length=3", "tiny_lm.pretrain_steps=2", "train.steps=2", "train.batch_size=8",
+        "tiny_lm.eval_examples=8", "tiny_lm.generations=1", "run.plots=false", "lora.rank=2",
+        "run.fast_compile=true", "tiny_lm.full_ft_baseline=false",
+        "lora.dora=true", "lora.init=olora", "lora.loraplus_ratio=16",
+    ]
+    cfg = finetune.apply_overrides(finetune.load_config("tiny_lm"), tiny)
+    out = tmp_path / "run"
+    summary = finetune.run_finetune(cfg, out=out, progress=False, echo=lambda s: None)
+    assert not summary["interrupted"]
+    assert dict(summary["rows"])["adapter"] == ("DoRA r=2, alpha 16 (scale 8), init olora, "
+                                                "LoRA+ ratio 16")
+    adapters, _ = lora.load(out / "adapter.safetensors")
+    m = summary["metrics"]
+    assert m["trainable_params"] == sum(a.a.size + a.b.size + a.m.size for a in adapters.values())
+    for acc in m["accuracy"].values():
+        assert 0 <= acc["exact"] <= acc["token"] <= 1
