@@ -9,9 +9,13 @@ Rows:
   full fine-tune, LoRA through ``jaxla.lora.linear``, LoRA through ``jaxla.lora.wrap`` (merged in the
   graph), and Flax NNX ``nnx.LoRALinear`` when flax is importable (split/merge inside ``jax.jit``, so
   only the compiled step is timed, as for jaxla). ``opt_state_bytes`` is the Optax state's size.
+* DoRA's training step through ``jaxla.lora.linear`` (same a, b; magnitudes from W's column
+  norms): ``ratio_vs_lora_step`` is its time over the LoRA step's (target ≤ 1.2).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +152,10 @@ def _train_rows(spec: dict, iters: int) -> list[dict]:
                          targets=targets)
     # Nonzero b so the low-rank branch is real work in every variant.
     adapters = {k: lora.Adapter(ad.a, ad.b + 0.01, ad.alpha) for k, ad in adapters.items()}
+    # DoRA on the same a, b: magnitudes from W's column norms (the adapter then differs from W).
+    dora = lora.init(jax.random.key(0), params, rank=spec["rank"], alpha=spec["alpha"],
+                     targets=targets, dora=True)
+    dora = {k: dataclasses.replace(ad, a=adapters[k].a, b=adapters[k].b) for k, ad in dora.items()}
 
     def full_step(p, opt_state, x, y):
         loss, grads = jax.value_and_grad(lambda q: _mse(_apply(q, x), y))(p)
@@ -168,6 +176,9 @@ def _train_rows(spec: dict, iters: int) -> list[dict]:
         "lora (lora.wrap)": (harness.measure(wrap_step, params, adapters, lora_state, x, y,
                                              iters=iters), _nbytes(lora_state)),
     }
+    dora_state = tx.init(dora)
+    results["dora (lora.linear)"] = (harness.measure(lora_step, params, dora, dora_state, x, y,
+                                                     iters=iters), _nbytes(dora_state))
     try:
         step, trainable = _nnx_step(spec, params, tx)
         nnx_state = tx.init(trainable)
@@ -178,6 +189,7 @@ def _train_rows(spec: dict, iters: int) -> list[dict]:
     base = results["flax nnx.LoRALinear" if "flax nnx.LoRALinear" in results
                    else "full fine-tune"][0]["median_s"]
     count = lora.count_params(params, adapters)
+    dora_count = lora.count_params(params, dora)
     shape = (f"L={spec['layers']} {spec['d_model']}->{spec['d_hidden']} B={spec['batch']} "
              f"r={spec['rank']}")
     rows = []
@@ -187,8 +199,12 @@ def _train_rows(spec: dict, iters: int) -> list[dict]:
             "name": f"train step {name} {shape}",
             "ms": res["median_s"] * 1e3,
             "ratio_vs_nnx": res["median_s"] / base if "flax nnx.LoRALinear" in results else None,
+            # DoRA's target: <= 1.2x the LoRA step through the same lora.linear model.
+            "ratio_vs_lora_step": (res["median_s"] / results["lora (lora.linear)"][0]["median_s"]
+                                   if name.startswith(("lora (lora.linear)", "dora")) else None),
             "opt_state_bytes": state_bytes,
-            "trainable_params": count.frozen if name == "full fine-tune" else count.trainable,
+            "trainable_params": (count.frozen if name == "full fine-tune" else dora_count.trainable
+                                 if name.startswith("dora") else count.trainable),
             "compile_s": res["compile_s"],
             "loss": loss,
             "ok": bool(np.isfinite(loss)),

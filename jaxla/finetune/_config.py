@@ -123,14 +123,29 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata=NONNEG)
 
 
+def _dropout_rate(v) -> bool:
+    return 0 <= v < 1
+
+
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA adapters: ΔW = alpha / rank · aᵀbᵀ on every targeted kernel."""
+    """LoRA adapters: ΔW = alpha / rank · aᵀbᵀ on every targeted kernel.
+
+    ``init``: kaiming / gaussian draw ``a`` (b = 0); pissa / olora start from the top-r SVD / the QR
+    of each weight and train on the residual base. ``rslora``: scale ``alpha / √rank``. ``dropout``:
+    LoRA dropout on the adapter input (demos whose model applies ``lora.linear``). ``dora``: DoRA's
+    trainable magnitude per output column. ``loraplus_ratio``: LoRA+ learning-rate ratio of b to a
+    (1 = plain LoRA). The defaults are plain LoRA.
+    """
 
     rank: int = field(default=8, metadata=POS)
     alpha: float = field(default=8.0, metadata=POS)
-    init: str = field(default="kaiming", metadata=choice("kaiming", "gaussian"))
+    init: str = field(default="kaiming", metadata=choice("kaiming", "gaussian", "pissa", "olora"))
     targets: tuple[str, ...] = ("w",)
+    rslora: bool = False
+    dropout: float = field(default=0.0, metadata={"check": (_dropout_rate, "a value in [0, 1)")})
+    dora: bool = False
+    loraplus_ratio: float = field(default=1.0, metadata=POS)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,20 @@ from jaxla import lora
 from jaxla.finetune import _config
 from jaxla.finetune._errors import ConfigError
 
-__all__ = ["check_lora_targets", "make_optimizer", "make_step", "stream_key"]
+__all__ = [
+    "BASE_INITS",
+    "adapter_optimizer",
+    "check_lora_targets",
+    "describe_lora",
+    "dropout_key",
+    "make_adapters",
+    "make_optimizer",
+    "make_step",
+    "stream_key",
+]
+
+# [lora] inits that replace the base weights by a residual (the adapters hold part of W).
+BASE_INITS = ("pissa", "olora")
 
 
 def make_optimizer(
@@ -47,12 +60,55 @@ def make_optimizer(
     return opt, schedule
 
 
-_STREAMS = {"data": 1, "eval": 2, "adapter": 3, "model": 4, "pretrain": 5, "full_ft": 6}
+_STREAMS = {"data": 1, "eval": 2, "adapter": 3, "model": 4, "pretrain": 5, "full_ft": 6,
+            "dropout": 7}
 
 
 def stream_key(seed: int, stream: str) -> jax.Array:
     """The PRNG key of one named random stream of a run (call inside jit: it is two cheap ops)."""
     return jax.random.fold_in(jax.random.key(seed), _STREAMS[stream])
+
+
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The LoRA dropout key of one training step (evaluation passes none: no dropout)."""
+    return jax.random.fold_in(stream_key(seed, "dropout"), step)
+
+
+def make_adapters(lc: _config.LoraConfig, key: jax.Array, params: Any) -> tuple[Any, Any]:
+    """``(adapters, base)`` for the ``[lora]`` section: the adapters and the weights they train on.
+
+    kaiming / gaussian: :func:`jaxla.lora.init` (``base`` is ``params``); pissa / olora:
+    :func:`jaxla.lora.init_pissa` / :func:`jaxla.lora.init_olora` (``base`` is the residual). The
+    ``rslora`` and ``dora`` keys apply to every init.
+    """
+    common = dict(rank=lc.rank, alpha=lc.alpha, targets=list(lc.targets), rslora=lc.rslora,
+                  dora=lc.dora)
+    if lc.init == "pissa":
+        return lora.init_pissa(params, **common)
+    if lc.init == "olora":
+        return lora.init_olora(params, **common)
+    return lora.init(key, params, init=lc.init, **common), params
+
+
+def adapter_optimizer(optimizer: optax.GradientTransformation, lc: _config.LoraConfig
+                      ) -> optax.GradientTransformation:
+    """``optimizer`` with LoRA+ (:func:`jaxla.lora.loraplus`) when ``lora.loraplus_ratio != 1``."""
+    if lc.loraplus_ratio == 1.0:
+        return optimizer
+    return lora.loraplus(optimizer, ratio=lc.loraplus_ratio)
+
+
+def describe_lora(lc: _config.LoraConfig) -> str:
+    """One line saying which LoRA variant a run used, for the demos' summaries."""
+    kind = "DoRA" if lc.dora else "LoRA"
+    scale = lc.alpha / (lc.rank ** 0.5 if lc.rslora else lc.rank)
+    parts = [f"{kind} r={lc.rank}, alpha {lc.alpha:g} (scale {scale:.4g}"
+             + (", rsLoRA)" if lc.rslora else ")"), f"init {lc.init}"]
+    if lc.dropout:
+        parts.append(f"dropout {lc.dropout:g}")
+    if lc.loraplus_ratio != 1.0:
+        parts.append(f"LoRA+ ratio {lc.loraplus_ratio:g}")
+    return ", ".join(parts)
 
 
 def make_step(

@@ -16,7 +16,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxla import _checks, _linear
-from jaxla.lora._adapter import Adapter, Adapters, check_pair, weight_shape
+from jaxla.lora._adapter import Adapter, Adapters, check_pair, scale_of, weight_shape
 from jaxla.lora._core import wrap
 
 __all__ = ["linear_batched", "stack", "wrap_batched"]
@@ -25,8 +25,10 @@ __all__ = ["linear_batched", "stack", "wrap_batched"]
 def stack(adapter_sets: Sequence[Adapters]) -> Adapters:
     """Stacks E adapter sets for the same params on a new leading axis.
 
-    Sets may differ in rank and alpha: each ``b`` is multiplied by its own scale and zero-padded to
-    the largest rank, and the result has scale 1 (``alpha = r_max``), so every update is unchanged.
+    Sets may differ in rank and alpha: each ``b`` is multiplied by its own scale (static, or the
+    traced ``gain`` of :func:`jaxla.lora.pad_rank`) and zero-padded to the largest rank, and the
+    result has scale 1 (``alpha = r_max``), so every update is unchanged. Stacking sets padded to
+    one rank gives the same static structure every time: swapping them never recompiles.
 
     Dimension legend: E adapter sets, ``...`` stacking axes, I ``d_in``, O ``d_out``, r rank.
 
@@ -48,6 +50,9 @@ def stack(adapter_sets: Sequence[Adapters]) -> Adapters:
         ads = [s[name] for s in adapter_sets]
         for i, ad in enumerate(ads):
             check_pair(f"{name} (set {i})", _shape_only(weight_shape(ads[0])), ad)
+            if ad.m is not None:
+                raise ValueError(f"adapter {name!r} (set {i}) is DoRA; per-example stacks take plain "
+                                 "LoRA adapters (merge DoRA adapters into the weights instead)")
         r_max = max(ad.rank for ad in ads)
         dt = _checks.promote_dtypes(*(jnp.result_type(ad.a) for ad in ads))
 
@@ -57,9 +62,16 @@ def stack(adapter_sets: Sequence[Adapters]) -> Adapters:
             return jnp.pad(x, widths)
 
         a = jnp.stack([pad(jnp.asarray(ad.a, dt), -2) for ad in ads])
-        b = jnp.stack([pad(jnp.asarray(ad.b, dt) * jnp.asarray(ad.scale, dt), -1) for ad in ads])
+        lead = len(ads[0].stack_shape)
+        b = jnp.stack([pad(jnp.asarray(ad.b, dt) * _trailing(scale_of(ad, dt), lead), -1)
+                       for ad in ads])
         out[name] = Adapter(a, b, float(r_max), False, ads[0].out_in)
     return out
+
+
+def _trailing(s: jax.Array, lead: int) -> jax.Array:
+    """A ``()`` or ``(...)`` scale shaped to broadcast against b ``(..., O, r)``."""
+    return s.reshape(s.shape + (1,) * (lead + 2 - s.ndim)) if s.ndim else s
 
 
 def _shape_only(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
@@ -140,7 +152,11 @@ def _linear_batched_jit(params, adapters, x, idx, precision, compute):
     b = _gather(jnp.asarray(adapters.b, acc), idx).astype(compute)  # (B, O, r)
     xb = x.astype(compute).reshape(x.shape[0], -1, x.shape[-1])
     xa = jnp.einsum("bti,bri->btr", xb, a, precision=precision, preferred_element_type=acc)
-    on = (idx >= 0).astype(acc) * jnp.asarray(adapters.scale, acc)
+    if adapters.gain is not None and np.ndim(adapters.gain):  # a per-set traced scale (E,)
+        scale = _gather(scale_of(adapters, acc), idx)
+    else:
+        scale = scale_of(adapters, acc)
+    on = (idx >= 0).astype(acc) * scale
     xa = (xa * on[:, None, None]).astype(compute)
     low = jnp.einsum("btr,bor->bto", xa, b, precision=precision, preferred_element_type=acc)
     return (y + low.reshape(y.shape)).astype(compute)
@@ -179,7 +195,9 @@ def wrap_batched(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
         def one(i, *example):
             ads = {k: Adapter(_gather(ad.a, i[None])[0],
                               _gather(ad.b, i[None])[0] * (i >= 0).astype(jnp.result_type(ad.b)),
-                              ad.alpha, ad.rslora, ad.out_in)
+                              ad.alpha, ad.rslora, ad.out_in,
+                              gain=None if ad.gain is None or not np.ndim(ad.gain)
+                              else _gather(ad.gain, i[None])[0])
                    for k, ad in stacked.items()}
             ex = jax.tree_util.tree_map(lambda v: v[None], example)
             out = adapted(params, ads, *ex)

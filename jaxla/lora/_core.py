@@ -14,9 +14,63 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxla import _checks, _linear
 from jaxla.lora import _targets
-from jaxla.lora._adapter import Adapter, Adapters, check_pair, delta
+from jaxla.lora._adapter import Adapter, Adapters, check_pair, delta, scale_of
 
-__all__ = ["ParamCount", "check_compatible", "count_params", "linear", "merge", "unmerge", "wrap"]
+__all__ = ["ParamCount", "check_compatible", "count_params", "dora_norms", "linear", "merge",
+           "unmerge", "wrap"]
+
+
+def _io_view(w: jax.Array, out_in: bool) -> jax.Array:
+    return jnp.swapaxes(w, -1, -2) if out_in else w
+
+
+def _column_norms(w_io: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, acc) -> jax.Array:
+    """``‖(W + s·aᵀbᵀ)_c‖`` per output column c, from W's column norms and r-sized terms.
+
+    ``‖W_c‖² + 2s·(a·W)_c·b_c + s²·b_cᵀ(a·aᵀ)b_c``: the only products touching W are ``W ⊙ W``
+    summed over I and ``a·W`` (r rows), so no (I, O) update is formed. Shapes: w_io ``(..., I, O)``,
+    a ``(..., r, I)``, b ``(..., O, r)``, scale ``()`` or ``(...)``; result ``(..., O)`` in ``acc``.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    w, a, b = w_io.astype(acc), a.astype(acc), b.astype(acc)
+    s = scale.astype(acc)
+    s = s.reshape((*s.shape, 1)) if s.ndim else s  # (...) → (..., 1) against (..., O)
+    w2 = jnp.sum(w * w, axis=-2)                                            # (..., O)
+    aw = jnp.einsum("...ri,...io->...ro", a, w, precision=hi, preferred_element_type=acc)
+    cross = jnp.einsum("...ro,...or->...o", aw, b, precision=hi, preferred_element_type=acc)
+    gram = jnp.einsum("...ri,...qi->...rq", a, a, precision=hi, preferred_element_type=acc)
+    quad = jnp.einsum("...or,...rq,...oq->...o", b, gram, b, precision=hi,
+                      preferred_element_type=acc)
+    two = jnp.asarray(2.0, acc)
+    sq = w2 + two * s * cross + s * s * quad
+    # Rounding can push an exactly-zero column slightly below 0; a NaN stays NaN.
+    return jnp.sqrt(jnp.where(sq < 0, jnp.zeros_like(sq), sq))
+
+
+def _safe_ratio(m: jax.Array, n: jax.Array) -> jax.Array:
+    """``m / n`` with a zero column norm (the column of W + ΔW is zero) giving factor m; NaN kept."""
+    return m / jnp.where(n == 0, jnp.ones_like(n), n)
+
+
+def dora_norms(w: ArrayLike, adapter: Adapter) -> jax.Array:
+    """DoRA's column norms ``‖W + ΔW‖`` per output column (the norm over I), without forming ΔW.
+
+    Dimension legend: ``...`` stacking axes, I ``d_in``, O ``d_out``, r rank.
+
+    Args:
+      w: the base weight ``(..., I, O)`` (``(..., O, I)`` for ``out_in`` adapters).
+      adapter: any :class:`Adapter` fitting ``w`` (DoRA or not; ``m`` is not used).
+
+    Returns:
+      ``(..., O)`` in float32 (float64 for float64 inputs).
+    """
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter must be a jaxla.lora.Adapter, got {type(adapter).__name__}")
+    w = _checks.as_array(w, "w")
+    check_pair("adapter", w, adapter)
+    acc = _checks.accum_dtype(_checks.promote_dtypes(w.dtype, jnp.result_type(adapter.a)))
+    return _column_norms(_io_view(w, adapter.out_in), jnp.asarray(adapter.a),
+                         jnp.asarray(adapter.b), scale_of(adapter, acc), acc)
 
 
 def check_compatible(params: Any, adapters: Adapters) -> None:
@@ -48,16 +102,21 @@ def check_compatible(params: Any, adapters: Adapters) -> None:
                             f"got {jnp.result_type(leaves[name])}")
 
 
-def _apply(params: Any, adapters: Adapters, sign: float, with_error: bool):
+def _apply(params: Any, adapters: Adapters, sign: float, with_error: bool, base: Any = None):
     check_compatible(params, adapters)
-    return _apply_jit(params, adapters, sign, with_error)
+    if base is not None:
+        check_compatible(base, adapters)
+        if (jax.tree_util.tree_structure(base) != jax.tree_util.tree_structure(params)):
+            raise ValueError("base must have the same tree structure as params")
+    return _apply_jit(params, adapters, sign, with_error, base)
 
 
 # One compiled program per parameter structure: calling merge eagerly would otherwise compile
 # every small op separately, which costs far more than the arithmetic.
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool):
+def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool, base: Any):
     errors = []
+    bases = dict(_targets.flatten_with_paths(base)) if base is not None else {}
 
     def visit(key_path, w):
         name = _targets.path_str(key_path)
@@ -66,7 +125,19 @@ def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool):
             return w
         w = jnp.asarray(w)
         acc = _checks.accum_dtype(_checks.promote_dtypes(w.dtype, jnp.result_type(adapter.a)))
-        exact = w.astype(acc) + jnp.asarray(sign, acc) * delta(adapter, acc)
+        if adapter.m is None:
+            exact = w.astype(acc) + jnp.asarray(sign, acc) * delta(adapter, acc)
+        elif sign > 0:
+            # Training through wrap: the norm is a constant in the backward (DoRA §4.3, PEFT).
+            exact = _dora_merge_detached(w, adapter, acc)
+        else:
+            # W' = f ⊙ (W + ΔW) with f = m / ‖W + ΔW‖ from the original W: W = W' / f − ΔW.
+            w0 = jnp.asarray(bases[name])
+            n = _column_norms(_io_view(w0, adapter.out_in), jnp.asarray(adapter.a),
+                              jnp.asarray(adapter.b), scale_of(adapter, acc), acc)
+            f = _safe_ratio(jnp.asarray(adapter.m).astype(acc), n)
+            f = f[..., :, None] if adapter.out_in else f[..., None, :]
+            exact = w.astype(acc) / jnp.where(f == 0, jnp.ones_like(f), f) - delta(adapter, acc)
         out = exact.astype(w.dtype)
         if with_error:
             errors.append(jnp.max(jnp.abs(out.astype(acc) - exact)).astype(jnp.float32))
@@ -77,6 +148,16 @@ def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool):
         return new
     err = jnp.max(jnp.stack(errors)) if errors else jnp.zeros((), jnp.float32)
     return new, err
+
+
+def _dora_merge_detached(w: jax.Array, adapter: Adapter, acc) -> jax.Array:
+    """``(m / sg(‖W + ΔW‖)) ⊙ (W + ΔW)``: the DoRA weight, norm detached for the backward."""
+    d = w.astype(acc) + delta(adapter, acc)
+    n = jax.lax.stop_gradient(_column_norms(
+        _io_view(w, adapter.out_in), jnp.asarray(adapter.a), jnp.asarray(adapter.b),
+        scale_of(adapter, acc), acc))
+    f = _safe_ratio(jnp.asarray(adapter.m).astype(acc), n)
+    return d * (f[..., :, None] if adapter.out_in else f[..., None, :])
 
 
 def merge(params: Any, adapters: Adapters) -> tuple[Any, jax.Array]:
@@ -93,24 +174,44 @@ def merge(params: Any, adapters: Adapters) -> tuple[Any, jax.Array]:
       ``(merged, max_abs_error)``: params of the same structure and dtypes, where each adapted weight
       is accumulated in float32 (float64 for float64) and cast back to its dtype once, and the largest
       absolute rounding error that cast made over all adapted weights (float32 scalar).
+
+    A DoRA adapter (``m`` set) merges to ``m · (W + ΔW) / ‖W + ΔW‖`` per output column (the norm over
+    I, from :func:`dora_norms`), computed in float32 and cast once like the plain update.
     """
     return _apply(params, adapters, 1.0, True)
 
 
-def unmerge(params: Any, adapters: Adapters) -> tuple[Any, jax.Array]:
+def unmerge(params: Any, adapters: Adapters, *, base: Any = None) -> tuple[Any, jax.Array]:
     """Removes merged adapters again: ``W − scale·(b @ a)ᵀ``, the exact inverse up to rounding.
 
     Dimension legend: as :func:`merge`.
 
+    A merged DoRA weight ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖`` has column norms ``|m|``: the norms
+    ``‖W + ΔW‖`` it was divided by are lost, so undoing it needs the original weights. Pass them as
+    ``base`` (the column norms are recomputed from them; PEFT caches the same norms at merge time);
+    the result is ``W' · ‖W + ΔW‖ / m − ΔW``.
+
     Args:
       params: merged params (or, for PiSSA, the original weights, giving the residual base).
       adapters: the adapters that were merged.
+      base: the params before merging (same structure); required when an adapter is DoRA, unused
+        otherwise.
 
     Returns:
       ``(params, max_abs_error)`` as :func:`merge`. ``unmerge(merge(p)[0])`` differs from ``p`` by at
       most the sum of the two reported errors (zero where b is zero).
+
+    Raises:
+      ValueError: a DoRA adapter without ``base``.
     """
-    return _apply(params, adapters, -1.0, True)
+    if base is None and isinstance(adapters, dict):
+        dora = sorted(k for k, ad in adapters.items() if isinstance(ad, Adapter) and ad.m is not None)
+        if dora:
+            raise ValueError(
+                f"unmerge of DoRA adapters {dora} needs the original weights: a merged DoRA column "
+                "has norm |m|, so the norms ‖W + ΔW‖ it was divided by are lost; pass "
+                "base=<params before merge>")
+    return _apply(params, adapters, -1.0, True, base)
 
 
 def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,6 +220,8 @@ def wrap(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     The adapted weights are merged (in float32, cast to each weight's dtype) inside the call, so any
     model works unchanged and the result is differentiable with respect to the adapters. Models built
     from :func:`jaxla.lora.linear` avoid the merged (I, O) temporaries and their (I, O) gradients.
+    DoRA adapters merge to ``m · (W + ΔW) / ‖W + ΔW‖`` with the norm detached in the backward, as in
+    :func:`linear`; LoRA dropout needs :func:`linear` (a merged weight has no separate adapter input).
 
     Args:
       apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. a Flax ``model.apply``.
@@ -147,8 +250,10 @@ def linear(
     dtype: DTypeLike | None = None,
     preferred_element_type: DTypeLike | None = None,
     formulation: str = "factored",
+    dropout: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """The adapted linear layer ``x·W + b + scale·((x·aᵀ)·bᵀ)``.
+    """The adapted linear layer ``x·W + b + scale·((x·aᵀ)·bᵀ)`` (LoRA) or its DoRA form.
 
     Dimension legend: ``...`` leading batch/sequence axes, I ``d_in``, O ``d_out``, r rank.
 
@@ -172,6 +277,16 @@ def linear(
       dtype: compute dtype (floating); by default the promoted dtype of x and W.
       preferred_element_type: result dtype (floating); the compute dtype by default.
       formulation: ``"factored"`` or ``"merged"`` (static), see above.
+      dropout: LoRA dropout rate in ``[0, 1)`` on the adapter's input (PEFT semantics: only the
+        ``x·aᵀ`` branch sees the dropped-out x, rescaled by ``1/(1 − dropout)``; the base product
+        uses x itself).
+      dropout_key: the PRNG key of the dropout mask; without it (evaluation) no dropout is applied.
+
+    DoRA (``adapter.m`` set, factored only): with ``f = m / sg(‖W + ΔW‖)`` per output column
+    (:func:`dora_norms`, ``sg`` = stop_gradient: the norm is a constant in the backward, DoRA §4.3
+    and PEFT), the output is ``f ⊙ (x·W + scale·(x·aᵀ)·bᵀ) + b`` — equal to ``x·W' + b`` with the
+    merged DoRA weight. Under dropout it is PEFT's ``x·W + (f − 1) ⊙ (x̃·W) + f ⊙ scale·(x̃·aᵀ)·bᵀ + b``
+    with x̃ the dropped-out input.
 
     Returns:
       ``(..., O)``. All products accumulate in float32 (float64 for float64) and the sum is rounded
@@ -179,6 +294,17 @@ def linear(
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    if (isinstance(dropout, bool) or not isinstance(dropout, int | float | np.floating)
+            or not 0.0 <= float(dropout) < 1.0):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    dropout = float(dropout)
+    if dropout_key is not None and not (
+            isinstance(dropout_key, jax.Array) and (jnp.issubdtype(dropout_key.dtype,
+                                                                   jax.dtypes.prng_key)
+                                                    or dropout_key.dtype == jnp.uint32)):
+        raise TypeError(f"dropout_key must be a PRNG key (jax.random.key), got "
+                        f"{type(dropout_key).__name__}")
+    use_dropout = dropout > 0 and dropout_key is not None
     w, _ = _linear.check_linear_params(params)
     if not isinstance(adapter, Adapter):
         raise TypeError(f"adapter must be a jaxla.lora.Adapter, got {type(adapter).__name__}")
@@ -189,22 +315,54 @@ def linear(
             "adapters per layer first, e.g. jax.tree.map(lambda v: v[i], adapter)."
         )
     check_pair("adapter", w, adapter)
+    if formulation == "merged" and (adapter.m is not None or use_dropout):
+        raise ValueError('formulation="merged" is for plain LoRA without dropout; DoRA adapters and '
+                         'LoRA dropout use the default formulation="factored"')
     x, compute, out_dtype = _linear.check_linear_input(w, x, dtype, preferred_element_type)
-    return _linear_jit(params, adapter, x, precision, compute, out_dtype, formulation)
+    key = dropout_key if use_dropout else None
+    return _linear_jit(params, adapter, x, key, precision, compute, out_dtype, formulation,
+                       dropout if use_dropout else 0.0)
+
+
+def _drop(x, key, rate):
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 # Eager calls compile one program per shape rather than one per primitive; under an outer jit this
 # is inlined.
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _linear_jit(params, adapter, x, precision, compute, out_dtype, formulation):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _linear_jit(params, adapter, x, key, precision, compute, out_dtype, formulation, rate):
     acc = _checks.accum_dtype(compute)
     w = jnp.asarray(params["w"]).astype(compute)
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)
     x = x.astype(compute)
+    scale = scale_of(adapter, acc)
+    last = x.ndim - 1
     if formulation == "merged":
-        y = _merged_product(x, w, a, b, float(adapter.scale), precision)
+        if adapter.gain is not None:  # a traced scale: fold it into b (autodiff sees the product)
+            b = (b.astype(acc) * scale).astype(compute)
+            y = _merged_product(x, w, a, b, 1.0, precision)
+        else:
+            y = _merged_product(x, w, a, b, float(adapter.scale), precision)
+    elif adapter.m is None and key is None:
+        y = _factored_product(x, w, a, b, scale, precision, acc)
     else:
-        y = _factored_product(x, w, a, b, float(adapter.scale), precision, acc)
+        xd = _drop(x, key, rate) if key is not None else x
+        base = _dot(x, w, last, 0, precision, acc)
+        xa = (_dot(xd, a, last, 1, precision, acc) * scale).astype(compute)
+        low = _dot(xa, b, last, 1, precision, acc)
+        if adapter.m is None:
+            y = base + low
+        else:
+            n = jax.lax.stop_gradient(_column_norms(w, a, b, scale, acc))
+            f = _safe_ratio(jnp.asarray(adapter.m).astype(acc), n)
+            f = f.reshape((1,) * (base.ndim - 1) + f.shape)
+            if key is None:
+                y = f * (base + low)
+            else:
+                based = _dot(xd, w, last, 0, precision, acc)
+                y = base + (f - jnp.ones_like(f)) * based + f * low
     if params.get("b") is not None:
         bias = jnp.asarray(params["b"]).astype(compute).astype(acc)
         y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
@@ -269,7 +427,7 @@ class ParamCount:
     """Parameter accounting for a set of adapters.
 
     Attributes:
-      trainable: adapter parameters, ``r·(d_in + d_out)`` per adapted matrix.
+      trainable: adapter parameters, ``r·(d_in + d_out)`` per adapted matrix (``+ d_out`` for DoRA).
       frozen: parameters of the base model.
       total: ``trainable + frozen``.
       fraction: ``trainable / total`` (PEFT's "trainable%" divided by 100).
@@ -299,7 +457,8 @@ def count_params(params: Any, adapters: Adapters) -> ParamCount:
     """
     check_compatible(params, adapters)
     frozen = sum(int(np.size(leaf)) for _, leaf in _targets.flatten_with_paths(params))
-    trainable = sum(int(np.size(ad.a)) + int(np.size(ad.b)) for ad in adapters.values())
+    trainable = sum(int(np.size(ad.a)) + int(np.size(ad.b))
+                    + (int(np.size(ad.m)) if ad.m is not None else 0) for ad in adapters.values())
     leaves = dict(_targets.flatten_with_paths(params))
     adapted = sum(int(np.size(leaves[k])) for k in adapters)
     total = frozen + trainable

@@ -1,8 +1,9 @@
 """Adapter files: one safetensors file with the adapters' settings as JSON in its header, written atomically.
 
-A jaxla adapter file holds tensors ``"<path>/a"`` and ``"<path>/b"`` and, in the safetensors
-``__metadata__``, the key ``"jaxla_lora"`` with JSON ``{"format": "jaxla.lora", "version": 1,
-"adapters": {path: {"alpha", "rslora", "out_in"}}, "config": ...}``. A single file is replaced in one
+A jaxla adapter file holds tensors ``"<path>/a"`` and ``"<path>/b"`` (and ``"<path>/m"`` for DoRA)
+and, in the safetensors ``__metadata__``, the key ``"jaxla_lora"`` with JSON ``{"format":
+"jaxla.lora", "version": 1, "adapters": {path: {"alpha", "rslora", "out_in"[, "dora": true]}},
+"config": ...}``. A single file is replaced in one
 ``os.replace``, so a reader never sees a half-written adapter.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "check_factor_shapes",
     "check_finite_tensor",
     "host_adapters",
+    "host_magnitudes",
     "load",
     "parse_json",
     "read_safetensors",
@@ -160,11 +162,16 @@ def save(path: str | os.PathLike, adapters: Adapters, config: Mapping[str, Any] 
         :func:`load`.
     """
     arrays = host_adapters(adapters)
+    mags = host_magnitudes(adapters)
+
+    def entry(k, ad):
+        e = {"alpha": float(ad.alpha), "rslora": bool(ad.rslora), "out_in": bool(ad.out_in)}
+        return {**e, "dora": True} if k in mags else e
+
     try:
         meta = json.dumps({
             "format": _FORMAT, "version": _VERSION,
-            "adapters": {k: {"alpha": float(ad.alpha), "rslora": bool(ad.rslora),
-                             "out_in": bool(ad.out_in)} for k, ad in adapters.items()},
+            "adapters": {k: entry(k, ad) for k, ad in adapters.items()},
             "config": dict(config) if config is not None else None,
         })
     except (TypeError, ValueError) as e:
@@ -172,7 +179,27 @@ def save(path: str | os.PathLike, adapters: Adapters, config: Mapping[str, Any] 
     tensors = {}
     for k, (a, b) in arrays.items():
         tensors[f"{k}/a"], tensors[f"{k}/b"] = a, b
+    for k, m in mags.items():
+        tensors[f"{k}/m"] = m
     write_safetensors(path, tensors, {_META_KEY: meta})
+
+
+def host_magnitudes(adapters: Any) -> dict[str, np.ndarray]:
+    """``{path: m}`` as host arrays for the DoRA adapters of a set checked by :func:`host_adapters`
+    (finite, floating, shaped ``(..., d_out)``)."""
+    out = {}
+    for k, ad in adapters.items():
+        if ad.m is None:
+            continue
+        m = np.asarray(jax.device_get(ad.m))
+        if not (np.issubdtype(m.dtype, np.floating) or m.dtype == ml_dtypes.bfloat16):
+            raise TypeError(f"adapters[{k!r}].m must be floating, got {m.dtype}")
+        check_finite_tensor(m, f"adapters[{k!r}].m")
+        want = (*np.shape(ad.a)[:-2], np.shape(ad.b)[-2])
+        if m.shape != want:
+            raise ValueError(f"adapters[{k!r}].m has shape {m.shape}; expected (..., d_out) = {want}")
+        out[k] = np.ascontiguousarray(m)
+    return out
 
 
 def host_adapters(adapters: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -190,6 +217,9 @@ def host_adapters(adapters: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             raise TypeError(f"adapter keys must be non-empty strings (parameter paths), got {k!r}")
         if not isinstance(ad, Adapter):
             raise TypeError(f"adapters[{k!r}] must be a jaxla.lora.Adapter, got {type(ad).__name__}")
+        if ad.gain is not None:
+            raise ValueError(f"adapters[{k!r}] carries its scale as an array (jaxla.lora.pad_rank); "
+                             "save the unpadded adapters and pad them again after loading")
         alpha = ad.alpha
         if isinstance(alpha, np.number):
             alpha = alpha.item()
@@ -259,6 +289,7 @@ def load(path: str | os.PathLike, *, params: Any = None) -> tuple[Adapters, dict
                          f"{short_repr(config)}")
     adapters = {k: _read_adapter(where, k, info, tensors) for k, info in entries.items()}
     listed = {f"{k}/{t}" for k in entries for t in ("a", "b")}
+    listed |= {f"{k}/m" for k, info in entries.items() if isinstance(info, dict) and info.get("dora")}
     extra = sorted(set(tensors) - listed)
     if extra:
         raise ValueError(f"{where} holds tensors that no adapter lists: {extra[:8]}"
@@ -288,19 +319,21 @@ def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.nda
         raise ValueError(f"{where}: adapters[{name!r}] must be a JSON object with alpha, rslora "
                          f"and out_in, got {short_repr(info)}")
     fields = ("alpha", "rslora", "out_in")
-    unknown = sorted(set(info) - set(fields))
+    unknown = sorted(set(info) - set(fields) - {"dora"})
     missing = [f for f in fields if f not in info]
     if unknown or missing:
         raise ValueError(f"{where}: adapters[{name!r}] must have exactly the keys {list(fields)}"
                          + (f"; missing {missing}" if missing else "")
-                         + (f"; unknown {unknown}" if unknown else ""))
+                         + (f"; unknown {unknown}" if unknown else "")
+                         + " (and optionally 'dora')")
     alpha = check_alpha_field(info["alpha"], f"{where}: adapters[{name!r}].alpha")
-    for flag in ("rslora", "out_in"):
+    for flag in ("rslora", "out_in") + (("dora",) if "dora" in info else ()):
         if not isinstance(info[flag], bool):
             raise ValueError(f"{where}: adapters[{name!r}].{flag} must be true or false, got "
                              f"{short_repr(info[flag])}")
     arrays = []
-    for t in ("a", "b"):
+    dora = bool(info.get("dora", False))
+    for t in ("a", "b") + (("m",) if dora else ()):
         key = f"{name}/{t}"
         if key not in tensors:
             raise ValueError(f"{where} lists adapter {name!r} but lacks tensor {key!r}")
@@ -309,6 +342,13 @@ def _read_adapter(where: str, name: str, info: Any, tensors: Mapping[str, np.nda
             raise ValueError(f"{where}: tensor {key!r} must be floating, got {arr.dtype}")
         check_finite_tensor(arr, f"{where}: tensor {key!r}")
         arrays.append(arr)
-    a, b = arrays
+    a, b = arrays[:2]
     check_factor_shapes(a.shape, b.shape, f"{where}: adapter {name!r}")
-    return Adapter(jnp.asarray(a), jnp.asarray(b), alpha, info["rslora"], info["out_in"])
+    m = None
+    if dora:
+        m = arrays[2]
+        if m.shape != (*a.shape[:-2], b.shape[-2]):
+            raise ValueError(f"{where}: tensor {name + '/m'!r} has shape {m.shape}; expected "
+                             f"(..., d_out) = {(*a.shape[:-2], b.shape[-2])}")
+        m = jnp.asarray(m)
+    return Adapter(jnp.asarray(a), jnp.asarray(b), alpha, info["rslora"], info["out_in"], m=m)

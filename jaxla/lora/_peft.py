@@ -3,8 +3,10 @@
 PEFT's directory holds ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight``
 ``(r, d_in)`` and ``...lora_B.weight`` ``(d_out, r)`` — exactly jaxla's ``a`` and ``b`` — and
 ``adapter_config.json`` with ``r``, ``lora_alpha``, ``target_modules``, ``use_rslora`` and optional
-``rank_pattern`` / ``alpha_pattern``. Stacked adapters map to one module per stack entry: their module
-name contains one ``{}`` placeholder per stacking axis, e.g. ``"model.layers.{}.mlp.up_proj"``.
+``rank_pattern`` / ``alpha_pattern``. DoRA adapters (``"use_dora": true``) add
+``...<module>.lora_magnitude_vector`` ``(d_out,)``, jaxla's ``m``. Stacked adapters map to one
+module per stack entry: their module name contains one ``{}`` placeholder per stacking axis, e.g.
+``"model.layers.{}.mlp.up_proj"``.
 
 Both files are untrusted. Every config field jaxla reads is checked for type and range, and the
 ``rank_pattern`` / ``alpha_pattern`` keys, which PEFT treats as regular expressions, are run by RE2
@@ -33,6 +35,7 @@ from jaxla.lora._io import (
     check_alpha_field,
     check_finite_tensor,
     host_adapters,
+    host_magnitudes,
     parse_json,
     read_safetensors,
     short_repr,
@@ -136,12 +139,18 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
     Args:
       directory: created if missing; receives ``adapter_model.safetensors`` and
         ``adapter_config.json``.
-      adapters: ``{path: Adapter}``; all must agree on ``rslora`` (PEFT has one flag).
+      adapters: ``{path: Adapter}``; all must agree on ``rslora`` and on DoRA (PEFT has one
+        ``use_rslora`` and one ``use_dora`` flag).
       module_names: ``{jaxla path: PEFT module name}`` for every adapter, with ``{}`` placeholders
         for stacking axes.
       base_model: recorded as ``base_model_name_or_path``.
     """
     arrays = host_adapters(adapters)
+    mags = host_magnitudes(adapters)
+    if mags and len(mags) != len(adapters):
+        raise ValueError("PEFT stores one use_dora flag; these adapters mix DoRA "
+                         f"({sorted(mags)}) and plain LoRA "
+                         f"({sorted(set(adapters) - set(mags))})")
     missing = [k for k in adapters if k not in module_names]
     if missing:
         raise ValueError(f"module_names lacks entries for adapter paths {missing}")
@@ -154,6 +163,8 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
         for idx, module in _modules(path, module_names[path], ad.stack_shape):
             tensors[f"{PREFIX}{module}.lora_A.weight"] = a[idx]
             tensors[f"{PREFIX}{module}.lora_B.weight"] = b[idx]
+            if path in mags:
+                tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = mags[path][idx]
             ranks[module], alphas[module] = ad.rank, float(ad.alpha)
     r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
@@ -162,6 +173,7 @@ def save_peft(directory: str | os.PathLike, adapters: Adapters, module_names: Ma
         "r": r, "lora_alpha": alpha, "use_rslora": bool(rs and rs.pop()),
         "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_dora": bool(mags),
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
     }
@@ -182,6 +194,12 @@ class _PeftConfig:
         if not isinstance(rslora, bool):
             raise ValueError(f"{where}: 'use_rslora' must be true or false, got {short_repr(rslora)}")
         self.rslora = rslora
+        dora = config.get("use_dora", False)
+        if dora is None:
+            dora = False
+        if not isinstance(dora, bool):
+            raise ValueError(f"{where}: 'use_dora' must be true or false, got {short_repr(dora)}")
+        self.dora = dora
         self.ranks = _compile_patterns(config, "rank_pattern", where, _check_rank)
         self.alphas = _compile_patterns(config, "alpha_pattern", where, check_alpha_field)
 
@@ -222,7 +240,8 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
       strict: raise if the file holds LoRA modules that ``module_names`` does not mention.
 
     Returns:
-      ``{path: Adapter}``.
+      ``{path: Adapter}``; with ``"use_dora": true`` each adapter's ``m`` is the module's
+      ``lora_magnitude_vector`` (required, ``(d_out,)``, finite).
 
     Raises:
       FileNotFoundError: a missing file. ValueError: corrupt files, missing keys, or shapes that do
@@ -251,7 +270,7 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
                 f"module_names[{path!r}] = {template!r} has {n} '{{}}' placeholders, but the weight "
                 f"has shape {shape}: a weight with k stacking axes needs k placeholders"
             )
-        a_list, b_list, alphas = [], [], set()
+        a_list, b_list, m_list, alphas = [], [], [], set()
         for _idx, module in _modules(path, template, shape[:n]):
             ka, kb = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
             for k in (ka, kb):
@@ -269,6 +288,20 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
                 if not jnp.issubdtype(arr.dtype, jnp.floating):
                     raise ValueError(f"{weights!r}: tensor {k!r} must be floating, got {arr.dtype}")
                 check_finite_tensor(arr, f"{weights!r}: tensor {k!r}")
+            if config.dora:
+                km = f"{PREFIX}{module}.lora_magnitude_vector"
+                if km not in tensors:
+                    raise ValueError(f"adapter_config.json has use_dora true but {WEIGHTS} has no "
+                                     f"tensor {km!r} (for jaxla path {path!r})")
+                mv = tensors[km]
+                if mv.shape != (b.shape[0],):
+                    raise ValueError(f"{km!r} has shape {mv.shape}; expected (d_out,) = "
+                                     f"({b.shape[0]},) to match {kb!r} {b.shape}")
+                if not jnp.issubdtype(mv.dtype, jnp.floating):
+                    raise ValueError(f"{weights!r}: tensor {km!r} must be floating, got {mv.dtype}")
+                check_finite_tensor(mv, f"{weights!r}: tensor {km!r}")
+                m_list.append(mv)
+                used.add(km)
             a_list.append(a)
             b_list.append(b)
             alphas.add(_pattern_value(config.alphas, module, config.alpha))
@@ -282,8 +315,10 @@ def load_peft(directory: str | os.PathLike, params: Any, module_names: Mapping[s
         a = np.stack(a_list).reshape(*shape[:n], *a_list[0].shape)
         b = np.stack(b_list).reshape(*shape[:n], *b_list[0].shape)
         dt = dtype if dtype is not None else a.dtype
+        m = (jnp.asarray(np.stack(m_list).reshape(*shape[:n], *m_list[0].shape), dt)
+             if config.dora else None)
         ad = Adapter(jnp.asarray(a, dt), jnp.asarray(b, dt), alphas.pop(), config.rslora,
-                     bool(flip(path, leaves[path])) if flip else False)
+                     bool(flip(path, leaves[path])) if flip else False, m=m)
         check_pair(path, leaves[path], ad)
         adapters[path] = ad
     unused = sorted(k for k in tensors if k not in used and ".lora_" in k)

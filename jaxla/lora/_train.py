@@ -6,6 +6,7 @@ in the optimizer state or in the updates: the optimizer state scales with the ad
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxla.lora._adapter import Adapter, Adapters, is_adapter
+from jaxla.lora._adapter import Adapters, is_adapter
 
 __all__ = ["loraplus", "scale_b", "train_step"]
 
@@ -44,8 +45,7 @@ def scale_b(ratio: float) -> optax.GradientTransformation:
             if not is_adapter(node):
                 return node
             b = jnp.asarray(node.b)
-            return Adapter(node.a, b * jnp.asarray(ratio, b.dtype), node.alpha, node.rslora,
-                           node.out_in)
+            return dataclasses.replace(node, b=b * jnp.asarray(ratio, b.dtype))
 
         return jax.tree_util.tree_map(f, updates, is_leaf=is_adapter), state
 
@@ -68,6 +68,18 @@ def loraplus(optimizer: optax.GradientTransformation, *, ratio: float = 16.0):
     return optax.chain(optimizer, scale_b(ratio))
 
 
+def _freeze_gains(tree: Any) -> Any:
+    """Zeroes the updates of every traced scale (``gain``, see :func:`jaxla.lora.pad_rank`): the
+    scale is a hyper-parameter, not a parameter (no gradient step, no weight decay)."""
+
+    def f(node):
+        if is_adapter(node) and node.gain is not None:
+            return dataclasses.replace(node, gain=jnp.zeros_like(node.gain))
+        return node
+
+    return jax.tree_util.tree_map(f, tree, is_leaf=is_adapter)
+
+
 def train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
@@ -81,7 +93,9 @@ def train_step(
 
     The loss is differentiated with respect to ``adapters`` only (``params`` is also wrapped in
     ``stop_gradient``), then ``optimizer`` turns the gradients into updates that are added to the
-    adapters. Create the state with ``optimizer.init(adapters)``.
+    adapters. Create the state with ``optimizer.init(adapters)``. DoRA magnitudes ``m`` are trained
+    like ``a`` and ``b``; a traced scale (``gain``, from :func:`jaxla.lora.pad_rank`) gets a zero
+    gradient and a zero update.
 
     Args:
       loss_fn: ``loss_fn(params, adapters, *batch) -> scalar`` (or ``(scalar, aux)`` with
@@ -115,9 +129,10 @@ def train_step(
             loss, grads = grad_fn(frozen, adapters, *batch)
         # Optax mixes Python floats with int32 step counts (bias correction, schedules), which
         # strict promotion rejects; the adapters' own dtypes are unaffected.
+        grads = _freeze_gains(grads)
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, adapters)
-            adapters = optax.apply_updates(adapters, updates)
+            adapters = optax.apply_updates(adapters, _freeze_gains(updates))
             norm = _tree_norm(grads).astype(jnp.float32) if grad_norm else None
         out = (adapters, opt_state, loss) + ((aux,) if has_aux else ())
         return out + ((norm,) if grad_norm else ())

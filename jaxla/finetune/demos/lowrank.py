@@ -14,6 +14,8 @@ Dimension legend: B batch, I ``d_in``, O ``d_out``, r LoRA rank, k ``true_rank``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,9 +103,11 @@ def memory(cfg) -> list[MemoryTerm]:
     ]
 
 
-def _loss(frozen, adapters, batch):
-    x, y = batch
-    pred = lora.linear(frozen["base"], adapters["w"], x)
+def _loss(frozen, adapters, batch, dropout=0.0):
+    """Mean squared error; a third batch entry is the step's LoRA dropout key (training only)."""
+    x, y = batch[:2]
+    key = batch[2] if len(batch) > 2 else None
+    pred = lora.linear(frozen["base"], adapters["w"], x, dropout=dropout, dropout_key=key)
     return jnp.mean(jnp.square(pred - y))
 
 
@@ -115,16 +119,28 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     teacher = (w + (u64 * sig64) @ v64.T).astype(np.float32)
     params = {"w": w}
     optimizer, schedule = _steps.make_optimizer(cfg.optim, steps=cfg.train.steps)
+    optimizer = _steps.adapter_optimizer(optimizer, cfg.lora)
+    adapter_key = _steps.stream_key(cfg.run.seed, "adapter")
 
-    # One compiled program instead of a dozen eager ones.
-    def init_state(params):
-        adapters = lora.init(
-            _steps.stream_key(cfg.run.seed, "adapter"), params, rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha, targets=list(cfg.lora.targets), init=cfg.lora.init,
-        )
-        return {"params": adapters, "opt": optimizer.init(adapters)}
+    if cfg.lora.init in _steps.BASE_INITS:
+        # PiSSA / OLoRA: the adapters start from W's own factors and train on the residual.
+        initial, base = _steps.make_adapters(cfg.lora, adapter_key, params)
 
-    frozen = {"base": params, "teacher": {"w": teacher}}
+        def init_state(adapters):
+            return {"params": adapters, "opt": optimizer.init(adapters)}
+
+        init_args = (initial,)
+    else:
+        initial, base = None, params
+
+        # One compiled program instead of a dozen eager ones.
+        def init_state(params):
+            adapters, _ = _steps.make_adapters(cfg.lora, adapter_key, params)
+            return {"params": adapters, "opt": optimizer.init(adapters)}
+
+        init_args = (params,)
+
+    frozen = {"base": base, "teacher": {"w": teacher}}
     frozen = jax.device_put(frozen, _mesh.tree_shardings(frozen, mesh))
 
     def batch_fn(frozen, step):
@@ -133,11 +149,14 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         y = x @ frozen["teacher"]["w"]
         if lc.noise:
             y = y + jnp.float32(lc.noise) * jax.random.normal(kn, y.shape, jnp.float32)
+        if cfg.lora.dropout:
+            return x, y, _steps.dropout_key(cfg.run.seed, step)
         return x, y
 
     res = _runner.train_phase(
-        ctx, phase="adapt", init_state=init_state, init_args=(params,), frozen=frozen,
-        step_fn=_steps.make_step(_loss, optimizer, schedule, batch_fn), steps=cfg.train.steps,
+        ctx, phase="adapt", init_state=init_state, init_args=init_args, frozen=frozen,
+        step_fn=_steps.make_step(functools.partial(_loss, dropout=cfg.lora.dropout), optimizer,
+                                 schedule, batch_fn), steps=cfg.train.steps,
         items_per_step=bsz,
     )
     title = (f"lowrank: frozen W {lc.d_in}×{lc.d_out}, ΔW* of rank {lc.true_rank}, "
@@ -146,12 +165,17 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         return _runner.interrupted_summary(ctx, title, res)
     adapters = _checkpoints.to_host(res.state["params"])
     eval_loss = float(ctx.jit(_eval_loss(lc, cfg.run.seed))(adapters, frozen))
-    adapter = adapters["w"]
+    # The update against the original W: for PiSSA / OLoRA the trained adapter minus its
+    # initial value (a rank-2r adapter, lora.to_lora_delta).
+    # (DoRA: the low-rank part only, its magnitudes are not a delta.)
+    learned = adapters if initial is None else lora.to_lora_delta(
+        *({k: dataclasses.replace(ad, m=None) for k, ad in ads.items()} for ads in (adapters, initial)))
+    adapter = learned["w"]
     # ΔW* as factors (a* = Uᵀ, b* = V·σ): the report never forms an (I, O) matrix.
     truth = (u64.T.astype(np.float32), (v64 * sig64).astype(np.float32), 1.0)
     report = ctx.jit(lambda a, b: spectral.adapter_report(
         None, a=a, b=b, scale=adapter.scale, top_k=min(lc.true_rank, cfg.lora.rank),
-        reference=truth))(adapter.a, adapter.b)
+        reference=truth))(adapter.a, adapter.b)  # for DoRA: the low-rank part (m not included)
     s_learned = np.asarray(report.singular_values, np.float64)
     angles = np.degrees(np.asarray(report.reference_input_angles, np.float64))
     angles_right = np.degrees(np.asarray(report.reference_output_angles, np.float64))
@@ -159,6 +183,11 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     count = lora.count_params(params, adapters)
 
     lora.save(ctx.out / "adapter.safetensors", adapters, config={"demo": "lowrank"})
+    extra_files = []
+    if initial is not None and not cfg.lora.dora:  # apply to the original W: merge(params, delta)
+        lora.save(ctx.out / "adapter_delta.safetensors", learned,
+                  config={"demo": "lowrank", "against": "original W"})
+        extra_files.append("adapter_delta.safetensors")
     plots = []
     if cfg.run.plots:
         plots = _write_plots(ctx, {"learned ΔW": s_learned, "true ΔW*": sig64})
@@ -176,13 +205,16 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         "singular_values_true": sig64.tolist(),
         "trainable_params": count.trainable,
         "frozen_params": count.frozen,
+        "adapter": _steps.describe_lora(cfg.lora),
         "steps": res.end_step,
         "compile_s": res.compile_s,
         "run_s": res.run_s,
         "steps_per_s": res.steps_per_s,
     }
     rows = [
-        ("trainable params", f"{count.trainable:,} (LoRA r={cfg.lora.rank}) vs W {count.frozen:,} "
+        ("adapter", _steps.describe_lora(cfg.lora)),
+        ("trainable params", f"{count.trainable:,} ({'DoRA' if cfg.lora.dora else 'LoRA'} "
+                             f"r={cfg.lora.rank}) vs W {count.frozen:,} "
                              f"({100 * count.trainable / count.frozen:.2f}%)"),
         ("steps", f"{res.end_step}/{cfg.train.steps}"),
         ("final train loss", f"{res.last_loss:.4e}"),
@@ -195,7 +227,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         ("time", f"compile {res.compile_s:.2f} s, run {res.run_s:.2f} s "
                  f"({res.steps_per_s:.1f} steps/s)"),
         ("outputs", f"{ctx.out} (adapter.safetensors, metrics.jsonl"
-                    + (", " + ", ".join(plots) if plots else "") + ")"),
+                    + "".join(", " + f for f in extra_files + plots) + ")"),
     ]
     return {"title": title, "rows": rows, "metrics": metrics, "interrupted": res.interrupted}
 

@@ -81,6 +81,12 @@ def validate(cfg) -> None:
             f"config key lora.rank = {cfg.lora.rank} is too large: expected at most "
             f"tiny_lm.d_model = {tl.d_model}."
         )
+    if cfg.lora.dropout:
+        raise ConfigError(
+            f"config key lora.dropout = {cfg.lora.dropout} is not supported by tiny_lm: it merges "
+            "the adapters into the weights (lora.wrap), and LoRA dropout needs the adapter's own "
+            "input branch (lora.linear, as in the lowrank demo); expected 0."
+        )
     if tl.pretrain_task == tl.adapt_task:
         raise ConfigError(
             f"config key tiny_lm.adapt_task = {tl.adapt_task!r} equals tiny_lm.pretrain_task: "
@@ -176,16 +182,29 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     base = _checkpoints.to_host(res.state["params"])
 
     optimizer, schedule = _steps.make_optimizer(cfg.optim, steps=cfg.train.steps)
+    optimizer = _steps.adapter_optimizer(optimizer, cfg.lora)
+    adapter_key = _steps.stream_key(seed, "adapter")
 
-    def init_adapters(base):
-        adapters = lora.init(_steps.stream_key(seed, "adapter"), base, rank=cfg.lora.rank,
-                             alpha=cfg.lora.alpha, targets=list(cfg.lora.targets),
-                             init=cfg.lora.init)
-        return {"params": adapters, "opt": optimizer.init(adapters)}
+    if cfg.lora.init in _steps.BASE_INITS:
+        # PiSSA / OLoRA: the adapters start from the weights' own factors, trained on the residual.
+        initial, adapt_base = _steps.make_adapters(cfg.lora, adapter_key, base)
 
-    frozen = jax.device_put({"base": base}, _mesh.tree_shardings({"base": base}, mesh))
+        def init_adapters(adapters):
+            return {"params": adapters, "opt": optimizer.init(adapters)}
+
+        init_args = (initial,)
+    else:
+        adapt_base = base
+
+        def init_adapters(base):
+            adapters, _ = _steps.make_adapters(cfg.lora, adapter_key, base)
+            return {"params": adapters, "opt": optimizer.init(adapters)}
+
+        init_args = (base,)
+
+    frozen = jax.device_put({"base": adapt_base}, _mesh.tree_shardings({"base": adapt_base}, mesh))
     res = _runner.train_phase(
-        ctx, phase="adapt", init_state=init_adapters, init_args=(base,), frozen=frozen,
+        ctx, phase="adapt", init_state=init_adapters, init_args=init_args, frozen=frozen,
         step_fn=_steps.make_step(lora_loss, optimizer, schedule,
                                   batch_fn_for(tl.adapt_task, "data")),
         steps=cfg.train.steps, items_per_step=tokens_per_step, unit="tokens",
@@ -204,7 +223,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
             return _runner.interrupted_summary(ctx, title, res)
         full = _checkpoints.to_host(res.state["params"])
 
-    merged = ctx.jit(lambda b, a: lora.merge(b, a)[0])(base, adapters)
+    merged = ctx.jit(lambda b, a: lora.merge(b, a)[0])(adapt_base, adapters)
     evaluate = ctx.jit(
         lambda p, s: tfm.loss_and_accuracy(tfm.apply(p, s[:, :-1], n_heads=tl.n_heads), s, n)[1:])
     sets = {t: _eval_set(seed, t, tl.eval_examples, n, tl.digits)
@@ -226,7 +245,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
             gens.append(f"{' '.join(map(str, prompt[:n]))} | → {' '.join(map(str, got))}  "
                         f"({mark}; expected {' '.join(map(str, want))})")
 
-    count = lora.count_params(base, adapters)
+    count = lora.count_params(adapt_base, adapters)
     lora.save(ctx.out / "adapter.safetensors", adapters, config={"demo": "tiny_lm"})
     plots = _write_plots(ctx) if cfg.run.plots else []
 
@@ -234,7 +253,9 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         tok, exact = acc[(m, t)]
         return f"{100 * tok:5.1f}% tokens, {100 * exact:5.1f}% whole answers"
 
-    rows = [("parameters", f"{count.frozen:,} in the model; LoRA r={cfg.lora.rank} trains "
+    kind = "DoRA" if cfg.lora.dora else "LoRA"
+    rows = [("adapter", _steps.describe_lora(cfg.lora)),
+            ("parameters", f"{count.frozen:,} in the model; {kind} r={cfg.lora.rank} trains "
                            f"{count.trainable:,} ({100 * count.trainable / count.frozen:.2f}%)")]
     for m in models:
         for t in sets:
@@ -252,6 +273,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         "trainable_params": count.trainable,
         "model_params": count.frozen,
         "trainable_fraction": count.trainable / count.frozen,
+        "adapter": _steps.describe_lora(cfg.lora),
         "phases": {k: {"steps": r.end_step, "final_loss": r.last_loss, "compile_s": r.compile_s,
                        "run_s": r.run_s, "steps_per_s": r.steps_per_s} for k, r in phases.items()},
         "generations": gens,
