@@ -38,7 +38,9 @@ class BlockSizes:
 
     Public as ``jaxla.attention.PallasBlockSizes``, the ``block_sizes`` of ``pallas_attention``.
     Sizes are upper bounds: a sequence shorter than a block uses the next power of two at or above
-    its length instead (at least 16, the smallest tile a GPU matrix unit takes; 128 on TPU).
+    its length instead (at least 16, the smallest tile a GPU matrix unit takes; 128 on TPU). Block
+    sizes must be powers of two and, on a compiled backend, at least its floor (16 on Triton, 128 on
+    Mosaic TPU; interpret mode takes any); ``num_warps``/``num_warps_bwd`` must be powers of two.
     """
 
     block_q: int = 128
@@ -56,8 +58,19 @@ class BlockSizes:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _checks.check_positive_int(value, f"BlockSizes.{f.name}")
-            if f.name.startswith("block_") and value & (value - 1):
+            if (f.name.startswith("block_") or f.name.startswith("num_warps")) and (
+                    value & (value - 1)):
                 raise ValueError(f"BlockSizes.{f.name} must be a power of two, got {value}")
+
+    def check_floor(self, backend: str) -> None:
+        """ValueError naming every block size below ``backend``'s smallest tile."""
+        floor = c.BLOCK_FLOOR[backend]
+        small = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.name.startswith("block_") and getattr(self, f.name) < floor]
+        if small and backend != "interpret":
+            raise ValueError(
+                f"PallasBlockSizes too small for the {backend} backend: {', '.join(small)} "
+                f"(every block size must be at least {floor} there)")
 
     @classmethod
     def default(cls, *, platform: str, head_dim: int) -> BlockSizes:
@@ -116,6 +129,8 @@ def unsupported_reason(args: AttentionArgs, *, platform: str, interpret: bool = 
     elif platform == "tpu":
         if not c.mosaic_available():
             return "jax.experimental.pallas.tpu is not available in this jaxlib"
+        # TPUs have no f16 VPU/MXU path (Mosaic would emulate it through f32 at best).
+        dtypes = tuple(d for d in dtypes if d != jnp.dtype(jnp.float16))
     else:
         return (f"platform {platform} has no compiled Pallas kernel (GPU and TPU only); use "
                 "implementation=\"chunked\" on CPU, or jaxla.attention.pallas_attention(..., "
@@ -178,7 +193,8 @@ def _resolve_backend(interpret: bool | None, platform: str) -> str:
 
 
 def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSizes | None = None,
-           interpret: bool | None = None, layout: str | None = None):
+           interpret: bool | None = None, layout: str | None = None,
+           reverse_q_blocks: bool | None = None):
     """The backend entry point (see ``_base``) on arguments ``unsupported_reason`` accepted.
 
     Args:
@@ -188,6 +204,8 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
       interpret: run in Pallas interpret mode; None means only where there is no GPU/TPU.
       layout: "btnh" or "bnth" (how the kernels see the arrays); None picks the backend's own
         (the tests run Mosaic's "bnth" in interpret mode).
+      reverse_q_blocks: launch causal query blocks longest-first; None means on Triton only (the
+        tests force it in interpret mode).
 
     Returns:
       ``(out, lse)``: out (B, T, N, Hv) in the compute dtype, lse (B, T, N) with -inf on rows that
@@ -204,8 +222,10 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
     query, key, value = args.query, args.key, args.value
     b, t, n, h = query.shape
     s, kh = key.shape[1], key.shape[2]
+    if pallas_block_sizes is not None:
+        pallas_block_sizes.check_floor(backend)
     sizes = pallas_block_sizes or BlockSizes.default(platform=platform, head_dim=h)
-    floor = 128 if backend == "mosaic" else 16
+    floor = c.BLOCK_FLOOR[backend]
     bq, bq_dq, bq_dkv = (_fit(x, t, floor) for x in (sizes.block_q, sizes.block_q_dq,
                                                        sizes.block_q_dkv))
     bk, bk_dq, bk_dkv = (_fit(x, s, floor) for x in (sizes.block_k, sizes.block_k_dq,
@@ -225,6 +245,8 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
         num_stages_bwd=sizes.num_stages_bwd,
         highest_precision=args.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)),
         acc_dtype="float64" if is_f64 else "float32",
+        reverse_q_blocks=bool(args.is_causal and (
+            backend == "triton" if reverse_q_blocks is None else reverse_q_blocks)),
     )
 
     q_seg = kv_seg = None
