@@ -21,11 +21,9 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxla import _checks
-from jaxla.attention import _args, _base
+from jaxla.attention import _args, _base, _pallas_bwd, _pallas_fwd, _pallas_tpu
 from jaxla.attention import _pallas_common as c
 from jaxla.attention._args import AttentionArgs
-from jaxla.attention._pallas_bwd import flash_backward
-from jaxla.attention._pallas_fwd import flash_forward
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -148,20 +146,27 @@ def unsupported_reason(args: AttentionArgs, *, platform: str, interpret: bool = 
 # ---- custom_vjp core: padded arrays in the plan's layout -------------------------------------
 
 
+def _kernels(plan):
+    """The kernel module for the plan's layout: TPU-structured for "bnth", Triton-structured else."""
+    if plan.layout == "bnth":
+        return _pallas_tpu.flash_forward, _pallas_tpu.flash_backward
+    return _pallas_fwd.flash_forward, _pallas_bwd.flash_backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, plan):
-    return flash_forward(q, k, v, q_seg, kv_seg, plan)
+    return _kernels(plan)[0](q, k, v, q_seg, kv_seg, plan)
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, plan):
-    out, lse = flash_forward(q, k, v, q_seg, kv_seg, plan)
+    out, lse = _kernels(plan)[0](q, k, v, q_seg, kv_seg, plan)
     return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _flash_bwd(plan, residuals, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv = flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan)
+    dq, dk, dv = _kernels(plan)[1](q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan)
     return dq, dk, dv, None, None
 
 

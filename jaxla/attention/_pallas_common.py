@@ -400,20 +400,29 @@ def as_row(x: jax.Array) -> jax.Array:
     return x[..., None, :]
 
 
-def compiler_params(plan: Plan, *, backward: bool):
+def compiler_params(plan: Plan, *, backward: bool, grid_rank: int = 3):
+    """Launch options; on Mosaic a 4-axis grid's last axis is the sequential ("arbitrary") one."""
     if plan.backend == "triton":
         if backward:
             return triton_compiler_params(plan.num_warps_bwd, plan.num_stages_bwd)
         return triton_compiler_params(plan.num_warps, plan.num_stages)
     if plan.backend == "mosaic":
-        return mosaic_compiler_params(("parallel", "parallel", "parallel"))
+        semantics = ("parallel",) * 3 + ("arbitrary",) * (grid_rank - 3)
+        return mosaic_compiler_params(semantics)
     return None
 
 
-def call_kwargs(plan: Plan, *, backward: bool, name: str) -> dict:
+def vmem(shape: tuple[int, ...], dtype):
+    """A VMEM scratch buffer of ``shape`` (the TPU kernels' running statistics/accumulators)."""
+    if _pltpu is None:
+        raise RuntimeError("jax.experimental.pallas.tpu is not available in this jaxlib")
+    return _pltpu.VMEM(shape, dtype)
+
+
+def call_kwargs(plan: Plan, *, backward: bool, name: str, grid_rank: int = 3) -> dict:
     """Backend-specific ``pallas_call`` keywords (no compiler params in interpret mode)."""
     kwargs: dict = {"interpret": plan.interpret, "name": name}
-    params = compiler_params(plan, backward=backward)
+    params = compiler_params(plan, backward=backward, grid_rank=grid_rank)
     if params is not None:
         kwargs["compiler_params"] = params
     return kwargs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import unittest.mock
 from collections.abc import Callable
@@ -153,3 +154,48 @@ def count_kernels(platform: str, text: str) -> int:
     """How many Pallas kernels a lowered module launches (custom calls to the Pallas target)."""
     target = pallas_target(platform)
     return sum(1 for t in custom_call_targets(text) if t == target)
+
+
+class KernelLaunch(NamedTuple):
+    """What one ``pallas_call`` asks of the device: grid, per-step block bytes, scratch bytes."""
+
+    grid: tuple[int, ...]
+    block_bytes: tuple[int, ...]
+    scratch_bytes: int
+    compiler_params: object
+
+
+def _size(dim) -> int:
+    if dim is None:
+        return 1
+    if isinstance(dim, int):
+        return dim
+    return int(getattr(dim, "block_size", 1))  # Blocked(n) -> n; Squeezed() -> 1
+
+
+def _pallas_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _pallas_eqns(inner)
+
+
+def kernel_launches(platform: str, case: Case) -> list[KernelLaunch]:
+    """Every Pallas kernel of the case's forward + backward, as traced for ``platform``."""
+    loss = case_loss(case)
+    with as_platform(platform):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*case_shapes(case))
+    launches = []
+    for eqn in _pallas_eqns(jaxpr.jaxpr):
+        gm = eqn.params["grid_mapping"]
+        blocks = tuple(
+            math.prod(_size(d) for d in bm.block_shape) * jnp.dtype(bm.array_aval.dtype).itemsize
+            for bm in gm.block_mappings)
+        scratch = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+                      for a in getattr(gm, "scratch_avals", ()))
+        launches.append(KernelLaunch(tuple(gm.grid), blocks, scratch,
+                                     eqn.params.get("compiler_params")))
+    return launches
