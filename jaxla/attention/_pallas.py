@@ -72,21 +72,25 @@ class BlockSizes:
 
     @classmethod
     def default(cls, *, platform: str, head_dim: int) -> BlockSizes:
-        """Defaults per platform and head dim (GPU values sized for Hopper's 228 KiB shared memory).
+        """Defaults per platform and head dim (GPU values sized for Hopper's 227 KiB shared memory).
 
         Args:
           platform: "gpu"/"cuda"/"rocm", "tpu", or anything else for interpret mode.
           head_dim: H, the query/key head dimension.
         """
         if platform in _GPU_PLATFORMS:
+            # Chosen with ``jaxla bench triton_compile`` (sm_90a, bf16/f16; table in
+            # benchmarks/RESULTS.md): every tile below uses wgmma and fits shared memory without
+            # register spills, except the H = 256 dK/dV kernel, whose two (bk, 256) f32 accumulators
+            # spill >= 2.3 KB per thread at bk = 64, so it keeps 32-row mma.sync tiles (no spills).
             if head_dim <= 64:
-                return cls(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=3,
+                return cls(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=3,
                            num_warps_bwd=4, num_stages_bwd=2)
             if head_dim <= 128:
-                return cls(128, 64, 64, 64, 64, 64, num_warps=8, num_stages=2,
+                return cls(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=2,
                            num_warps_bwd=8, num_stages_bwd=2)
-            return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=1,
-                       num_warps_bwd=8, num_stages_bwd=1)
+            return cls(64, 64, 64, 64, 32, 32, num_warps=8, num_stages=2,
+                       num_warps_bwd=8, num_stages_bwd=2)
         if platform == "tpu":
             return cls(128, 128, 128, 128, 128, 128)
         # Interpret mode: each grid step and loop trip costs Python-level overhead, not FLOPs.

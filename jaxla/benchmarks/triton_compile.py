@@ -41,7 +41,7 @@ _PTXAS_LINE = re.compile(
     r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
 
 
-def _capture_triton_modules(case: lower.Case) -> list[tuple[str, str]]:
+def _capture_triton_modules(case: lower.Case, sizes: _pallas.BlockSizes) -> list[tuple[str, str]]:
     """(kernel name, Triton IR text) for each kernel of ``case``'s forward + backward."""
     from jax._src.pallas.triton import lowering as triton_lowering
 
@@ -54,7 +54,7 @@ def _capture_triton_modules(case: lower.Case) -> list[tuple[str, str]]:
         return result
 
     with unittest.mock.patch.object(triton_lowering, "lower_jaxpr_to_triton_module", record):
-        text = lower.lower_case("gpu", case)
+        text = lower.lower_case("gpu", case, block_sizes=sizes)
     names = re.findall(r'name = "(jaxla_flash_\w+)"', text)
     if len(names) != len(captured):
         raise RuntimeError(f"captured {len(captured)} Triton modules for kernels {names}")
@@ -85,8 +85,9 @@ def _compile(triton, target, ir_text: str, *, num_warps: int, num_stages: int, w
                               options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _rows_for(triton, target, ptxas: str, dtype: str, head_dim: int) -> list[dict]:
-    sizes = _pallas.BlockSizes.default(platform="gpu", head_dim=head_dim)
+def _rows_for(triton, target, ptxas: str, dtype: str, head_dim: int,
+              sizes: _pallas.BlockSizes | None = None) -> list[dict]:
+    sizes = sizes or _pallas.BlockSizes.default(platform="gpu", head_dim=head_dim)
     case = lower.Case(f"{dtype} h{head_dim}", dtype=dtype, h=head_dim, causal=True, **SHAPE)
     tiles = {"jaxla_flash_fwd": (sizes.block_q, sizes.block_k, sizes.num_warps, sizes.num_stages),
              "jaxla_flash_dq": (sizes.block_q_dq, sizes.block_k_dq, sizes.num_warps_bwd,
@@ -94,7 +95,7 @@ def _rows_for(triton, target, ptxas: str, dtype: str, head_dim: int) -> list[dic
              "jaxla_flash_dkdv": (sizes.block_q_dkv, sizes.block_k_dkv, sizes.num_warps_bwd,
                                   sizes.num_stages_bwd)}
     rows = []
-    for name, ir_text in _capture_triton_modules(case):
+    for name, ir_text in _capture_triton_modules(case, sizes):
         bq, bk, warps, stages = tiles[name]
         row = {"name": f"{name.removeprefix('jaxla_flash_')} {dtype} H={head_dim}",
                "block": f"{bq}x{bk}", "warps": warps, "stages": stages}
@@ -112,6 +113,15 @@ def _rows_for(triton, target, ptxas: str, dtype: str, head_dim: int) -> list[dic
                    wgmma="wgmma.mma_async" in ptx, mma_sync=ptx.count("mma.sync"))
         rows.append(row)
     return rows
+
+
+def compile_rows(dtype: str, head_dim: int, sizes: _pallas.BlockSizes | None = None) -> list[dict]:
+    """Rows for one configuration (None: the GPU default block sizes), e.g. to try new tiles."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return _rows_for(triton, GPUTarget("cuda", SM, 32), get_ptxas(SM).path, dtype, head_dim, sizes)
 
 
 def run(*, quick: bool) -> list[dict]:
