@@ -127,3 +127,16 @@ def test_mosaic_kernels_stream_key_and_query_blocks(case):
         assert len(launch.grid) == 4 and tuple(semantics)[-1] == "arbitrary", launch
         vmem = 2 * sum(launch.block_bytes) + launch.scratch_bytes
         assert vmem <= 4 * 2**20, (launch.grid, launch.block_bytes, launch.scratch_bytes)
+
+
+def test_the_triton_deprecation_warning_shows_once():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python's default outside __main__
+        c.show_triton_deprecation_once()
+        for line in range(3):  # as jax warns on every lowering, from several call sites
+            warnings.warn_explicit(f"{c.TRITON_DEPRECATION} and will be removed", DeprecationWarning,
+                                   "jax/_src/pallas/pallas_call.py", 960 + line)
+    assert len(caught) == 1

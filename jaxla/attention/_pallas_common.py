@@ -53,8 +53,15 @@ LN2 = math.log(2.0)
 # hidden by Python's default filters outside __main__). Show it once per process instead: the
 # message names the migration, and one line is enough. See the README's GPU/TPU paragraph for what a
 # Mosaic GPU port takes.
-warnings.filterwarnings("once", message="The Pallas Triton backend is deprecated",
-                        category=DeprecationWarning)
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+def show_triton_deprecation_once() -> None:
+    """Puts a filter first that shows jax's Triton deprecation warning once per process."""
+    warnings.filterwarnings("once", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+show_triton_deprecation_once()
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):
