@@ -6,9 +6,12 @@ The attention front end calls ``unsupported_reason`` and, when it returns None, 
 block-multiple rule: T and S are padded here to multiples of every block size the three kernels
 use, the padding is masked inside the kernels, and the results are sliced back.
 
-Backends: Triton on GPU, Mosaic on TPU, and Pallas interpret mode anywhere (the CPU tests run the
-exact kernel bodies that the GPU compiles). Mosaic GPU is not used: the Triton kernels are the one
-GPU path that this package tests.
+Backends: Triton on GPU (``_pallas_fwd``/``_pallas_bwd``: one program per query or key block that
+loops over the other axis), Mosaic on TPU (``_pallas_tpu``: the inner loop is an "arbitrary" grid
+axis with VMEM scratch), and Pallas interpret mode anywhere, which runs either structure (the
+"btnh" layout runs the Triton kernels, "bnth" the TPU ones). Mosaic GPU is not used: the Triton
+kernels are the one GPU path that this package tests (the README says what a port would take).
+``_pallas_lower`` lowers every kernel for both backends from a CPU host.
 """
 
 from __future__ import annotations
@@ -302,7 +305,9 @@ def pallas_attention(
     multiple of K), H query/key head dim, Hv value head dim (H and Hv in 64, 128, 256).
 
     Args:
-      query: BTNH (or TNH); float32, bfloat16 or float16 (float64 too in interpret mode).
+      query: BTNH (or TNH); bfloat16, float16 (not on TPU) or float32 (float64 too in interpret
+        mode). float32 runs exact IEEE f32 dots, without tensor cores on GPU; there
+        ``dot_product_attention(implementation=None)`` sends float32 to XLA instead.
       key: BSKH (or SKH).
       value: BSKHv (or SKHv).
       scale, is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids,
