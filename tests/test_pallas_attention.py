@@ -154,8 +154,12 @@ def test_check_grads_float64(x64, rng):
 def test_default_block_sizes_and_fit():
     for platform in ("gpu", "tpu", "cpu"):
         for h in (64, 128, 256):
-            sizes = BlockSizes.default(platform=platform, head_dim=h)
-            assert all(x & (x - 1) == 0 for x in (sizes.block_q, sizes.block_k))
+            for dtype in (None, jnp.bfloat16, jnp.float32):
+                sizes = BlockSizes.default(platform=platform, head_dim=h, dtype=dtype)
+                assert all(x & (x - 1) == 0 for x in (sizes.block_q, sizes.block_k))
+    # float32 tiles on GPU hold half the keys of 16-bit ones (the same shared-memory bytes).
+    assert BlockSizes.default(platform="gpu", head_dim=128, dtype=jnp.float32).block_k == 64
+    assert BlockSizes.default(platform="gpu", head_dim=128, dtype=jnp.bfloat16).block_k == 128
     with pytest.raises(ValueError, match="power of two"):
         BlockSizes(block_q=48)
 

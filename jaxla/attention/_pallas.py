@@ -74,13 +74,25 @@ class BlockSizes:
                 f"(every block size must be at least {floor} there)")
 
     @classmethod
-    def default(cls, *, platform: str, head_dim: int) -> BlockSizes:
-        """Defaults per platform and head dim (GPU values sized for Hopper's 227 KiB shared memory).
+    def default(cls, *, platform: str, head_dim: int, dtype=None) -> BlockSizes:
+        """Defaults per platform, head dim and dtype (GPU: sized for Hopper's 227 KiB shared memory).
 
         Args:
           platform: "gpu"/"cuda"/"rocm", "tpu", or anything else for interpret mode.
           head_dim: H, the query/key head dimension.
+          dtype: the input dtype; float32 tiles take twice the shared memory (None: 16-bit).
         """
+        if platform in _GPU_PLATFORMS and dtype is not None and jnp.dtype(dtype).itemsize > 2:
+            # float32 (exact IEEE dots, no tensor cores): half the 16-bit tiles' K/V bytes per
+            # stage, so every kernel fits 227 KiB (the 16-bit defaults would need up to 272 KiB).
+            if head_dim <= 64:
+                return cls(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=3,
+                           num_warps_bwd=4, num_stages_bwd=2)
+            if head_dim <= 128:
+                return cls(128, 64, 64, 64, 64, 64, num_warps=8, num_stages=2,
+                           num_warps_bwd=8, num_stages_bwd=2)
+            return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=1,
+                       num_warps_bwd=8, num_stages_bwd=1)
         if platform in _GPU_PLATFORMS:
             # Chosen with ``jaxla bench triton_compile`` (sm_90a, bf16/f16; table in
             # benchmarks/RESULTS.md): every tile below uses wgmma and fits shared memory without
@@ -212,7 +224,8 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
     Args:
       args: the canonical arguments.
       block_sizes: the caller's ``ChunkedBlockSizes``; ignored (they tile "chunked" and "cpu").
-      pallas_block_sizes: the kernels' tiles; None picks ``BlockSizes.default`` for the platform.
+      pallas_block_sizes: the kernels' tiles; None picks ``BlockSizes.default`` for the platform,
+        H and dtype.
       interpret: run in Pallas interpret mode; None means only where there is no GPU/TPU.
       layout: "btnh" or "bnth" (how the kernels see the arrays); None picks the backend's own
         (the tests run Mosaic's "bnth" in interpret mode).
@@ -236,7 +249,8 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
     s, kh = key.shape[1], key.shape[2]
     if pallas_block_sizes is not None:
         pallas_block_sizes.check_floor(backend)
-    sizes = pallas_block_sizes or BlockSizes.default(platform=platform, head_dim=h)
+    sizes = pallas_block_sizes or BlockSizes.default(platform=platform, head_dim=h,
+                                                      dtype=args.dtype)
     floor = c.BLOCK_FLOOR[backend]
     bq, bq_dq, bq_dkv = (_fit(x, t, floor) for x in (sizes.block_q, sizes.block_q_dq,
                                                        sizes.block_q_dkv))
@@ -313,7 +327,7 @@ def pallas_attention(
       scale, is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids,
         logits_soft_cap, return_residual: as in :func:`jaxla.dot_product_attention`.
       block_sizes: a ``PallasBlockSizes`` (tiles of the forward, dQ and dK/dV kernels and Triton
-        launch options); None picks ``PallasBlockSizes.default`` for the platform and H.
+        launch options); None picks ``PallasBlockSizes.default`` for the platform, H and dtype.
       interpret: run in Pallas interpret mode; None means only where there is no GPU or TPU.
 
     Returns:
