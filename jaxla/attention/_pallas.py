@@ -95,9 +95,10 @@ class BlockSizes:
                        num_warps_bwd=8, num_stages_bwd=1)
         if platform in _GPU_PLATFORMS:
             # Chosen with ``jaxla bench triton_compile`` (sm_90a, bf16/f16; table in
-            # benchmarks/RESULTS.md): every tile below uses wgmma and fits shared memory without
-            # register spills, except the H = 256 dK/dV kernel, whose two (bk, 256) f32 accumulators
-            # spill >= 2.3 KB per thread at bk = 64, so it keeps 32-row mma.sync tiles (no spills).
+            # benchmarks/RESULTS.md): every kernel fits 227 KiB of shared memory, spills at most
+            # 328 B per thread, and uses wgmma, except the H = 256 dK/dV kernel, whose two
+            # (bk, 256) f32 accumulators spill >= 2.3 KB per thread at bk = 64: it keeps 32-row
+            # mma.sync tiles, which do not spill.
             if head_dim <= 64:
                 return cls(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=3,
                            num_warps_bwd=4, num_stages_bwd=2)

@@ -6,7 +6,8 @@ compiled with the ``triton`` package from PyPI (``pip install triton``; it ships
 compute capability 9.0 with the kernel's own ``num_warps``/``num_stages``. Per kernel it reports:
 
 - ``smem_KiB``: the shared memory Triton allocates (Hopper gives a block at most 227 KiB),
-- ``regs``: registers per thread from ``ptxas -v`` (255 at most), ``spill_B``: spill stores+loads,
+- ``regs``: registers per thread from the ``ptxas -v`` log of Triton's own ptxas run (255 at most),
+  ``spill_B``: spill stores + loads in bytes,
 - ``wgmma``: whether the PTX uses Hopper's warpgroup MMA (``wgmma.mma_async``) rather than only
   Ampere-style ``mma.sync``.
 
@@ -20,9 +21,10 @@ has moved on fails per kernel with the parser's message.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import unittest.mock
@@ -64,31 +66,37 @@ def _capture_triton_modules(case: lower.Case, sizes: _pallas.BlockSizes) -> list
     return list(zip(names, captured, strict=True))
 
 
-def _ptxas_stats(ptxas: str, ptx: str, workdir: str) -> tuple[int, int]:
-    """(registers per thread, spill bytes stored + loaded) from ``ptxas -v`` for sm_90a."""
-    path = os.path.join(workdir, "kernel.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    proc = subprocess.run([ptxas, f"-arch=sm_{SM}a", "-v", path, "-o", os.devnull],
-                          capture_output=True, text=True, timeout=120, check=False)
-    match = _PTXAS_LINE.search(proc.stderr + proc.stdout)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"ptxas failed (rc {proc.returncode}): {proc.stderr[-300:]}")
+def _ptxas_stats(log: str) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored + loaded) from Triton's own ``ptxas -v`` log."""
+    match = _PTXAS_LINE.search(log)
+    if match is None:
+        raise RuntimeError(f"no register/spill line in the ptxas log: {log[-300:]!r}")
     stores, loads, regs = (int(x) for x in match.groups())
     return regs, stores + loads
 
 
 def _compile(triton, target, ir_text: str, *, num_warps: int, num_stages: int, workdir: str):
+    """(compiled kernel, ptxas log) of the Triton IR; always compiled (no cache hit), so the log
+    is that of the ptxas run (Triton's flags, e.g. --regAllocOptLevel=2) that built this cubin."""
+    from triton import knobs
+
     path = os.path.join(workdir, "kernel.ttir")
     with open(path, "w") as f:
         f.write(ir_text)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Triton's own FP-fusion default notice
-        return triton.compile(path, target=target,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    log = io.StringIO()
+    try:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")  # Triton's own FP-fusion default notice
+            kernel = triton.compile(path, target=target,
+                                    options={"num_warps": num_warps, "num_stages": num_stages})
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return kernel, log.getvalue()
 
 
-def _rows_for(triton, target, ptxas: str, dtype: str, head_dim: int,
+def _rows_for(triton, target, dtype: str, head_dim: int,
               sizes: _pallas.BlockSizes | None = None) -> list[dict]:
     sizes = sizes or _pallas.BlockSizes.default(platform="gpu", head_dim=head_dim, dtype=dtype)
     case = lower.Case(f"{dtype} h{head_dim}", dtype=dtype, h=head_dim, causal=True, **SHAPE)
@@ -108,10 +116,10 @@ def _rows_for(triton, target, ptxas: str, dtype: str, head_dim: int,
             continue
         with tempfile.TemporaryDirectory() as workdir:
             try:
-                kernel = _compile(triton, target, ir_text, num_warps=warps, num_stages=stages,
-                                  workdir=workdir)
+                kernel, log = _compile(triton, target, ir_text, num_warps=warps,
+                                       num_stages=stages, workdir=workdir)
                 ptx = kernel.asm["ptx"]
-                regs, spills = _ptxas_stats(ptxas, ptx, workdir)
+                regs, spills = _ptxas_stats(log)
             except Exception as e:  # one kernel's failure is its row, not the run's
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-200:]}")
                 rows.append(row)
@@ -128,26 +136,23 @@ def compile_rows(dtype: str, head_dim: int, sizes: _pallas.BlockSizes | None = N
     """Rows for one configuration (None: the GPU default block sizes), e.g. to try new tiles."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    return _rows_for(triton, GPUTarget("cuda", SM, 32), get_ptxas(SM).path, dtype, head_dim, sizes)
+    return _rows_for(triton, GPUTarget("cuda", SM, 32), dtype, head_dim, sizes)
 
 
 def run(*, quick: bool) -> list[dict]:
     try:
         import triton
         from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import get_ptxas
     except ImportError:
-        triton = target = ptxas = None
+        triton = target = None
     else:
         target = GPUTarget("cuda", SM, 32)
-        ptxas = get_ptxas(SM).path  # the ptxas Triton itself runs for this arch (its PTX version)
     configs = QUICK if quick else [(d, h) for d in DTYPES for h in HEAD_DIMS]
     rows = []
     for dtype, head_dim in configs:
         try:
-            rows += _rows_for(triton, target, ptxas, dtype, head_dim)
+            rows += _rows_for(triton, target, dtype, head_dim)
         except Exception as e:  # lowering or capture failed for the whole configuration
             rows.append({"name": f"{dtype} H={head_dim}", "ok": False,
                          "error": f"{type(e).__name__}: {e}"})
