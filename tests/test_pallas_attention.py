@@ -60,18 +60,24 @@ def test_mosaic_layout_in_interpret_mode_matches_reference(rng):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("causal,window", [(False, (20, 5)), (True, (40, 0))])
-def test_mosaic_kernels_window_and_value_head_dim_in_interpret_mode(rng, causal, window):
+@pytest.mark.parametrize("causal,window,tpu_tiles", [(False, (20, 5), False), (True, (40, 0), False),
+                                                     (True, None, True)])
+def test_mosaic_kernels_window_and_value_head_dim_in_interpret_mode(rng, causal, window,
+                                                                    tpu_tiles):
     """The TPU-structured kernels (arbitrary key/query grid axis, VMEM scratch) with a window that
-    skips blocks on both sides, Hv != H, T != S and GQA, against the float64 reference."""
+    skips blocks on both sides, Hv != H, T != S and GQA, against the float64 reference; with
+    ``tpu_tiles`` at Mosaic's own 128 tiles (stats tiled across 128-lane multiples, Hv = 256)."""
     b, t, s, n, kh, h, hv = 1, 70, 150, 4, 2, 64, 128
+    sizes = SMALL
+    if tpu_tiles:
+        t, s, hv, sizes = 300, 260, 256, BlockSizes(128, 128, 128, 128, 128, 128)
     q, k, v = (rng.standard_normal(sh) for sh in ((b, t, n, h), (b, s, kh, h), (b, s, kh, hv)))
     d_out, d_lse = rng.standard_normal((b, t, n, hv)), rng.standard_normal((b, t, n))
     ref = np_attention(q, k, v, causal=causal, window=window, d_out=d_out, d_lse=d_lse)
 
     def f(q, k, v):
         args = canonical_args(q, k, v, is_causal=causal, local_window_size=window)
-        return _base.run(attend, args, pallas_block_sizes=SMALL, interpret=True, layout="bnth")
+        return _base.run(attend, args, pallas_block_sizes=sizes, interpret=True, layout="bnth")
 
     (out, lse), vjp = jax.vjp(jax.jit(f), *(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
     grads = vjp((jnp.asarray(d_out, jnp.float32), jnp.asarray(d_lse, jnp.float32)))
