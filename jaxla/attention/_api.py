@@ -69,9 +69,19 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
         return None, f"{what} is unavailable ({_BACKENDS[name]}: {e})"
 
 
+_GPUS = ("gpu", "cuda", "rocm")
+
+
 def _preferred(args: AttentionArgs, platform: str) -> tuple[str, ...]:
-    """The order implementation=None tries: the platform's kernel, then plain JAX by size."""
+    """The order implementation=None tries: the platform's kernel, then plain JAX by size.
+
+    float32 on GPU skips the Pallas kernel: it computes f32 with IEEE f32 dots (no tensor cores),
+    while XLA's dots at default precision run on TF32 tensor cores (several times faster on
+    Ampere/Hopper). ``implementation="pallas"`` still runs the exact-f32 kernel on request.
+    """
     kernels = ("cpu",) if platform == "cpu" else ("pallas",) if platform in _ACCELERATORS else ()
+    if platform in _GPUS and args.dtype == jnp.dtype(jnp.float32):
+        kernels = ()
     plain = "chunked" if args.q_len * args.kv_len >= _CHUNKED_MIN_SCORES else "xla"
     return (*kernels, plain, "xla")
 
@@ -123,8 +133,9 @@ def select_implementation(
     Takes exactly the arguments of :func:`dot_product_attention` (so a caller can pass the same
     ones) and checks them the same way. With ``implementation=None`` the rule is: on CPU ``"cpu"``
     when the compiled kernel supports the arguments, on GPU/TPU ``"pallas"`` when the kernel supports
-    them, else ``"chunked"`` when T·S >= 128², else ``"xla"``. Why a backend declined is logged at
-    DEBUG level on the ``jaxla.attention`` logger. Only shapes, dtypes and options matter, so the
+    them (not float32 on GPU, where XLA's TF32 tensor-core dots are faster), else ``"chunked"``
+    when T·S >= 128², else ``"xla"``. Why a backend declined is logged at DEBUG level on the
+    ``jaxla.attention`` logger. Only shapes, dtypes and options matter, so the
     answer is the same under ``jit`` and for any array values, and ``jax.ShapeDtypeStruct``s can
     stand in for the arrays (nothing is computed).
 

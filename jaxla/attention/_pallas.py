@@ -6,9 +6,12 @@ The attention front end calls ``unsupported_reason`` and, when it returns None, 
 block-multiple rule: T and S are padded here to multiples of every block size the three kernels
 use, the padding is masked inside the kernels, and the results are sliced back.
 
-Backends: Triton on GPU, Mosaic on TPU, and Pallas interpret mode anywhere (the CPU tests run the
-exact kernel bodies that the GPU compiles). Mosaic GPU is not used: the Triton kernels are the one
-GPU path that this package tests.
+Backends: Triton on GPU (``_pallas_fwd``/``_pallas_bwd``: one program per query or key block that
+loops over the other axis), Mosaic on TPU (``_pallas_tpu``: the inner loop is an "arbitrary" grid
+axis with VMEM scratch), and Pallas interpret mode anywhere, which runs either structure (the
+"btnh" layout runs the Triton kernels, "bnth" the TPU ones). Mosaic GPU is not used: the Triton
+kernels are the one GPU path that this package tests (the README says what a port would take).
+``_pallas_lower`` lowers every kernel for both backends from a CPU host.
 """
 
 from __future__ import annotations
@@ -21,11 +24,9 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxla import _checks
-from jaxla.attention import _args, _base
+from jaxla.attention import _args, _base, _pallas_bwd, _pallas_fwd, _pallas_tpu
 from jaxla.attention import _pallas_common as c
 from jaxla.attention._args import AttentionArgs
-from jaxla.attention._pallas_bwd import flash_backward
-from jaxla.attention._pallas_fwd import flash_forward
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -38,7 +39,9 @@ class BlockSizes:
 
     Public as ``jaxla.attention.PallasBlockSizes``, the ``block_sizes`` of ``pallas_attention``.
     Sizes are upper bounds: a sequence shorter than a block uses the next power of two at or above
-    its length instead (at least 16, the smallest tile a GPU matrix unit takes; 128 on TPU).
+    its length instead (at least 16, the smallest tile a GPU matrix unit takes; 128 on TPU). Block
+    sizes must be powers of two and, on a compiled backend, at least its floor (16 on Triton, 128 on
+    Mosaic TPU; interpret mode takes any); ``num_warps``/``num_warps_bwd`` must be powers of two.
     """
 
     block_q: int = 128
@@ -56,18 +59,32 @@ class BlockSizes:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _checks.check_positive_int(value, f"BlockSizes.{f.name}")
-            if f.name.startswith("block_") and value & (value - 1):
+            if (f.name.startswith("block_") or f.name.startswith("num_warps")) and (
+                    value & (value - 1)):
                 raise ValueError(f"BlockSizes.{f.name} must be a power of two, got {value}")
 
+    def check_floor(self, backend: str) -> None:
+        """ValueError naming every block size below ``backend``'s smallest tile."""
+        floor = c.BLOCK_FLOOR[backend]
+        small = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.name.startswith("block_") and getattr(self, f.name) < floor]
+        if small and backend != "interpret":
+            raise ValueError(
+                f"PallasBlockSizes too small for the {backend} backend: {', '.join(small)} "
+                f"(every block size must be at least {floor} there)")
+
     @classmethod
-    def default(cls, *, platform: str, head_dim: int) -> BlockSizes:
-        """Defaults per platform and head dim (GPU values sized for Hopper's 228 KiB shared memory).
+    def default(cls, *, platform: str, head_dim: int, dtype=None) -> BlockSizes:
+        """Defaults per platform, head dim and dtype (GPU: sized for Hopper's 227 KiB shared memory).
 
         Args:
           platform: "gpu"/"cuda"/"rocm", "tpu", or anything else for interpret mode.
           head_dim: H, the query/key head dimension.
+          dtype: the input dtype; float32 tiles take twice the shared memory (None: 16-bit).
         """
-        if platform in _GPU_PLATFORMS:
+        if platform in _GPU_PLATFORMS and dtype is not None and jnp.dtype(dtype).itemsize > 2:
+            # float32 (exact IEEE dots, no tensor cores): half the 16-bit tiles' K/V bytes per
+            # stage, so every kernel fits 227 KiB (the 16-bit defaults would need up to 272 KiB).
             if head_dim <= 64:
                 return cls(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=3,
                            num_warps_bwd=4, num_stages_bwd=2)
@@ -76,6 +93,20 @@ class BlockSizes:
                            num_warps_bwd=8, num_stages_bwd=2)
             return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=1,
                        num_warps_bwd=8, num_stages_bwd=1)
+        if platform in _GPU_PLATFORMS:
+            # Chosen with ``jaxla bench triton_compile`` (sm_90a, bf16/f16; table in
+            # benchmarks/RESULTS.md): every kernel fits 227 KiB of shared memory, spills at most
+            # 328 B per thread, and uses wgmma, except the H = 256 dK/dV kernel, whose two
+            # (bk, 256) f32 accumulators spill >= 2.3 KB per thread at bk = 64: it keeps 32-row
+            # mma.sync tiles, which do not spill.
+            if head_dim <= 64:
+                return cls(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=3,
+                           num_warps_bwd=4, num_stages_bwd=2)
+            if head_dim <= 128:
+                return cls(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=2,
+                           num_warps_bwd=8, num_stages_bwd=2)
+            return cls(64, 64, 64, 64, 32, 32, num_warps=8, num_stages=2,
+                       num_warps_bwd=8, num_stages_bwd=2)
         if platform == "tpu":
             return cls(128, 128, 128, 128, 128, 128)
         # Interpret mode: each grid step and loop trip costs Python-level overhead, not FLOPs.
@@ -116,6 +147,8 @@ def unsupported_reason(args: AttentionArgs, *, platform: str, interpret: bool = 
     elif platform == "tpu":
         if not c.mosaic_available():
             return "jax.experimental.pallas.tpu is not available in this jaxlib"
+        # TPUs have no f16 VPU/MXU path (Mosaic would emulate it through f32 at best).
+        dtypes = tuple(d for d in dtypes if d != jnp.dtype(jnp.float16))
     else:
         return (f"platform {platform} has no compiled Pallas kernel (GPU and TPU only); use "
                 "implementation=\"chunked\" on CPU, or jaxla.attention.pallas_attention(..., "
@@ -133,20 +166,27 @@ def unsupported_reason(args: AttentionArgs, *, platform: str, interpret: bool = 
 # ---- custom_vjp core: padded arrays in the plan's layout -------------------------------------
 
 
+def _kernels(plan):
+    """The kernel module for the plan's layout: TPU-structured for "bnth", Triton-structured else."""
+    if plan.layout == "bnth":
+        return _pallas_tpu.flash_forward, _pallas_tpu.flash_backward
+    return _pallas_fwd.flash_forward, _pallas_bwd.flash_backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, plan):
-    return flash_forward(q, k, v, q_seg, kv_seg, plan)
+    return _kernels(plan)[0](q, k, v, q_seg, kv_seg, plan)
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, plan):
-    out, lse = flash_forward(q, k, v, q_seg, kv_seg, plan)
+    out, lse = _kernels(plan)[0](q, k, v, q_seg, kv_seg, plan)
     return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _flash_bwd(plan, residuals, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv = flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan)
+    dq, dk, dv = _kernels(plan)[1](q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan)
     return dq, dk, dv, None, None
 
 
@@ -178,16 +218,20 @@ def _resolve_backend(interpret: bool | None, platform: str) -> str:
 
 
 def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSizes | None = None,
-           interpret: bool | None = None, layout: str | None = None):
+           interpret: bool | None = None, layout: str | None = None,
+           reverse_q_blocks: bool | None = None):
     """The backend entry point (see ``_base``) on arguments ``unsupported_reason`` accepted.
 
     Args:
       args: the canonical arguments.
       block_sizes: the caller's ``ChunkedBlockSizes``; ignored (they tile "chunked" and "cpu").
-      pallas_block_sizes: the kernels' tiles; None picks ``BlockSizes.default`` for the platform.
+      pallas_block_sizes: the kernels' tiles; None picks ``BlockSizes.default`` for the platform,
+        H and dtype.
       interpret: run in Pallas interpret mode; None means only where there is no GPU/TPU.
       layout: "btnh" or "bnth" (how the kernels see the arrays); None picks the backend's own
         (the tests run Mosaic's "bnth" in interpret mode).
+      reverse_q_blocks: launch causal query blocks longest-first; None means on Triton only (the
+        tests force it in interpret mode).
 
     Returns:
       ``(out, lse)``: out (B, T, N, Hv) in the compute dtype, lse (B, T, N) with -inf on rows that
@@ -204,8 +248,11 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
     query, key, value = args.query, args.key, args.value
     b, t, n, h = query.shape
     s, kh = key.shape[1], key.shape[2]
-    sizes = pallas_block_sizes or BlockSizes.default(platform=platform, head_dim=h)
-    floor = 128 if backend == "mosaic" else 16
+    if pallas_block_sizes is not None:
+        pallas_block_sizes.check_floor(backend)
+    sizes = pallas_block_sizes or BlockSizes.default(platform=platform, head_dim=h,
+                                                      dtype=args.dtype)
+    floor = c.BLOCK_FLOOR[backend]
     bq, bq_dq, bq_dkv = (_fit(x, t, floor) for x in (sizes.block_q, sizes.block_q_dq,
                                                        sizes.block_q_dkv))
     bk, bk_dq, bk_dkv = (_fit(x, s, floor) for x in (sizes.block_k, sizes.block_k_dq,
@@ -225,6 +272,8 @@ def attend(args: AttentionArgs, *, block_sizes=None, pallas_block_sizes: BlockSi
         num_stages_bwd=sizes.num_stages_bwd,
         highest_precision=args.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)),
         acc_dtype="float64" if is_f64 else "float32",
+        reverse_q_blocks=bool(args.is_causal and (
+            backend == "triton" if reverse_q_blocks is None else reverse_q_blocks)),
     )
 
     q_seg = kv_seg = None
@@ -271,13 +320,15 @@ def pallas_attention(
     multiple of K), H query/key head dim, Hv value head dim (H and Hv in 64, 128, 256).
 
     Args:
-      query: BTNH (or TNH); float32, bfloat16 or float16 (float64 too in interpret mode).
+      query: BTNH (or TNH); bfloat16, float16 (not on TPU) or float32 (float64 too in interpret
+        mode). float32 runs exact IEEE f32 dots, without tensor cores on GPU; there
+        ``dot_product_attention(implementation=None)`` sends float32 to XLA instead.
       key: BSKH (or SKH).
       value: BSKHv (or SKHv).
       scale, is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids,
         logits_soft_cap, return_residual: as in :func:`jaxla.dot_product_attention`.
       block_sizes: a ``PallasBlockSizes`` (tiles of the forward, dQ and dK/dV kernels and Triton
-        launch options); None picks ``PallasBlockSizes.default`` for the platform and H.
+        launch options); None picks ``PallasBlockSizes.default`` for the platform, H and dtype.
       interpret: run in Pallas interpret mode; None means only where there is no GPU or TPU.
 
     Returns:

@@ -21,12 +21,15 @@ from jax.experimental import pallas as pl
 from jaxla.attention import _pallas_common as c
 
 
-def _probs(plan, s_raw, lse, mask):
-    """Recomputes softmax probabilities; rows with lse = -inf (nothing visible) give exactly 0."""
-    s, t = c.soft_cap(s_raw, plan)
-    # +inf makes exp() return 0 for empty rows; they are fully masked anyway.
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-    p = jnp.exp(s - lse)
+def _probs(plan, dots, lse, mask):
+    """Recomputes softmax probabilities from raw q·k dots (in base 2, as the forward).
+
+    Rows with lse = -inf (nothing visible) give exactly 0.
+    """
+    s, t = c.scores2(dots, plan)
+    # +inf makes exp2() return 0 for empty rows; they are fully masked anyway.
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * c.LOG2E)
+    p = c.exp2(s - lse)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     return p, t
@@ -39,7 +42,8 @@ def _dq_kernel(*refs, plan: c.Plan):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         qseg_ref = kvseg_ref = None
     bq, bk = plan.block_q_dq, plan.block_k_dq
-    q_start = pl.program_id(c.block_axis(plan)) * bq
+    order = c.q_block_order(plan, plan.t_pad // bq)
+    q_start = order(pl.program_id(c.block_axis(plan))) * bq
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]  # (bq, 1)
@@ -52,7 +56,7 @@ def _dq_kernel(*refs, plan: c.Plan):
         v = v_ref[pl.ds(k_start, bk), :]
         mask = c.tile_mask(plan, masked, q_start, k_start, (bq, bk), 0, lambda: q_seg,
                            lambda: kvseg_ref[:, pl.ds(k_start, bk)])
-        p, t = _probs(plan, c.dot_nt(q, k, plan) * plan.scale, lse, mask)
+        p, t = _probs(plan, c.dot_nt(q, k, plan), lse, mask)
         ds = p * (c.dot_nt(do, v, plan) - delta)
         if t is not None:
             ds = ds * (1.0 - t * t)
@@ -93,7 +97,7 @@ def _dkdv_kernel(*refs, plan: c.Plan):
         delta = delta_ref[g, :, pl.ds(q_start, bq)]
         mask = c.tile_mask(plan, masked, q_start, k_start, (bk, bq), 1,
                            lambda: qseg_ref[:, pl.ds(q_start, bq)], lambda: kv_seg)
-        p, t = _probs(plan, c.dot_nt(k, q, plan) * plan.scale, lse, mask)
+        p, t = _probs(plan, c.dot_nt(k, q, plan), lse, mask)
         dv = dv + c.dot_nn(p.astype(do.dtype), do, plan)
         ds = p * (c.dot_nt(v, do, plan) - delta)
         if t is not None:
@@ -130,10 +134,11 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: c.Plan)
     delta = c.as_column(delta) - d_lse
 
     bq, bk = plan.block_q_dq, plan.block_k_dq
+    qi = c.q_block_order(plan, plan.t_pad // bq)
     seg_specs, segs = [], []
     if plan.has_segments:
         seg_specs = [
-            c.seg_spec(plan, bq, lambda b, h, i: i, row=False),
+            c.seg_spec(plan, bq, lambda b, h, i: qi(i), row=False),
             c.seg_spec(plan, plan.s_pad, lambda b, h, i: 0, row=True),
         ]
         segs = [c.as_column(q_seg), c.as_row(kv_seg)]
@@ -142,15 +147,15 @@ def flash_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: c.Plan)
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=c.grid(plan, batch, heads, plan.t_pad // bq),
         in_specs=[
-            c.seq_spec(plan, bq, hd, lambda b, h, i: (h, i)),
+            c.seq_spec(plan, bq, hd, lambda b, h, i: (h, qi(i))),
             c.seq_spec(plan, plan.s_pad, hd, lambda b, h, i: (h // g, 0)),
             c.seq_spec(plan, plan.s_pad, hv, lambda b, h, i: (h // g, 0)),
             *seg_specs,
-            c.seq_spec(plan, bq, hv, lambda b, h, i: (h, i)),
-            c.stat_spec(plan, bq, lambda b, h, i: (h, i)),
-            c.stat_spec(plan, bq, lambda b, h, i: (h, i)),
+            c.seq_spec(plan, bq, hv, lambda b, h, i: (h, qi(i))),
+            c.stat_spec(plan, bq, lambda b, h, i: (h, qi(i))),
+            c.stat_spec(plan, bq, lambda b, h, i: (h, qi(i))),
         ],
-        out_specs=c.seq_spec(plan, bq, hd, lambda b, h, i: (h, i)),
+        out_specs=c.seq_spec(plan, bq, hd, lambda b, h, i: (h, qi(i))),
         **c.call_kwargs(plan, backward=True, name="jaxla_flash_dq"),
     )(q, k, v, *segs, d_out, lse, delta)
 

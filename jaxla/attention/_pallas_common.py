@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -38,6 +39,29 @@ KV_INVALID = -(2**31) + 1
 
 LAYOUTS = ("btnh", "bnth")
 BACKENDS = ("triton", "mosaic", "interpret")
+
+# Smallest tile each compiled backend takes: Triton's ``tl.dot`` needs every dim >= 16; Mosaic TPU
+# tiles the (time, head_dim) plane in (8|16, 128) vregs and the MXU in 128s.
+BLOCK_FLOOR = {"triton": 16, "mosaic": 128, "interpret": 16}
+
+# Scores are kept in base 2 inside the kernels: exp2(x·log2 e) is exp(x), and folding log2 e into
+# the score scale saves one multiply per score (exp2 is the native instruction on GPUs).
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+# jax 0.11 deprecates the Pallas Triton backend and warns on every lowering (a DeprecationWarning,
+# hidden by Python's default filters outside __main__). Show it once per process instead: the
+# message names the migration, and one line is enough. See the README's GPU/TPU paragraph for what a
+# Mosaic GPU port takes.
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+def show_triton_deprecation_once() -> None:
+    """Puts a filter first that shows jax's Triton deprecation warning once per process."""
+    warnings.filterwarnings("once", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+show_triton_deprecation_once()
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):
@@ -99,6 +123,7 @@ class Plan:
     num_stages_bwd: int
     highest_precision: bool
     acc_dtype: str = "float32"
+    reverse_q_blocks: bool = False
 
     @property
     def acc(self):
@@ -126,6 +151,11 @@ def lcm(*values: int) -> int:
     return out
 
 
+def exp2(x: jax.Array) -> jax.Array:
+    """2**x; ``lax.exp2`` lowers to one ``ex2`` instruction on GPUs (exp is ex2 plus a multiply)."""
+    return lax.exp2(x)
+
+
 def dot_nt(a: jax.Array, b: jax.Array, plan: Plan) -> jax.Array:
     """``a @ b.T`` with f32 accumulation, contracting the last dims (no explicit transpose)."""
     return lax.dot_general(
@@ -142,12 +172,16 @@ def dot_nn(a: jax.Array, b: jax.Array, plan: Plan) -> jax.Array:
     )
 
 
-def soft_cap(logits: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array | None]:
-    """Applies ``c·tanh(x/c)``; also returns the tanh (the backward needs ``1 - tanh²``)."""
+def scores2(dots: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array | None]:
+    """Scores in base 2, ``softcap(scale·q·k)·log2 e``, from the raw dot products; and the tanh.
+
+    The soft cap is ``c·tanh(x/c)``; its tanh is returned for the backward (``1 - tanh²``), None
+    without a cap. Without a soft cap the two constants fold into one multiply.
+    """
     if plan.softcap is None:
-        return logits, None
-    t = jnp.tanh(logits * (1.0 / plan.softcap))
-    return t * plan.softcap, t
+        return dots * (plan.scale * LOG2E), None
+    t = jnp.tanh(dots * (plan.scale / plan.softcap))
+    return t * (plan.softcap * LOG2E), t
 
 
 def visible(
@@ -299,6 +333,18 @@ def block_axis(plan: Plan) -> int:
     return 0 if plan.backend == "triton" else 2
 
 
+def q_block_order(plan: Plan, count: int) -> Callable:
+    """Maps a program's position along the query-block grid axis to the query block it runs.
+
+    Causal rows get longer down the sequence, so on Triton (programs launch in grid order) the last
+    query blocks are launched first (``plan.reverse_q_blocks``): the longest programs start early
+    and the short ones fill the tail of the wave instead of leaving SMs idle. Otherwise identity.
+    """
+    if plan.reverse_q_blocks and count > 1:
+        return lambda i: (count - 1) - i
+    return lambda i: i
+
+
 def _unpack(plan: Plan, g):
     i, h, b = g if plan.backend == "triton" else g[::-1]
     return b, h, i
@@ -361,20 +407,29 @@ def as_row(x: jax.Array) -> jax.Array:
     return x[..., None, :]
 
 
-def compiler_params(plan: Plan, *, backward: bool):
+def compiler_params(plan: Plan, *, backward: bool, grid_rank: int = 3):
+    """Launch options; on Mosaic a 4-axis grid's last axis is the sequential ("arbitrary") one."""
     if plan.backend == "triton":
         if backward:
             return triton_compiler_params(plan.num_warps_bwd, plan.num_stages_bwd)
         return triton_compiler_params(plan.num_warps, plan.num_stages)
     if plan.backend == "mosaic":
-        return mosaic_compiler_params(("parallel", "parallel", "parallel"))
+        semantics = ("parallel",) * 3 + ("arbitrary",) * (grid_rank - 3)
+        return mosaic_compiler_params(semantics)
     return None
 
 
-def call_kwargs(plan: Plan, *, backward: bool, name: str) -> dict:
+def vmem(shape: tuple[int, ...], dtype):
+    """A VMEM scratch buffer of ``shape`` (the TPU kernels' running statistics/accumulators)."""
+    if _pltpu is None:
+        raise RuntimeError("jax.experimental.pallas.tpu is not available in this jaxlib")
+    return _pltpu.VMEM(shape, dtype)
+
+
+def call_kwargs(plan: Plan, *, backward: bool, name: str, grid_rank: int = 3) -> dict:
     """Backend-specific ``pallas_call`` keywords (no compiler params in interpret mode)."""
     kwargs: dict = {"interpret": plan.interpret, "name": name}
-    params = compiler_params(plan, backward=backward)
+    params = compiler_params(plan, backward=backward, grid_rank=grid_rank)
     if params is not None:
         kwargs["compiler_params"] = params
     return kwargs

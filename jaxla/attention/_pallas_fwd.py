@@ -24,7 +24,8 @@ def _fwd_kernel(*refs, plan: c.Plan):
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
         qseg_ref = kvseg_ref = None
     bq, bk = plan.block_q, plan.block_k
-    q_start = pl.program_id(c.block_axis(plan)) * bq
+    order = c.q_block_order(plan, plan.t_pad // bq)
+    q_start = order(pl.program_id(c.block_axis(plan))) * bq
     q = q_ref[...]
     hv = v_ref.shape[-1]
     q_seg = None if qseg_ref is None else qseg_ref[...]  # (bq, 1)
@@ -34,17 +35,17 @@ def _fwd_kernel(*refs, plan: c.Plan):
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s, _ = c.soft_cap(c.dot_nt(q, k, plan) * plan.scale, plan)
+        s, _ = c.scores2(c.dot_nt(q, k, plan), plan)  # base 2: m, s in log2 units
         mask = c.tile_mask(plan, masked, q_start, k_start, (bq, bk), 0, lambda: q_seg,
                            lambda: kvseg_ref[:, pl.ds(k_start, bk)])
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         # Rows that have seen no visible key yet keep m = -inf; shift them by 0 instead so that
-        # exp() sees -inf - 0 = -inf (→ 0) and never -inf - (-inf) = NaN.
+        # exp2() sees -inf - 0 = -inf (→ 0) and never -inf - (-inf) = NaN.
         m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_shift)
-        alpha = jnp.exp(m_prev - m_shift)
+        p = c.exp2(s - m_shift)
+        alpha = c.exp2(m_prev - m_shift)
         l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         acc = acc * alpha + c.dot_nn(p.astype(v.dtype), v, plan)
         return m_new, l_new, acc
@@ -61,7 +62,7 @@ def _fwd_kernel(*refs, plan: c.Plan):
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * c.LN2)
 
 
 def flash_forward(
@@ -89,15 +90,16 @@ def flash_forward(
     heads = q.shape[2] if plan.layout == "btnh" else q.shape[1]
     hd, hv = q.shape[-1], v.shape[-1]
     bq, g = plan.block_q, plan.groups
+    qi = c.q_block_order(plan, plan.t_pad // bq)
     in_specs = [
-        c.seq_spec(plan, bq, hd, lambda b, h, i: (h, i)),
+        c.seq_spec(plan, bq, hd, lambda b, h, i: (h, qi(i))),
         c.seq_spec(plan, plan.s_pad, hd, lambda b, h, i: (h // g, 0)),
         c.seq_spec(plan, plan.s_pad, hv, lambda b, h, i: (h // g, 0)),
     ]
     args = [q, k, v]
     if plan.has_segments:
         in_specs += [
-            c.seg_spec(plan, bq, lambda b, h, i: i, row=False),
+            c.seg_spec(plan, bq, lambda b, h, i: qi(i), row=False),
             c.seg_spec(plan, plan.s_pad, lambda b, h, i: 0, row=True),
         ]
         args += [c.as_column(q_seg), c.as_row(kv_seg)]
@@ -107,8 +109,8 @@ def flash_forward(
         jax.ShapeDtypeStruct((batch, heads, plan.t_pad, 1), plan.acc),
     ]
     out_specs = [
-        c.seq_spec(plan, bq, hv, lambda b, h, i: (h, i)),
-        c.stat_spec(plan, bq, lambda b, h, i: (h, i)),
+        c.seq_spec(plan, bq, hv, lambda b, h, i: (h, qi(i))),
+        c.stat_spec(plan, bq, lambda b, h, i: (h, qi(i))),
     ]
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, plan=plan),

@@ -33,6 +33,7 @@ SUITES: tuple[Entry, ...] = (
     Entry("linear", "jaxla.linear vs NumPy matmul, f32 and bf16"),
     Entry("attention", "dot_product_attention vs jax.nn (and torch SDPA), time and memory"),
     Entry("attention_gpu", "the Pallas flash-attention kernel vs cuDNN and XLA (GPU; --quick: CPU)"),
+    Entry("triton_compile", "the Pallas kernels compiled offline for sm_90a: smem, regs, spills, wgmma"),
     Entry("lora", "LoRA forward and training step vs plain, full fine-tune and Flax NNX"),
     Entry("spectral", "randomized SVD, Lanczos, Hessian top eigenvalue, PCA vs dense/scikit-learn"),
     Entry("finetune", "the configured fine-tune demos: compile, steps/s, fresh-process wall time"),
