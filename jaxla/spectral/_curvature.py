@@ -1,0 +1,368 @@
+"""Hessian trace (Hutchinson) and eigenvalue density (stochastic Lanczos quadrature), matrix-free.
+
+Dimension legend used in the docstrings:
+  P   number of scalar parameters in the ``params`` pytree
+  S   number of random probe vectors (``num_probes``)
+  m   Lanczos steps per probe (``num_steps``)
+  G   number of grid points of a density (``grid_size``)
+  Nb  number of parameter blocks of a per-block trace
+
+The Hessian is only touched through Hessian-vector products (``jvp`` of ``grad``, see
+:func:`jaxla.spectral.hvp`), so memory is O(P) per probe for the trace and O(m · P) for the
+density. As with :func:`jaxla.spectral.hessian_top_eigenvalues`, compilation is the caller's: these
+functions compose under the caller's ``jax.jit`` and keep no cache keyed on ``loss_fn``; eagerly
+each call compiles one program for itself (params, batch and key are its arguments).
+
+Estimators:
+
+* Hutchinson (1989): ``tr(H) = E[vᵀ H v]`` for Rademacher ``v`` (entries ±1). With S probes the
+  estimate is the sample mean of ``z_s = v_sᵀ H v_s`` and its standard error is the sample standard
+  deviation (ddof = 1) over √S. A block ``b`` of parameters (a set of leaves) has
+  ``tr(H_bb) = E[v_bᵀ (H v)_b]`` with the same full probes, because ``E[v_b v_cᵀ] = 0`` for
+  ``b ≠ c``; so every block trace comes from the same S products, and the block traces add up to
+  the total exactly (sample by sample).
+* Stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019, the
+  method of PyHessian): for each probe ``v`` (Rademacher, normalised) m Lanczos steps with full
+  reorthogonalisation give the tridiagonal ``T``; its eigenvalues ``θ_k`` (nodes) and squared first
+  eigenvector components ``τ_k`` (weights, summing to 1) form the Gauss quadrature rule of the
+  measure ``Σ_i (u_iᵀ v)² δ(t − λ_i)``, exact for polynomials of degree ≤ 2m − 1. Averaged over
+  probes this estimates the spectral density ``(1/P) Σ_i δ(t − λ_i)``; the returned density
+  replaces each node by a Gaussian of width σ. Its mean and variance are exact per probe
+  (``vᵀHv / P`` and ``vᵀH²v / P − mean²``), so they carry only the Hutchinson sampling error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from jaxla import _checks
+from jaxla.spectral import _hessian, _iterative, _metrics
+from jaxla.spectral._operator import HIGHEST
+
+__all__ = ["HessianDensity", "TraceResult", "hessian_density", "hessian_trace"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TraceResult:
+    """Hutchinson estimate of the Hessian trace, in total and per parameter block (a pytree).
+
+    Attributes:
+      trace: scalar, the estimate of ``tr(H)``.
+      stderr: scalar, its standard error ``std(z) / √S`` (ddof = 1; NaN for S = 1).
+      block_traces: ``(Nb,)`` estimates of ``tr(H_bb)`` per block (``(0,)`` without blocks).
+      block_stderr: ``(Nb,)`` their standard errors.
+      samples: ``(S,)`` the per-probe values ``v_sᵀ H v_s``.
+      block_names: static names of the blocks, in the order of ``block_traces``.
+    """
+
+    trace: jax.Array
+    stderr: jax.Array
+    block_traces: jax.Array
+    block_stderr: jax.Array
+    samples: jax.Array
+    block_names: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Host-side rows ``{"block", "trace", "stderr"}``, the total last."""
+        tr, se = np.asarray(self.block_traces), np.asarray(self.block_stderr)
+        out = [{"block": n, "trace": float(t), "stderr": float(s)}
+               for n, t, s in zip(self.block_names, tr, se, strict=True)]
+        out.append({"block": "total", "trace": float(self.trace), "stderr": float(self.stderr)})
+        return out
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        width = max(len(r["block"]) for r in rows)
+        lines = [f"{'block':<{width}}  tr(H)        ± stderr", "-" * (width + 26)]
+        lines += [f"{r['block']:<{width}}  {r['trace']:<12.5g} ± {r['stderr']:.3g}" for r in rows]
+        return "\n".join(lines)
+
+
+class HessianDensity(NamedTuple):
+    """Stochastic Lanczos quadrature estimate of the Hessian's eigenvalue density.
+
+    Attributes:
+      grid: ``(G,)`` evaluation points, ascending.
+      density: ``(G,)`` the Gaussian-broadened density on ``grid`` (integrates to ≈ 1 when the grid
+        covers the spectrum plus a few σ, as the default grid does).
+      nodes: ``(S, m)`` Gauss quadrature nodes (Ritz values) per probe.
+      weights: ``(S, m)`` their weights; each row sums to 1 (0 for unused nodes after an early
+        invariant subspace).
+      sigma: scalar, the Gaussian width used.
+    """
+
+    grid: jax.Array
+    density: jax.Array
+    nodes: jax.Array
+    weights: jax.Array
+    sigma: jax.Array
+
+    def moments(self) -> tuple[jax.Array, jax.Array]:
+        """``(mean, variance)`` of the estimated spectral measure, from the quadrature rule.
+
+        The mean estimates ``tr(H) / P``, the variance ``tr(H²) / P − (tr(H) / P)²``; the
+        broadening (which adds σ² to the variance of the density curve) is not included.
+        """
+        s = self.nodes.shape[0]
+        mean = jnp.sum(self.weights * self.nodes) / s
+        second = jnp.sum(self.weights * self.nodes * self.nodes) / s
+        return mean, second - mean * mean
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    value = _checks.check_positive_int(value, name)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _leaf_names(params: Any) -> list[str]:
+    return [_metrics._path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _block_masks(params: Any, blocks: Any) -> tuple[tuple[str, ...], np.ndarray]:
+    """Static block names and the ``(Nb, L)`` 0/1 matrix assigning the L leaves to blocks."""
+    names = _leaf_names(params)
+    if blocks is None:
+        return (), np.zeros((0, len(names)))
+    if isinstance(blocks, str):
+        if blocks != "leaves":
+            raise ValueError(
+                "blocks must be None, 'leaves', a mapping name -> path regex or a sequence of "
+                f"path regexes; got the string {blocks!r}"
+            )
+        return tuple(names), np.eye(len(names))
+    if isinstance(blocks, Mapping):
+        items = list(blocks.items())
+    elif isinstance(blocks, Sequence):
+        items = [(b, b) for b in blocks]
+    else:
+        raise TypeError(
+            f"blocks must be None, 'leaves', a mapping or a sequence, got {type(blocks).__name__}"
+        )
+    if not items:
+        raise ValueError("blocks is empty; pass None for the total trace only")
+    rows = []
+    for label, pattern in items:
+        if not isinstance(label, str) or not isinstance(pattern, str):
+            raise TypeError(f"block names and patterns must be strings, got {label!r}: {pattern!r}")
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"block {label!r}: invalid regex {pattern!r} ({e})") from e
+        row = np.array([1.0 if regex.search(n) else 0.0 for n in names])
+        if not row.any():
+            raise ValueError(
+                f"block {label!r}: the regex {pattern!r} matches no parameter path; paths are "
+                f"{names}"
+            )
+        rows.append(row)
+    return tuple(label for label, _ in items), np.stack(rows)
+
+
+def _rademacher_tree(key, params):
+    flat, unravel = ravel_pytree(params)
+    return unravel(jax.random.rademacher(key, flat.shape, flat.dtype))
+
+
+def hessian_trace(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    key: Any,
+    num_probes: int = 64,
+    blocks: Any = None,
+    probe_batch: int | None = None,
+) -> TraceResult:
+    """Hutchinson estimate of ``tr(H)`` of ``loss_fn(·, batch)`` at ``params``, with a standard error.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: parameter pytree (P scalars).
+      batch: data (any pytree).
+      key: PRNG key of the Rademacher probes (probe s uses ``fold_in(key, s)``).
+      num_probes: S >= 2 probes (one Hessian-vector product each); the standard error falls as
+        1/√S.
+      blocks: per-block traces as well: ``None`` (total only), ``"leaves"`` (one block per
+        parameter leaf), a sequence of regexes or a mapping ``name -> regex``; a block holds the
+        leaves whose path (``"layers/0/w"``, as in :func:`jaxla.spectral.weight_report`) matches
+        the regex (``re.search``). Blocks may overlap.
+      probe_batch: products evaluated together (vectorised); default all S at once. Lower it to
+        bound memory (each concurrent product holds the activations of one backward pass).
+
+    Returns:
+      :class:`TraceResult` in f32 (f64 for f64 params).
+
+    No library cache holds ``loss_fn``: call it under your own ``jax.jit`` to compile once.
+    """
+    _hessian._check_loss(loss_fn, params, batch)
+    num_probes = _check_int(num_probes, "num_probes", 2)
+    if probe_batch is not None:
+        probe_batch = _checks.check_positive_int(probe_batch, "probe_batch")
+    names, masks = _block_masks(params, blocks)
+    return _hessian._this_call_jit(_trace_core, loss_fn, num_probes=num_probes, names=names,
+                                   masks=masks, probe_batch=probe_batch)(params, batch, key)
+
+
+def _trace_core(loss_fn, params, batch, key, *, num_probes, names, masks, probe_batch):
+    leaves = jax.tree_util.tree_leaves(params)
+    acc = _checks.accum_dtype(_checks.promote_dtypes(*(x.dtype for x in leaves)))
+
+    def one(i):
+        v = _rademacher_tree(jax.random.fold_in(key, i), params)
+        hv = _hessian.hvp(loss_fn, params, batch, v)
+        per_leaf = [jnp.sum(a.astype(acc) * b.astype(acc))
+                    for a, b in zip(jax.tree_util.tree_leaves(v),
+                                    jax.tree_util.tree_leaves(hv), strict=True)]
+        return jnp.stack(per_leaf)
+
+    idx = jnp.arange(num_probes, dtype=jnp.int32)
+    per_leaf = lax.map(one, idx, batch_size=probe_batch or num_probes)  # (S, L)
+    samples = jnp.sum(per_leaf, axis=1)
+    block_samples = jnp.matmul(per_leaf, jnp.asarray(masks.T, acc), precision=HIGHEST)
+    root = jnp.sqrt(jnp.asarray(num_probes, acc))
+    return TraceResult(
+        trace=jnp.mean(samples),
+        stderr=jnp.std(samples, ddof=1) / root,
+        block_traces=jnp.mean(block_samples, axis=0),
+        block_stderr=jnp.std(block_samples, axis=0, ddof=1) / root,
+        samples=samples,
+        block_names=names,
+    )
+
+
+def hessian_density(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    key: Any,
+    num_probes: int = 8,
+    num_steps: int = 64,
+    grid_size: int = 512,
+    sigma: float | None = None,
+    grid_range: tuple[float, float] | None = None,
+) -> HessianDensity:
+    """Eigenvalue density of the Hessian of ``loss_fn(·, batch)`` by stochastic Lanczos quadrature.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: parameter pytree (P scalars).
+      batch: data (any pytree).
+      key: PRNG key of the Rademacher start vectors (probe s uses ``fold_in(key, s)``).
+      num_probes: S start vectors, run one after another (memory ``(m + 1) · P`` at a time).
+      num_steps: Lanczos steps ``m`` per probe, ``1 <= m <= P`` (one product each).
+      grid_size: G points of the returned grid.
+      sigma: Gaussian broadening width (absolute, in eigenvalue units); default 1% of the spread
+        of the nodes (``max θ − min θ``, or of ``max |θ|`` when they coincide).
+      grid_range: ``(lo, hi)`` of the grid; default the node range extended by 4σ each side.
+
+    Returns:
+      :class:`HessianDensity`; ``density[g] = (1/S) Σ_s Σ_k τ_sk N(grid[g]; θ_sk, σ²)``.
+
+    No library cache holds ``loss_fn``: call it under your own ``jax.jit`` to compile once.
+    """
+    _hessian._check_loss(loss_fn, params, batch)
+    num_probes = _check_int(num_probes, "num_probes", 1)
+    grid_size = _check_int(grid_size, "grid_size", 2)
+    dim = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    num_steps = _check_int(num_steps, "num_steps", 1)
+    if num_steps > dim:
+        raise ValueError(
+            f"num_steps={num_steps} exceeds the number of parameters P={dim} (Lanczos builds at "
+            "most P orthogonal vectors)"
+        )
+    if sigma is not None and not (isinstance(sigma, int | float) and np.isfinite(sigma)
+                                  and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if grid_range is not None:
+        lo_hi = tuple(grid_range) if isinstance(grid_range, tuple | list) else ()
+        if (len(lo_hi) != 2 or not all(isinstance(x, int | float) for x in lo_hi)
+                or not np.all(np.isfinite(lo_hi)) or not lo_hi[0] < lo_hi[1]):
+            raise ValueError(f"grid_range must be a pair (lo, hi) of finite lo < hi, got "
+                             f"{grid_range!r}")
+        grid_range = (float(lo_hi[0]), float(lo_hi[1]))
+    return _hessian._this_call_jit(
+        _density_core, loss_fn, num_probes=num_probes, num_steps=num_steps, grid_size=grid_size,
+        sigma=None if sigma is None else float(sigma), grid_range=grid_range)(params, batch, key)
+
+
+def _lanczos_quadrature(matvec, q0, m):
+    """Nodes and weights ``(m,)`` of the m-step Lanczos quadrature rule of ``q0`` (normalised)."""
+    dim = q0.shape[0]
+    dtype = q0.dtype
+    eps = jnp.finfo(dtype).eps
+    q0 = q0 / jnp.linalg.norm(q0)
+    basis = jnp.zeros((m + 1, dim), dtype).at[0].set(q0)
+    zeros = jnp.zeros((m,), dtype)
+
+    def body(j, state):
+        basis, alpha, beta, anorm, used, stopped = state
+        q = basis[j]
+        w = matvec(q)
+        a = jnp.dot(q, w, precision=HIGHEST)
+        for _ in range(2):  # full reorthogonalisation, twice
+            w = w - jnp.matmul(jnp.matmul(basis, w, precision=HIGHEST), basis, precision=HIGHEST)
+        b = jnp.linalg.norm(w)
+        anorm = jnp.maximum(anorm, jnp.abs(a) + b)
+        live = ~stopped
+        alpha = alpha.at[j].set(jnp.where(live, a, 0.0))
+        beta = beta.at[j].set(jnp.where(live, b, 0.0))
+        used = jnp.where(live, j, used)
+        breakdown = b <= 100.0 * eps * anorm
+        nxt = jnp.where(breakdown | stopped, 0.0, w / jnp.where(breakdown, 1.0, b))
+        basis = basis.at[j + 1].set(nxt)
+        return basis, alpha, beta, anorm, used, stopped | breakdown
+
+    init = (basis, zeros, zeros, jnp.zeros((), dtype), jnp.int32(0), jnp.bool_(False))
+    _, alpha, beta, _, used, _ = lax.fori_loop(0, m, body, init)
+    theta, s, real = _iterative._tridiag_ritz(alpha, beta, used, m)
+    weights = jnp.where(real, s[0] * s[0], 0.0)
+    return theta, weights / jnp.sum(weights)
+
+
+def _density_core(loss_fn, params, batch, key, *, num_probes, num_steps, grid_size, sigma,
+                  grid_range):
+    flat, unravel = ravel_pytree(params)
+    acc = _checks.accum_dtype(flat.dtype)
+
+    def matvec(v):
+        hv = _hessian.hvp(loss_fn, params, batch, unravel(v.astype(flat.dtype)))
+        return ravel_pytree(hv)[0].astype(acc)
+
+    def one(i):
+        q0 = jax.random.rademacher(jax.random.fold_in(key, i), flat.shape, acc)
+        return _lanczos_quadrature(matvec, q0, num_steps)
+
+    nodes, weights = lax.map(one, jnp.arange(num_probes, dtype=jnp.int32))
+    return _broaden(nodes, weights, grid_size=grid_size, sigma=sigma, grid_range=grid_range)
+
+
+def _broaden(nodes, weights, *, grid_size, sigma, grid_range):
+    used = weights > 0
+    lo_n = jnp.min(jnp.where(used, nodes, jnp.inf))
+    hi_n = jnp.max(jnp.where(used, nodes, -jnp.inf))
+    spread = hi_n - lo_n
+    spread = jnp.where(spread > 0, spread, jnp.maximum(jnp.abs(hi_n), 1.0))
+    width = 0.01 * spread if sigma is None else jnp.asarray(sigma, nodes.dtype)
+    if grid_range is None:
+        lo, hi = lo_n - 4.0 * width, hi_n + 4.0 * width
+    else:
+        lo, hi = (jnp.asarray(x, nodes.dtype) for x in grid_range)
+    grid = jnp.linspace(0.0, 1.0, grid_size, dtype=nodes.dtype) * (hi - lo) + lo
+    z = (grid[:, None, None] - nodes[None]) / width
+    gauss = jnp.exp(-0.5 * z * z) / (width * jnp.sqrt(2.0 * jnp.pi).astype(nodes.dtype))
+    density = jnp.sum(gauss * weights[None], axis=(1, 2)) / nodes.shape[0]
+    return HessianDensity(grid, density, nodes, weights, width)
+
