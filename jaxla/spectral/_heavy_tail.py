@@ -27,7 +27,7 @@ weightwatcher fits σ by matching the MP density to a histogram; here σ² is th
 ``σ² ← mean{λ_i : λ_i <= λ+(σ²)}`` (the bulk's mean, which is σ² for a pure MP spectrum), started
 from ``σ² = mean_i λ_i = ‖W‖_F² / (N M)`` and iterated 16 times, so a few large outliers do not
 inflate σ². Spikes are the eigenvalues above ``λ+`` (Tracy–Widom fluctuations of order ``M^−2/3``
-mean a purely random matrix may show one or two).
+mean a purely random matrix may show one or two; eigenvalues treated as zero never count).
 """
 
 from __future__ import annotations
@@ -168,19 +168,23 @@ def marchenko_pastur_edge(sigma2: Any, aspect: float) -> jax.Array:
     return jnp.asarray(sigma2) * (1.0 + 1.0 / np.sqrt(float(aspect))) ** 2
 
 
-def _mp_fit(lam, num_zeros, aspect):
-    """Fixed-point σ² (module doc), λ+ and the spike count, for ``(n,)`` eigenvalues + zeros."""
+def _mp_fit(lam, num_zeros, aspect, rtol):
+    """Fixed-point σ² (module doc), λ+ and the spike count, for ``(n,)`` eigenvalues + zeros.
+
+    Eigenvalues ``<= rtol · λ_max`` count as zeros (rounding noise of a rank-deficient matrix).
+    """
+    lam = jnp.where(lam > rtol * jnp.max(lam), lam, 0.0)
     total = lam.shape[0] + num_zeros
     factor = (1.0 + 1.0 / np.sqrt(aspect)) ** 2
 
     def step(_, sigma2):
         bulk = lam <= sigma2 * factor
-        count = jnp.sum(bulk) + num_zeros
-        return jnp.sum(jnp.where(bulk, lam, 0.0)) / jnp.maximum(count, 1)
+        count = (jnp.sum(bulk) + num_zeros).astype(lam.dtype)
+        return jnp.sum(jnp.where(bulk, lam, 0.0)) / jnp.maximum(count, 1.0)
 
-    sigma2 = lax.fori_loop(0, _MP_ITERS, step, jnp.sum(lam) / total)
+    sigma2 = lax.fori_loop(0, _MP_ITERS, step, jnp.sum(lam) / jnp.asarray(total, lam.dtype))
     edge = sigma2 * factor
-    return sigma2, edge, jnp.sum(lam > edge).astype(jnp.int32)
+    return sigma2, edge, jnp.sum((lam > edge) & (lam > 0)).astype(jnp.int32)
 
 
 def _update_eigs(a, b, scale, n_big):
@@ -228,7 +232,7 @@ def _check_factors(a, b, scale, name):
     if jnp.shape(scale) != ():
         raise ValueError(f"scale{where} must be a scalar, got shape {jnp.shape(scale)}")
     dtype = _checks.accum_dtype(jnp.promote_types(a.dtype, b.dtype))
-    return a.astype(dtype), b.astype(dtype), (b.shape[0], a.shape[1])
+    return a.astype(dtype), b.astype(dtype), (a.shape[1], b.shape[0])
 
 
 _COLUMNS = ("alpha", "alpha_stderr", "xmin", "ks_distance", "num_tail", "lambda_max",
@@ -298,7 +302,7 @@ class HeavyTailReport:
 def _metrics_of(lam_desc, num_zeros, aspect, min_tail, rtol):
     """One row's metrics from ``(n,)`` eigenvalues (plus ``num_zeros`` implicit zeros)."""
     fit = _fit(lam_desc, min_tail=min_tail, rtol=rtol)
-    sigma2, edge, spikes = _mp_fit(lam_desc, num_zeros, aspect)
+    sigma2, edge, spikes = _mp_fit(lam_desc, num_zeros, aspect, rtol)
     return dict(alpha=fit.alpha, alpha_stderr=fit.alpha_stderr, xmin=fit.xmin,
                 ks_distance=fit.ks_distance, num_tail=fit.num_tail,
                 lambda_max=jnp.max(lam_desc), mp_sigma2=sigma2, mp_edge=edge, num_spikes=spikes)
