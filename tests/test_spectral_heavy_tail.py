@@ -154,3 +154,17 @@ def test_bad_inputs(rng):
     # Too few distinct positive values for any tail: NaN, not a made-up exponent.
     fit = spectral.power_law_fit(jnp.array([0.0, 1.0, 1.0, 2.0]))
     assert np.isnan(float(fit.alpha)) and int(fit.num_tail) == 0
+
+
+def test_report_from_adapter_objects_and_stacks(x64, rng):
+    class Adapter:  # duck-typed like jaxla.lora.Adapter
+        def __init__(self, a, b, scale):
+            self.a, self.b, self.scale = a, b, scale
+
+    a, b = jnp.asarray(rng.normal(size=(2, 4, 20))), jnp.asarray(rng.normal(size=(2, 30, 4)))
+    stacked = spectral.heavy_tail_report(factors={"layers/w": Adapter(a, b, 0.5)}, min_tail=3)
+    assert stacked.names == ("layers/w[0]", "layers/w[1]")
+    one = spectral.heavy_tail_report(factors={"x": (a[1], b[1], 0.5)}, min_tail=3)
+    np.testing.assert_allclose(stacked.lambda_max[1], one.lambda_max[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="leading"):
+        spectral.heavy_tail_report(factors={"x": (a, b[:1], 0.5)})

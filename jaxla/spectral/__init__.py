@@ -10,8 +10,10 @@ pass through ``jax.jit``.
 """
 
 from jaxla.spectral._curvature import (
+    CurvatureSummary,
     HessianDensity,
     TraceResult,
+    curvature_summary,
     hessian_density,
     hessian_trace,
 )
@@ -56,6 +58,7 @@ from jaxla.spectral._svd import LowRankResult, SVDResult, low_rank_approx, rando
 
 __all__ = [
     "AdapterReport",
+    "CurvatureSummary",
     "EigResult",
     "HeavyTailReport",
     "HessianDensity",
@@ -69,6 +72,7 @@ __all__ = [
     "WeightReport",
     "adapter_report",
     "condition_number",
+    "curvature_summary",
     "effective_rank",
     "esd",
     "heavy_tail_report",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -314,6 +315,23 @@ def _metrics_batch(lam, num_zeros, aspect, min_tail, rtol):
     return jax.vmap(lambda x: _metrics_of(x, num_zeros, aspect, min_tail, rtol))(lam)
 
 
+def _factor_rows(name, value):
+    """``[(row name, (a, b, scale))]`` of one factors entry, one row per matrix of a stack."""
+    if all(hasattr(value, f) for f in ("a", "b", "scale")):
+        value = (value.a, value.b, value.scale)
+    if not isinstance(value, tuple | list) or len(value) != 3:
+        raise ValueError(f"factors[{name!r}] must be a triple (a, b, scale) or an adapter with "
+                         f".a, .b and .scale, got {type(value).__name__}")
+    a, b, scale = value
+    stack = tuple(np.shape(a)[:-2])
+    if len(stack) == 0 or np.ndim(a) != np.ndim(b):
+        return [(name, (a, b, scale))]
+    if tuple(np.shape(b)[:-2]) != stack:
+        raise ValueError(f"factors[{name!r}]: a {np.shape(a)} and b {np.shape(b)} must have the "
+                         "same leading (stack) dimensions")
+    return [(f"{name}[{','.join(map(str, i))}]", (a[i], b[i], scale)) for i in np.ndindex(*stack)]
+
+
 def heavy_tail_report(
     params: Any = None,
     *,
@@ -327,9 +345,12 @@ def heavy_tail_report(
       params: a pytree of arrays; every floating leaf of rank >= 2 ``(..., m, n)`` is a matrix
         (a stack of matrices with leading dimensions, one row each, named ``path[i]``); other
         leaves are skipped. May be None when ``factors`` is given.
-      factors: optional LoRA updates from their factors: a mapping ``name -> (a (r, d_in),
-        b (d_out, r), scale)`` with ``ΔW = scale · (b @ a)ᵀ``; ΔW is never formed (its r
-        non-zero eigenvalues come from an r × r SVD, the other ``M − r`` are zero for the MP fit).
+      factors: optional LoRA updates from their factors: a mapping ``name -> (a (..., r, d_in),
+        b (..., d_out, r), scale)`` with ``ΔW = scale · (b @ a)ᵀ``, or ``name -> adapter`` for
+        any object with ``.a``, ``.b`` and ``.scale`` (a ``jaxla.lora`` adapters dict works as
+        is; the layout flag does not matter, the ESD of ΔWᵀ is that of ΔW). Stacked factors give
+        one row per matrix, ``name[i]``. ΔW is never formed (its r non-zero eigenvalues come
+        from an r × r SVD, the other ``M − r`` are zero for the MP fit).
       min_tail: fewest eigenvalues a fitted tail may have (>= 2).
       rtol: eigenvalues ``<= rtol · λ_max`` are treated as zero in the fit; default ``n · eps``.
 
@@ -370,17 +391,17 @@ def heavy_tail_report(
             add(name, shape, _metrics_batch(lam, 0, big / small, min_tail, tol), index_names,
                 small)
     if factors is not None:
-        if not isinstance(factors, dict) or not factors:
-            raise TypeError("factors must be a non-empty dict name -> (a, b, scale)")
-        for name, triple in factors.items():
-            if not isinstance(triple, tuple | list) or len(triple) != 3:
-                raise ValueError(f"factors[{name!r}] must be a triple (a, b, scale), got {triple!r}")
-            a, b, shape = _check_factors(*triple, str(name))
-            big, small = max(shape), min(shape)
-            lam = _update_eigs(a, b, triple[2], big)
-            tol = _check_rtol(rtol, small, lam.dtype)
-            row = _metrics_batch(lam[None], small - lam.shape[0], big / small, min_tail, tol)
-            add(str(name), shape, row, [str(name)], small)
+        if not isinstance(factors, Mapping) or not factors:
+            raise TypeError("factors must be a non-empty mapping name -> (a, b, scale) or an "
+                            "adapter with .a, .b and .scale (e.g. jaxla.lora adapters)")
+        for name, value in factors.items():
+            for row_name, triple in _factor_rows(str(name), value):
+                a, b, shape = _check_factors(*triple, row_name)
+                big, small = max(shape), min(shape)
+                lam = _update_eigs(a, b, triple[2], big)
+                tol = _check_rtol(rtol, small, lam.dtype)
+                row = _metrics_batch(lam[None], small - lam.shape[0], big / small, min_tail, tol)
+                add(row_name, shape, row, [row_name], small)
     if not names:
         raise ValueError("no matrices to report on: params holds no floating leaves of rank >= 2 "
                          "and no factors were given")
