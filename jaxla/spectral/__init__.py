@@ -11,12 +11,11 @@ pass through ``jax.jit``.
 
 from jaxla.spectral._curvature import (
     CurvatureSummary,
-    HessianDensity,
     TraceResult,
     curvature_summary,
-    hessian_density,
     hessian_trace,
 )
+from jaxla.spectral._density import HessianDensity, hessian_density
 from jaxla.spectral._heavy_tail import (
     HeavyTailReport,
     PowerLawFit,
