@@ -41,20 +41,27 @@ def summary(
         program: they are a deterministic function of the seed).
       init_args: its arguments.
       end: the learned adapters dict.
+
+    Runs on one device (the frozen weights, the batch and both adapter sets are gathered there),
+    whatever the run's mesh.
     """
     cfg = ctx.config
     lr = cfg.optim.learning_rate
     key = jax.random.fold_in(_steps.stream_key(cfg.run.seed, "eval"), 1)
 
-    def program(init_args, end, frozen):
+    def program(init_args, end, frozen, batch):
         start = init_fn(*init_args)
         both = jax.tree_util.tree_map(lambda s, e: jnp.stack([s, e.astype(s.dtype)]), start, end)
-        batch = batch_fn(frozen, 0)
         curv = jax.vmap(lambda ad: spectral.curvature_summary(
             lambda p, b: loss_fn(frozen, p, b), ad, batch, key=key, learning_rate=lr))(both)
         return curv, spectral.heavy_tail_report(factors=end)
 
-    curv, tails = ctx.jit(program)(init_args, end, frozen)
+    # One device, no mesh: a sharded run of these loops hung twice on the 8 simulated CPU devices
+    # of the mesh tests (in-process collectives inside Lanczos loops), and the diagnostic is small.
+    batch = ctx.jit(lambda frozen: batch_fn(frozen, 0))(frozen)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    args = jax.device_put((init_args, end, frozen, batch), one)
+    curv, tails = ctx.jit(program)(*args)
     per_point = {when: spectral.CurvatureSummary(*(x[i] for x in curv))
                  for i, when in enumerate(("start", "end"))}
     rows = [(f"curvature at {when}", c.text()) for when, c in per_point.items()]
