@@ -140,8 +140,13 @@ def _hessian_row(spec: dict, quick: bool) -> dict:
 
 
 def _mlp_problem(widths, batch_size, dtype=jnp.float32):
+    """``_mlp`` parameters and a random regression batch, drawn directly in ``dtype``."""
     kp, kx, ky = jax.random.split(jax.random.key(0), 3)
-    params = jax.tree_util.tree_map(lambda t: t.astype(dtype), _mlp(widths, kp))
+    params = []
+    for d_in, d_out in itertools.pairwise(widths):
+        kp, sub = jax.random.split(kp)
+        params.append({"w": jax.random.normal(sub, (d_in, d_out), dtype) * float(d_in ** -0.5),
+                       "b": jnp.zeros((d_out,), dtype)})
     batch = (jax.random.normal(kx, (batch_size, widths[0]), dtype),
              jax.random.normal(ky, (batch_size, widths[-1]), dtype))
     return params, batch
