@@ -63,3 +63,12 @@ def test_training_curves(tmp_path):
         spectral.plot_training_curves({"a": [1, 2, 3]})
     with pytest.raises(ValueError, match="equal length"):
         spectral.plot_training_curves({"a": ([1, 2], [1.0])})
+
+
+def test_hessian_density_plot(tmp_path):
+    grid = np.linspace(-1.0, 3.0, 50)
+    density = np.exp(-grid**2)
+    fig = spectral.plot_hessian_density((grid, density), path=tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes()[:8] == PNG
+    assert fig.axes[0].get_xlabel() == "eigenvalue λ"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]

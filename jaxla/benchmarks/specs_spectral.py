@@ -17,6 +17,14 @@ HESSIAN_BENCH = {"widths": (784, 1024, 256, 10), "batch": 256, "num_iters": 32}
 HESSIAN_QUICK = {"widths": (64, 128, 10), "batch": 64, "num_iters": 20}
 HESSIAN_TARGET_S = 10.0
 
+# Hutchinson trace (64 probes) and SLQ density (8 probes x 64 steps) of the HESSIAN_* MLP losses; the
+# dense rows use an MLP small enough for jax.hessian + eigvalsh (DENSE_* widths).
+TRACE_PROBES = 64
+SLQ_PROBES, SLQ_STEPS = 8, 64
+SLQ_QUICK_STEPS = 24
+CURVATURE_DENSE = {"widths": (24, 48, 8), "batch": 64}
+CURVATURE_DENSE_QUICK = {"widths": (8, 16, 4), "batch": 32}
+
 # PCA of N embeddings of width D keeping C components.
 PCA_BENCH = {"n": 20000, "d": 768, "c": 16}
 PCA_QUICK = {"n": 1000, "d": 64, "c": 8}

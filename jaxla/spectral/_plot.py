@@ -6,7 +6,7 @@ as PNG atomically: rendered to a temporary file in the same directory, then rena
 
 Dimension legend used in the docstrings:
   K  number of singular values, N number of points, C number of PCA components (>= 2),
-  M  number of recorded training steps
+  M  number of recorded training steps, G number of grid points of a density
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import numpy as np
 
 from jaxla import _files
 
-__all__ = ["plot_pca_scatter", "plot_sharpness", "plot_singular_values", "plot_training_curves"]
+__all__ = [
+    "plot_hessian_density",
+    "plot_pca_scatter",
+    "plot_sharpness",
+    "plot_singular_values",
+    "plot_training_curves",
+]
 
 
 def _figure(figsize):
@@ -240,5 +246,56 @@ def plot_training_curves(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    _save(fig, path, dpi)
+    return fig
+
+
+def plot_hessian_density(
+    density: Any,
+    *,
+    path: str | os.PathLike | None = None,
+    log: bool = True,
+    title: str = "Hessian eigenvalue density (SLQ)",
+    dpi: int = 120,
+):
+    """Plots an eigenvalue density against the eigenvalue, as PyHessian's density plots do.
+
+    Args:
+      density: a :class:`jaxla.spectral.HessianDensity` (from
+        :func:`jaxla.spectral.hessian_density`) or a pair ``(grid (G,), density (G,))``.
+      path: if given, the PNG is written there atomically.
+      log: logarithmic y axis (values below 1e-12 of the peak are clipped there, so the thin tails
+        and outliers stay visible).
+      title: axes title.
+      dpi: resolution of the saved PNG.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    if hasattr(density, "grid") and hasattr(density, "density"):
+        grid, values = density.grid, density.density
+    elif isinstance(density, tuple | list) and len(density) == 2:
+        grid, values = density
+    else:
+        raise ValueError(f"density must be a HessianDensity or a pair (grid, density), got "
+                         f"{type(density).__name__}")
+    grid = _as_1d(grid, "grid")
+    values = _as_1d(values, "density")
+    if grid.shape != values.shape:
+        raise ValueError(f"grid {grid.shape} and density {values.shape} must have equal length")
+    if not (np.all(np.isfinite(grid)) and np.all(np.isfinite(values))):
+        raise ValueError("grid and density must be finite (a NaN loss or Hessian gives a NaN "
+                         "density; nothing meaningful to plot)")
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
+    if log:
+        floor = max(float(values.max()), 1e-300) * 1e-12
+        ax.semilogy(grid, np.maximum(values, floor))
+    else:
+        ax.plot(grid, values)
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
     _save(fig, path, dpi)
     return fig

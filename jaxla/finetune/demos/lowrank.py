@@ -28,6 +28,7 @@ from jaxla.finetune import _checkpoints, _mesh, _runner, _steps
 from jaxla.finetune._config import NONNEG, POS
 from jaxla.finetune._demo import Demo, MemoryTerm
 from jaxla.finetune._errors import ConfigError
+from jaxla.finetune.demos import _spectral
 
 __all__ = ["DEMO", "LowRankConfig", "make_problem"]
 
@@ -181,6 +182,8 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     angles_right = np.degrees(np.asarray(report.reference_output_angles, np.float64))
     rel_err = float(report.reference_relative_error)
     count = lora.count_params(params, adapters)
+    spectral_rows, spectral_metrics = _spectral.summary(
+        ctx, _loss, frozen, batch_fn, lambda *args: init_state(*args)["params"], init_args, adapters)
 
     lora.save(ctx.out / "adapter.safetensors", adapters, config={"demo": "lowrank"})
     extra_files = []
@@ -229,6 +232,8 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         ("outputs", f"{ctx.out} (adapter.safetensors, metrics.jsonl"
                     + "".join(", " + f for f in extra_files + plots) + ")"),
     ]
+    rows[-2:-2] = spectral_rows  # before "time" and "outputs"
+    metrics.update(spectral_metrics)
     return {"title": title, "rows": rows, "metrics": metrics, "interrupted": res.interrupted}
 
 

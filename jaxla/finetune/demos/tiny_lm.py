@@ -30,6 +30,7 @@ from jaxla.finetune import _transformer as tfm
 from jaxla.finetune._config import NONNEG, POS, choice
 from jaxla.finetune._demo import Demo, MemoryTerm
 from jaxla.finetune._errors import ConfigError
+from jaxla.finetune.demos import _spectral
 
 __all__ = ["DEMO", "TinyLMConfig"]
 
@@ -246,6 +247,9 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
                         f"({mark}; expected {' '.join(map(str, want))})")
 
     count = lora.count_params(adapt_base, adapters)
+    spectral_rows, spectral_metrics = _spectral.summary(
+        ctx, lora_loss, frozen, batch_fn_for(tl.adapt_task, "data"),
+        lambda *args: init_adapters(*args)["params"], init_args, adapters)
     lora.save(ctx.out / "adapter.safetensors", adapters, config={"demo": "tiny_lm"})
     plots = _write_plots(ctx) if cfg.run.plots else []
 
@@ -265,6 +269,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         rows.append((f"{name} phase", f"{r.end_step} steps, final loss {r.last_loss:.3e}, compile "
                                       f"{r.compile_s:.2f} s, run {r.run_s:.2f} s "
                                       f"({r.steps_per_s:.1f} steps/s)"))
+    rows += spectral_rows
     rows += [(f"generation {i + 1} (KV cache)", g) for i, g in enumerate(gens)]
     rows.append(("outputs", f"{ctx.out} (adapter.safetensors, metrics.jsonl"
                             + (", " + ", ".join(plots) if plots else "") + ")"))
@@ -279,6 +284,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         "generations": gens,
         "steps": phases["adapt"].end_step,
     }
+    metrics.update(spectral_metrics)
     return {"title": title, "rows": rows, "metrics": metrics, "interrupted": False}
 
 
