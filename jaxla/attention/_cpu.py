@@ -9,6 +9,14 @@ bfloat16/float16 inputs are computed in float32 and cast back.
 The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
 still works and uses ``"chunked"``). ``unsupported_reason`` says why the kernel cannot run.
 
+Code paths: the tile code is compiled three times, for AVX-512 (16-float vectors, a 12 × 32 register
+tile), AVX2 + FMA (8-float vectors, 6 × 16) and the baseline target ("portable"), and one build runs
+on any x86-64 CPU. ``supported_paths()`` lists what this CPU runs, best first; ``kernel_path()`` is the
+path calls use: the best one, or the one the environment variable ``JAXLA_CPU_KERNEL``
+(``avx512``, ``avx2`` or ``portable``) names, read once when this module is imported. A name the CPU
+cannot run makes the kernel unavailable with that reason (``implementation="cpu"`` then raises it).
+Tests and benchmarks pass ``path=`` to :func:`attend` to run a given path.
+
 Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, H query/key head
 dim, Hv value head dim.
 """
@@ -16,6 +24,7 @@ dim, Hv value head dim.
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
 
 import jax
@@ -35,6 +44,37 @@ else:
 
 _FWD, _BWD = "jaxla_attention_fwd", "jaxla_attention_bwd"
 _registered = False
+ENV_VAR = "JAXLA_CPU_KERNEL"
+# What the extension's C++ side numbers each path (its `path` attribute), and those this CPU runs.
+_PATH_IDS, _SUPPORTED = _cpu_ext.paths() if _cpu_ext is not None else ({}, [])
+_SUPPORTED = tuple(_SUPPORTED)
+
+
+def _choose_path(env: str | None) -> tuple[str | None, str | None]:
+    """(path, None) for the path calls use, or (None, why not) when ``env`` names one we cannot run."""
+    if env is None or env.strip() == "":
+        return (_SUPPORTED[0] if _SUPPORTED else None), None
+    name = env.strip().lower()
+    if name not in _PATH_IDS:
+        return None, (f"{ENV_VAR}={env!r} is not a CPU kernel path; expected one of "
+                      f"{sorted(_PATH_IDS)} (this CPU runs {list(_SUPPORTED)})")
+    if name not in _SUPPORTED:
+        return None, (f"{ENV_VAR}={env!r} asks for a path this CPU cannot run (it lacks the "
+                      f"instructions); this CPU runs {list(_SUPPORTED)}")
+    return name, None
+
+
+_PATH, _PATH_ERROR = _choose_path(os.environ.get(ENV_VAR)) if _cpu_ext is not None else (None, None)
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The compiled code paths this CPU can run, best first (empty when the extension is not built)."""
+    return _SUPPORTED
+
+
+def kernel_path() -> str | None:
+    """The code path calls use (``"avx512"``, ``"avx2"`` or ``"portable"``), or None when unavailable."""
+    return _PATH if available() is None else None
 
 
 def _register() -> None:
@@ -49,8 +89,8 @@ def available() -> str | None:
     """None when the compiled kernels can run on this machine, else why not."""
     if _cpu_ext is None:
         return f"the compiled extension jaxla.attention._cpu_ext is not built ({_IMPORT_ERROR})"
-    if not _cpu_ext.cpu_supported():
-        return "this CPU lacks the instruction set (AVX2 + FMA) the extension was compiled for"
+    if _PATH_ERROR is not None:
+        return _PATH_ERROR
     return None
 
 
@@ -83,11 +123,13 @@ class _Config:
     has_seg: bool
     block_q: int
     block_k: int
+    path: int  # the extension's number for the code path (``_PATH_IDS``)
 
     def attrs(self):
         return dict(scale=np.float32(self.scale), left=np.int64(self.left),
                     right=np.int64(self.right), has_seg=self.has_seg,
-                    block_q=np.int64(self.block_q), block_k=np.int64(self.block_k))
+                    block_q=np.int64(self.block_q), block_k=np.int64(self.block_k),
+                    path=np.int64(self.path))
 
 
 def _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
@@ -136,17 +178,29 @@ def default_block_sizes(g: int) -> tuple[int, int]:
     return max(1, 96 // g), 256
 
 
-def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Array]:
+def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
+           ) -> tuple[jax.Array, jax.Array]:
     """The backend entry point (see ``_base``) on arguments ``unsupported_reason`` accepted.
 
     Args:
       args: the canonical arguments (float32, bfloat16 or float16; no bias, mask or soft cap).
       block_sizes: a ``ChunkedBlockSizes`` whose ``(block_q, block_k)`` are the kernel's tiles, or
         None for ``default_block_sizes``.
+      path: a code path from ``supported_paths()``, or None for ``kernel_path()``.
+
+    Raises:
+      ValueError: ``path`` is not one this CPU runs.
 
     Returns:
       ``(out, lse)``: out (B, T, N, Hv) in the compute dtype; lse (B, T, N) float32.
     """
+    if path is None:
+        path = kernel_path()
+        if path is None:
+            raise ValueError(f"the CPU attention kernel cannot run here: {available()}")
+    elif path not in _SUPPORTED:
+        raise ValueError(f"path={path!r} is not a CPU kernel path this CPU runs; expected one of "
+                         f"{list(_SUPPORTED)}")
     _register()
     b, t, n, _ = args.query.shape
     s, kh = args.kv_len, args.num_kv_heads
@@ -162,6 +216,7 @@ def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Arr
         has_seg=args.q_segment_ids is not None,
         block_q=int(block_q),
         block_k=int(block_k),
+        path=_PATH_IDS[path],
     )
     q_len, kv_len = args.query_seq_lengths, args.key_value_seq_lengths
     q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len
@@ -174,4 +229,5 @@ def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Arr
     return out.astype(args.dtype), lse
 
 
-__all__ = ["attend", "available", "default_block_sizes", "unsupported_reason"]
+__all__ = ["ENV_VAR", "attend", "available", "default_block_sizes", "kernel_path", "supported_paths",
+           "unsupported_reason"]
