@@ -248,3 +248,16 @@ def test_environment_variable_forces_the_path_in_a_fresh_process():
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert got.startswith("(None, \"JAXLA_CPU_KERNEL='nonsense' is not a CPU kernel path")
+
+
+def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
+    from jaxla.benchmarks import harness
+
+    info = harness.cpu_features()
+    assert info["cpu_kernel_path"] == _cpu.kernel_path()
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or REASON is not None:
+        pytest.skip("needs the kernel on Linux x86-64 (/proc/cpuinfo flags)")
+    flags = set(info["cpu_flags"].split())
+    assert ("avx2" in _cpu.supported_paths()) == {"avx2", "fma"} <= flags
+    assert ("avx512" in _cpu.supported_paths()) == {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    assert _cpu.supported_paths()[-1] == "portable"
