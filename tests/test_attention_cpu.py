@@ -258,6 +258,7 @@ def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
     if platform.system() != "Linux" or platform.machine() != "x86_64" or REASON is not None:
         pytest.skip("needs the kernel on Linux x86-64 (/proc/cpuinfo flags)")
     flags = set(info["cpu_flags"].split())
-    assert ("avx2" in _cpu.supported_paths()) == {"avx2", "fma"} <= flags
-    assert ("avx512" in _cpu.supported_paths()) == {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    assert ("avx2" in _cpu.supported_paths()) == ({"avx2", "fma"} <= flags)
+    assert ("avx512" in _cpu.supported_paths()) == ({"avx512f", "avx512bw", "avx512dq",
+                                                     "avx512vl"} <= flags)
     assert _cpu.supported_paths()[-1] == "portable"
