@@ -262,3 +262,54 @@ def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
     assert ("avx512" in _cpu.supported_paths()) == ({"avx512f", "avx512bw", "avx512dq",
                                                      "avx512vl"} <= flags)
     assert _cpu.supported_paths()[-1] == "portable"
+
+
+needs_bf16_dot = pytest.mark.skipif(not _cpu.bf16_dot(), reason="this CPU lacks AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("kw, ref, seg", [
+    (dict(is_causal=True), dict(causal=True), False),
+    (dict(local_window_size=(20, 7)), dict(window=(20, 7)), True),
+])
+def test_bf16_dot_path_matches_the_reference(kw, ref, seg, rng):
+    from jaxla.attention._args import canonical_args
+    from tests.attention_cases import np_attention
+
+    b, t, n, kh, h, hv = 2, 45, 4, 2, 32, 64
+    q, k, v = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
+               for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv)))
+    lens = np.array([t, 33], np.int32)  # 33: an odd last key tile
+    kw = dict(kw, key_value_seq_lengths=lens)
+    ref = dict(ref, kv_len=lens)
+    if seg:
+        ids = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
+        kw["segment_ids"], ref["q_seg"], ref["kv_seg"] = ids, ids, ids
+    assert _cpu._bf16_forward(canonical_args(q, k, v, **kw), "avx512")
+    assert not _cpu._bf16_forward(canonical_args(q, k, v, **kw), "avx2")
+    # A value past every visible key must not reach the output, even paired with a visible one.
+    want = np_attention(*(np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v)), **ref)
+    v = v.at[1, 33].set(jnp.inf)  # (the NumPy reference would give 0 · inf = NaN itself)
+    for tiles in (SMALL, jaxla.ChunkedBlockSizes(block_q=5, block_k=48), None):
+        out, lse = jax.jit(lambda q, k, v, tiles=tiles: jaxla.dot_product_attention(
+            q, k, v, implementation="cpu", block_sizes=tiles, return_residual=True, **kw))(q, k, v)
+        assert out.dtype == jnp.bfloat16
+        out = np.asarray(out.astype(jnp.float32))
+        assert np.isfinite(out).all()
+        # The bf16 output's rounding (2^-9) plus P's (2^-9 of each weight).
+        np.testing.assert_allclose(out, want.out, atol=1.5e-2, rtol=1e-2)
+        np.testing.assert_allclose(lse, want.lse, atol=1e-5, rtol=1e-5)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(jaxla.dot_product_attention(
+        q, k, v.at[1, 33].set(0), implementation="cpu", **kw).astype(jnp.float32))))(q)
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+@needs_bf16_dot
+def test_bf16_dot_path_propagates_nan(rng):
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 40, 2, 32)), jnp.bfloat16) for _ in range(3))
+    q = q.at[0, 7, 1, 0].set(jnp.nan)
+    v = v.at[0, 30, 0, 5].set(jnp.nan)
+    out = np.asarray(jaxla.dot_product_attention(q, k, v, is_causal=True, implementation="cpu",
+                                                 block_sizes=SMALL).astype(jnp.float32))
+    assert np.isnan(out[0, 7, 1]).all() and np.isfinite(np.delete(out[0, :, 1], 7, axis=0)).all()
+    assert np.isnan(out[0, 30:, 0, 5]).all() and np.isfinite(out[0, :30, 0]).all()

@@ -4,7 +4,9 @@
 logsumexp) in float32, each run as whole tiles per thread on XLA's CPU thread pool. They cover the
 causal/window band, per-batch lengths and segment ids; arguments they do not cover (a bias or mask
 array, a logit soft cap, head dims that are not a multiple of 8, float64) go to ``"chunked"``.
-bfloat16/float16 inputs are computed in float32 and cast back.
+bfloat16/float16 inputs are computed in float32 and cast back, except that on a CPU with AVX512-BF16
+the avx512 path's forward pass takes bfloat16 q, k, v as they are (bf16 dot products accumulated in
+float32, float32 softmax; ``_bf16_forward``).
 
 The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
 still works and uses ``"chunked"``). ``unsupported_reason`` says why the kernel cannot run.
@@ -152,6 +154,8 @@ def _attention_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
 
 def _attention_bwd(cfg, res, cotangents):
     q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2 = res
+    dtypes = q.dtype, k.dtype, v.dtype  # bf16 when the forward pass took bf16 (see _bf16_forward)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     d_out, d_lse = cotangents
     d_out = d_out.astype(jnp.float32)
     # d lse / d logits is the probability row, so the residual's cotangent shifts delta.
@@ -159,11 +163,28 @@ def _attention_bwd(cfg, res, cotangents):
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
               jax.ShapeDtypeStruct(v.shape, jnp.float32))
     call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="broadcast_all")
-    dq, dk, dv = call(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+    grads = call(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+    dq, dk, dv = (g.astype(dt) for g, dt in zip(grads, dtypes, strict=True))
     return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def bf16_dot() -> bool:
+    """Whether the avx512 path can take bfloat16 inputs as they are (AVX512-BF16 dot products)."""
+    return _cpu_ext is not None and bool(_cpu_ext.bf16_dot())
+
+
+def _bf16_forward(args: AttentionArgs, path: str) -> bool:
+    """Whether this call's forward pass runs on bf16 q, k, v with AVX512-BF16 dot products.
+
+    The products of bf16 values are exact in f32 and accumulate in f32; the softmax is f32 and the
+    probabilities are rounded to bf16 for P·V (2^-9 relative), below the bf16 output's own rounding.
+    The backward pass stays f32. Needs H and Hv multiples of 32 and a positive scale.
+    """
+    return (path == "avx512" and args.dtype == jnp.bfloat16 and bf16_dot()
+            and args.head_dim % 32 == 0 and args.value_head_dim % 32 == 0 and args.scale > 0)
 
 
 def default_block_sizes(g: int) -> tuple[int, int]:
@@ -224,10 +245,12 @@ def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
     q_seg, kv_seg = args.q_segment_ids, args.kv_segment_ids
     if q_seg is None:
         q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-    f32 = [x.astype(jnp.float32) for x in (args.query, args.key, args.value)]
-    out, lse = _attention(cfg, *f32, q_len, kv_len, q_seg, kv_seg)
+    qkv = (args.query, args.key, args.value)
+    if not _bf16_forward(args, path):
+        qkv = [x.astype(jnp.float32) for x in qkv]
+    out, lse = _attention(cfg, *qkv, q_len, kv_len, q_seg, kv_seg)
     return out.astype(args.dtype), lse
 
 
-__all__ = ["ENV_VAR", "attend", "available", "default_block_sizes", "kernel_path", "supported_paths",
-           "unsupported_reason"]
+__all__ = ["ENV_VAR", "attend", "available", "bf16_dot", "default_block_sizes", "kernel_path",
+           "supported_paths", "unsupported_reason"]

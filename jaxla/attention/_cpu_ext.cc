@@ -20,6 +20,8 @@
 // target pragma, while this file is compiled for the baseline target (setup.py passes no -m flags):
 //   0 "portable" (the baseline: SSE2 on x86-64, whatever the compiler targets elsewhere),
 //   1 "avx2"     (AVX2 + FMA; x86-64 only), 2 "avx512" (AVX-512 F/BW/DQ/VL; x86-64 only).
+// On a CPU with AVX512-BF16 the avx512 path also takes bf16 q, k, v in the forward pass (a fourth
+// copy, compiled with avx512bf16, holds that code: forward_bf16); everything else is f32.
 // paths() lists those this CPU can run, best first; jaxla picks the first (or the one the
 // JAXLA_CPU_KERNEL environment variable names) and passes it to every call as the `path` attribute,
 // which the handlers check again, so no call runs instructions the CPU lacks.
@@ -38,6 +40,10 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -220,6 +226,32 @@ using namespace jaxla_common;
 #else
 #pragma GCC pop_options
 #endif
+
+// AVX-512 again, with AVX512-BF16 for the forward pass on bf16 inputs (forward_bf16); only called
+// where the CPU has avx512bf16, the f32 functions of this copy are never used.
+#if defined(__clang__)
+#pragma clang attribute push(                                                                    \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
+#endif
+#define JAXLA_VBYTES 64
+#define JAXLA_MR 12
+#define JAXLA_BF16 1
+namespace path_avx512bf16 {
+using namespace jaxla_common;
+#include "_cpu_kernels.inc"
+}  // namespace path_avx512bf16
+#undef JAXLA_VBYTES
+#undef JAXLA_MR
+#undef JAXLA_BF16
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif  // JAXLA_X86
 
 namespace jaxla_common {
@@ -257,6 +289,16 @@ bool path_supported(int64_t p) {
 #endif
 }
 
+// Whether the AVX-512 path may take bf16 inputs with AVX512-BF16 dot products here.
+bool bf16_dot_supported() {
+#if JAXLA_X86
+  __builtin_cpu_init();
+  return path_supported(2) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 ffi::Error check_path(int64_t path) {
   if (path_supported(path)) return ffi::Error::Success();
   return ffi::Error::InvalidArgument("jaxla attention kernel: code path " + std::to_string(path) +
@@ -274,6 +316,27 @@ ffi::Error ForwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                block_q, block_k);
       !err.success())
     return err;
+  const ffi::DataType dt = q.element_type();
+  if (k.element_type() != dt || v.element_type() != dt ||
+      (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("jaxla attention kernel: q, k, v must all be f32 or all bf16");
+  if (dt == ffi::DataType::BF16) {
+#if JAXLA_X86
+    if (path != 2 || !bf16_dot_supported() || pr.h % 32 != 0 || pr.hv % 32 != 0 || !(pr.scale > 0))
+      return ffi::Error::InvalidArgument(
+          "jaxla attention kernel: bf16 inputs need the avx512 path on a CPU with AVX512-BF16, "
+          "H and Hv multiples of 32 and a positive scale");
+    using path_avx512bf16::bf16;
+    path_avx512bf16::forward_bf16(pool, pr, reinterpret_cast<const bf16*>(q.untyped_data()),
+                                  reinterpret_cast<const bf16*>(k.untyped_data()),
+                                  reinterpret_cast<const bf16*>(v.untyped_data()),
+                                  reinterpret_cast<float*>(out->untyped_data()),
+                                  reinterpret_cast<float*>(lse2->untyped_data()));
+    return ffi::Error::Success();
+#else
+    return ffi::Error::InvalidArgument("jaxla attention kernel: bf16 inputs need AVX512-BF16");
+#endif
+  }
   kPaths[path].forward(pool, pr, reinterpret_cast<const float*>(q.untyped_data()),
                        reinterpret_cast<const float*>(k.untyped_data()),
                        reinterpret_cast<const float*>(v.untyped_data()),
@@ -297,6 +360,9 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return err;
   if (pr.h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxla attention kernel: H must be a multiple of 8");
+  for (const ffi::AnyBuffer* x : {&q, &k, &v, &dout, &lse2, &delta})
+    if (x->element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("jaxla attention backward kernel: operands must be f32");
   BwdArgs a{};
   a.q = reinterpret_cast<const float*>(q.untyped_data());
   a.k = reinterpret_cast<const float*>(k.untyped_data());
@@ -466,7 +532,14 @@ PyObject* paths(PyObject*, PyObject*) {
   return Py_BuildValue("(NN)", all, ok);
 }
 
+PyObject* bf16_dot(PyObject*, PyObject*) {
+  if (bf16_dot_supported()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
+    {"bf16_dot", bf16_dot, METH_NOARGS,
+     "Whether the avx512 path takes bf16 q, k, v in the forward pass (AVX512-BF16 dot products)."},
     {"registrations", registrations, METH_NOARGS, "FFI targets: {name: capsule}."},
     {"cpu_supported", cpu_supported, METH_NOARGS,
      "Whether this CPU can run at least one compiled code path (always: the portable one)."},
