@@ -187,16 +187,20 @@ def _bf16_forward(args: AttentionArgs, path: str) -> bool:
             and args.head_dim % 32 == 0 and args.value_head_dim % 32 == 0 and args.scale > 0)
 
 
-def default_block_sizes(g: int) -> tuple[int, int]:
-    """(query positions, keys) per tile for G query heads per kv head: about 96 query rows × 256 keys.
+def default_block_sizes(g: int, path: str | None = None) -> tuple[int, int]:
+    """(query positions, keys) per tile for G query heads per kv head on code path ``path``.
 
-    Measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=K=8, H=64, T=2048 and 4096,
-    causal and not, forward and forward+backward, best of 4 runs (benchmarks/RESULTS.md): among
+    About 96 query rows × 256 keys on AVX2 and portable, 96 × 512 on AVX-512 (None: ``kernel_path()``).
+    AVX2: measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=K=8, H=64, T=2048 and
+    4096, causal and not, forward and forward+backward, best of 4 runs (benchmarks/RESULTS.md): among
     32-128 rows × 128-512 keys, 96 × 256 was fastest or within 8% of the fastest in every case;
-    128-key tiles or 32-48 rows lost 10-25% on the backward pass. The score tile, the K/V panels and the
-    output rows of one tile stay in one core's L2.
+    128-key tiles or 32-48 rows lost 10-25% on the backward pass. AVX-512 (12-row register tiles, so
+    96 rows are 8 of them): on the AVX-512 EPYC of 2026-12-01 (1 MB L2 per core), 512-key tiles
+    were 5-30% faster forward+backward than 256 in three sweeps and level forward (RESULTS.md, noisy
+    machine). The score tile, the K/V panels and the output rows of one tile stay in one core's L2.
     """
-    return max(1, 96 // g), 256
+    path = kernel_path() if path is None else path
+    return max(1, 96 // g), 512 if path == "avx512" else 256
 
 
 def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
@@ -226,7 +230,7 @@ def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
     b, t, n, _ = args.query.shape
     s, kh = args.kv_len, args.num_kv_heads
     if block_sizes is None:
-        block_q, block_k = default_block_sizes(n // kh)
+        block_q, block_k = default_block_sizes(n // kh, path)
     else:
         block_q, block_k = block_sizes.block_q, block_sizes.block_k
     band = args.band
