@@ -176,7 +176,8 @@ ffi::Error setup_problem(Problem& pr, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
 
 // Each path's copy of the tile code. The pragmas set the instruction set of every function defined
 // between push and pop (lambdas and the instantiated templates of the .inc included).
-#define JAXLA_VBYTES 32
+// 4-float vectors: one SSE2 / NEON register each, so the 6 x 8 register tile fits 16 registers.
+#define JAXLA_VBYTES 16
 #define JAXLA_MR 6
 namespace path_portable {
 using namespace jaxla_common;
