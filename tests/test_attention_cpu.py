@@ -245,9 +245,10 @@ def test_environment_variable_forces_the_path_in_a_fresh_process():
                          check=True).stdout
     assert got == repr(("portable", None))
     env["JAXLA_CPU_KERNEL"] = "nonsense"
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    assert got.startswith("(None, \"JAXLA_CPU_KERNEL='nonsense' is not a CPU kernel path")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.startswith("(None, \"JAXLA_CPU_KERNEL='nonsense' is not a CPU kernel path")
+    assert "RuntimeWarning: the compiled CPU attention kernel is off" in proc.stderr
 
 
 def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():

@@ -16,7 +16,8 @@ tile), AVX2 + FMA (8-float vectors, 6 × 16) and the baseline target ("portable"
 on any x86-64 CPU. ``supported_paths()`` lists what this CPU runs, best first; ``kernel_path()`` is the
 path calls use: the best one, or the one the environment variable ``JAXLA_CPU_KERNEL``
 (``avx512``, ``avx2`` or ``portable``) names, read once when this module is imported. A name the CPU
-cannot run makes the kernel unavailable with that reason (``implementation="cpu"`` then raises it).
+cannot run makes the kernel unavailable with that reason (``implementation="cpu"`` then raises it,
+and importing this module warns, since ``implementation=None`` then picks another backend).
 Tests and benchmarks pass ``path=`` to :func:`attend` to run a given path.
 
 Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, H query/key head
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from functools import partial
 
 import jax
@@ -67,6 +69,9 @@ def _choose_path(env: str | None) -> tuple[str | None, str | None]:
 
 
 _PATH, _PATH_ERROR = _choose_path(os.environ.get(ENV_VAR)) if _cpu_ext is not None else (None, None)
+if _PATH_ERROR is not None:  # implementation=None would quietly fall back to "chunked": say so once
+    warnings.warn(f"the compiled CPU attention kernel is off: {_PATH_ERROR}", RuntimeWarning,
+                  stacklevel=2)
 
 
 def supported_paths() -> tuple[str, ...]:
