@@ -11,9 +11,10 @@ float32, float32 softmax; ``_bf16_forward``).
 The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
 still works and uses ``"chunked"``). ``unsupported_reason`` says why the kernel cannot run.
 
-Code paths: the tile code is compiled three times, for AVX-512 (16-float vectors, a 12 × 32 register
-tile), AVX2 + FMA (8-float vectors, 6 × 16) and the baseline target ("portable"), and one build runs
-on any x86-64 CPU. ``supported_paths()`` lists what this CPU runs, best first; ``kernel_path()`` is the
+Code paths: the tile code (``_cpu_kernels.inc``) is compiled for AVX-512 (16-float vectors, a 12 × 32
+register tile), AVX2 + FMA (8-float vectors, 6 × 16) and the baseline target ("portable": 4-float
+SSE2/NEON vectors, 6 × 8), plus an AVX512-BF16 copy for the bf16 forward pass, and one build runs on
+any x86-64 CPU. ``supported_paths()`` lists what this CPU runs, best first; ``kernel_path()`` is the
 path calls use: the best one, or the one the environment variable ``JAXLA_CPU_KERNEL``
 (``avx512``, ``avx2`` or ``portable``) names, read once when this module is imported. A name the CPU
 cannot run makes the kernel unavailable with that reason (``implementation="cpu"`` then raises it,
