@@ -6,7 +6,6 @@ or on a platform it does not build for, the install still succeeds and attention
 """
 
 import os
-import platform
 
 from setuptools import Extension, setup
 
@@ -26,13 +25,14 @@ def _ext_modules():
         return []
     flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden", "-Wno-return-type",
              "-Wno-psabi"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        # jaxla checks at run time that the CPU has these (_cpu_ext.cpu_supported).
-        flags += ["-mavx2", "-mfma"]
+    # No -m flags: the module is compiled for the baseline target, and _cpu_ext.cc compiles its AVX2
+    # and AVX-512 copies of the tile code through target pragmas, choosing one at run time from the
+    # CPU's features (_cpu_ext.paths), so one build runs on any x86-64 CPU and uses what it has.
     return [
         Extension(
             "jaxla.attention._cpu_ext",
             sources=["jaxla/attention/_cpu_ext.cc"],
+            depends=["jaxla/attention/_cpu_kernels.inc"],
             include_dirs=[include],
             language="c++",
             extra_compile_args=flags,

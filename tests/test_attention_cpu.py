@@ -125,3 +125,217 @@ def test_float64_goes_to_chunked_and_is_a_clear_error_for_cpu(rng, x64):
     assert select_implementation(q, q, q) == "chunked"
     with pytest.raises(ValueError, match="float64"):
         jaxla.dot_product_attention(q, q, q, implementation="cpu")
+
+
+# ---- Code paths (AVX-512, AVX2, portable): every path this CPU runs, against the float64 reference.
+
+ALL_PATHS = ("avx512", "avx2", "portable")
+
+
+def _path_or_skip(path):
+    if REASON is not None:
+        pytest.skip(f"CPU kernel unavailable: {REASON}")
+    if path not in _cpu.supported_paths():
+        pytest.skip(f"this CPU cannot run the {path} path (it runs {_cpu.supported_paths()})")
+
+
+def _run_path(path, q, k, v, d_out, tiles, **kw):
+    """(out, lse, (dq, dk, dv)) of the kernel on `path` through the backend protocol; one compile."""
+    from jaxla.attention import _base
+    from jaxla.attention._args import canonical_args
+
+    def f(q, k, v, d_out):
+        def fwd(q, k, v):
+            args = canonical_args(q, k, v, **kw)
+            return _base.run(functools.partial(_cpu.attend, path=path, block_sizes=tiles), args)
+
+        (out, lse), vjp = jax.vjp(fwd, q, k, v)
+        return out, lse, vjp((d_out, jnp.zeros_like(lse)))
+
+    return jax.jit(f)(q, k, v, d_out)
+
+
+# Shapes chosen to reach every tile edge of every path: head dims 8/24/40 (partial 32-wide panels
+# on AVX-512), GQA, lengths that leave partial row and key tiles, and each visibility feature.
+PATH_CASES = [
+    dict(shape=(2, 37, 4, 2, 16, 24), kw=dict(is_causal=True)),
+    dict(shape=(1, 50, 2, 1, 40, 8), kw=dict(local_window_size=(9, 3))),
+    dict(shape=(2, 29, 2, 2, 8, 40), kw=dict(lengths=True, segments=True)),
+]
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("case", range(len(PATH_CASES)))
+def test_every_path_matches_the_float64_reference(path, case, rng):
+    from tests.attention_cases import np_attention
+
+    _path_or_skip(path)
+    b, t, n, kh, h, hv = PATH_CASES[case]["shape"]
+    opts = dict(PATH_CASES[case]["kw"])
+    q, k, v = rng.normal(size=(b, t, n, h)), rng.normal(size=(b, t, kh, h)), rng.normal(size=(b, t, kh, hv))
+    d_out = rng.normal(size=(b, t, n, hv))
+    kw, ref = {}, {}
+    if opts.pop("is_causal", False):
+        kw["is_causal"] = ref["causal"] = True
+    if "local_window_size" in opts:
+        kw["local_window_size"] = ref["window"] = opts.pop("local_window_size")
+    if opts.pop("lengths", False):
+        lens = np.array([t, t // 2], np.int32)
+        kw["query_seq_lengths"] = kw["key_value_seq_lengths"] = lens
+        ref["q_len"] = ref["kv_len"] = lens
+    if opts.pop("segments", False):
+        seg = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
+        kw["segment_ids"] = seg
+        ref["q_seg"] = ref["kv_seg"] = seg
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out)]
+    # Several block_k values: 16 is rounded up to a 32-key panel on AVX-512.
+    for tiles in (SMALL, jaxla.ChunkedBlockSizes(block_q=7, block_k=48)):
+        out, lse, grads = _run_path(path, *f32, tiles, **kw)
+        want = np_attention(q, k, v, d_out=d_out, **ref)
+        np.testing.assert_allclose(out, want.out, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(lse, want.lse, atol=2e-5, rtol=1e-5)
+        for got, exp in zip(grads, (want.dq, want.dk, want.dv), strict=True):
+            np.testing.assert_allclose(got, exp, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_every_path_propagates_nan(path, rng):
+    _path_or_skip(path)
+    q, k, v = (rng.normal(size=(1, 20, 2, 8)).astype(np.float32) for _ in range(3))
+    k[0, 5, 1, 3] = np.nan  # key 5 of kv head 1: every later query of head 1 sees it (causal)
+    out, lse, _ = _run_path(path, *(jnp.asarray(x) for x in (q, k, v, q)), SMALL, is_causal=True)
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert np.isnan(out[0, 5:, 1]).all() and np.isnan(lse[0, 5:, 1]).all()
+    assert np.isfinite(out[0, :5, 1]).all() and np.isfinite(out[0, :, 0]).all()
+
+
+def test_path_choice_and_the_environment_variable():
+    if _cpu.supported_paths() == ():
+        pytest.skip(f"CPU kernel unavailable: {REASON}")
+    best = _cpu.supported_paths()[0]
+    assert _cpu._choose_path(None) == (best, None)
+    assert _cpu._choose_path("") == (best, None)
+    assert _cpu._choose_path(" Portable ") == ("portable", None)
+    path, why = _cpu._choose_path("sse9")
+    assert path is None and "JAXLA_CPU_KERNEL='sse9' is not a CPU kernel path" in why
+    if platform.machine() == "x86_64":
+        assert set(_cpu._PATH_IDS) == set(ALL_PATHS)
+        for name in ALL_PATHS:
+            path, why = _cpu._choose_path(name)
+            if name in _cpu.supported_paths():
+                assert (path, why) == (name, None)
+            else:
+                assert path is None and "cannot run" in why
+    with pytest.raises(ValueError, match="not a CPU kernel path this CPU runs"):
+        q = jnp.zeros((1, 4, 1, 8))
+        from jaxla.attention._args import canonical_args
+        _cpu.attend(canonical_args(q, q, q), path="sse9")
+
+
+@needs_kernel
+def test_environment_variable_forces_the_path_in_a_fresh_process():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from jaxla.attention import _cpu; import sys; "
+            "sys.stdout.write(repr((_cpu.kernel_path(), _cpu.available())))")
+    env = dict(os.environ, JAXLA_CPU_KERNEL="portable")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert got == repr(("portable", None))
+    env["JAXLA_CPU_KERNEL"] = "nonsense"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.startswith("(None, \"JAXLA_CPU_KERNEL='nonsense' is not a CPU kernel path")
+    assert "RuntimeWarning: the compiled CPU attention kernel is off" in proc.stderr
+
+
+def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
+    from jaxla.benchmarks import harness
+
+    info = harness.cpu_features()
+    assert info["cpu_kernel_path"] == _cpu.kernel_path()
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or REASON is not None:
+        pytest.skip("needs the kernel on Linux x86-64 (/proc/cpuinfo flags)")
+    flags = set(info["cpu_flags"].split())
+    assert ("avx2" in _cpu.supported_paths()) == ({"avx2", "fma"} <= flags)
+    assert ("avx512" in _cpu.supported_paths()) == ({"avx512f", "avx512bw", "avx512dq",
+                                                     "avx512vl"} <= flags)
+    assert _cpu.supported_paths()[-1] == "portable"
+
+
+needs_bf16_dot = pytest.mark.skipif(not _cpu.bf16_dot(), reason="this CPU lacks AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("kw, ref, seg", [
+    (dict(is_causal=True), dict(causal=True), False),
+    (dict(local_window_size=(20, 7)), dict(window=(20, 7)), True),
+])
+def test_bf16_dot_path_matches_the_reference(kw, ref, seg, rng):
+    from jaxla.attention._args import canonical_args
+    from tests.attention_cases import np_attention
+
+    b, t, n, kh, h, hv = 2, 45, 4, 2, 32, 64
+    q, k, v = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
+               for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv)))
+    lens = np.array([t, 33], np.int32)  # 33: an odd last key tile
+    kw = dict(kw, key_value_seq_lengths=lens)
+    ref = dict(ref, kv_len=lens)
+    if seg:
+        ids = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
+        kw["segment_ids"], ref["q_seg"], ref["kv_seg"] = ids, ids, ids
+    assert _cpu._bf16_forward(canonical_args(q, k, v, **kw), "avx512")
+    assert not _cpu._bf16_forward(canonical_args(q, k, v, **kw), "avx2")
+    # A value past every visible key must not reach the output, even paired with a visible one.
+    want = np_attention(*(np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v)), **ref)
+    v = v.at[1, 33].set(jnp.inf)  # (the NumPy reference would give 0 · inf = NaN itself)
+    for tiles in (SMALL, jaxla.ChunkedBlockSizes(block_q=5, block_k=48), None):
+        out, lse = jax.jit(lambda q, k, v, tiles=tiles: jaxla.dot_product_attention(
+            q, k, v, implementation="cpu", block_sizes=tiles, return_residual=True, **kw))(q, k, v)
+        assert out.dtype == jnp.bfloat16
+        out = np.asarray(out.astype(jnp.float32))
+        assert np.isfinite(out).all()
+        # The bf16 output's rounding (2^-9) plus P's (2^-9 of each weight).
+        np.testing.assert_allclose(out, want.out, atol=1.5e-2, rtol=1e-2)
+        np.testing.assert_allclose(lse, want.lse, atol=1e-5, rtol=1e-5)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(jaxla.dot_product_attention(
+        q, k, v.at[1, 33].set(0), implementation="cpu", **kw).astype(jnp.float32))))(q)
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+@needs_bf16_dot
+def test_bf16_dot_path_propagates_nan(rng):
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 40, 2, 32)), jnp.bfloat16) for _ in range(3))
+    q = q.at[0, 7, 1, 0].set(jnp.nan)
+    v = v.at[0, 30, 0, 5].set(jnp.nan)
+    out = np.asarray(jaxla.dot_product_attention(q, k, v, is_causal=True, implementation="cpu",
+                                                 block_sizes=SMALL).astype(jnp.float32))
+    assert np.isnan(out[0, 7, 1]).all() and np.isfinite(np.delete(out[0, :, 1], 7, axis=0)).all()
+    assert np.isnan(out[0, 30:, 0, 5]).all() and np.isfinite(out[0, :30, 0]).all()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_every_path_decodes_against_the_reference(path, rng):
+    """T = 1..3 query positions against a longer cache: the unpacked decoding loop (<= 4 rows per
+    work item) and the packed one (more rows), odd head dims, per-batch cache lengths."""
+    from jaxla.attention import _base
+    from jaxla.attention._args import canonical_args
+    from tests.attention_cases import np_attention
+
+    _path_or_skip(path)
+    for t, n, kh, h, hv in ((1, 4, 4, 40, 24), (3, 4, 1, 16, 8), (2, 6, 3, 8, 40)):
+        b, s = 2, 150
+        q, k = rng.normal(size=(b, t, n, h)), rng.normal(size=(b, s, kh, h))
+        v = rng.normal(size=(b, s, kh, hv))
+        lens = np.array([s, 77], np.int32)
+        v[1, 100:] = np.inf  # past the second row's cache length: must not reach its output
+        args = canonical_args(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                              key_value_seq_lengths=lens)
+        for tiles in (jaxla.ChunkedBlockSizes(block_q=8, block_k=48), None):
+            out, lse = _base.run(functools.partial(_cpu.attend, path=path, block_sizes=tiles), args)
+            v_ref = np.where(np.isinf(v), 0.0, v)
+            want = np_attention(q, k, v_ref, kv_len=lens)
+            np.testing.assert_allclose(out, want.out, atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(lse, want.lse, atol=2e-5, rtol=1e-5)

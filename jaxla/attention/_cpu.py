@@ -4,10 +4,22 @@
 logsumexp) in float32, each run as whole tiles per thread on XLA's CPU thread pool. They cover the
 causal/window band, per-batch lengths and segment ids; arguments they do not cover (a bias or mask
 array, a logit soft cap, head dims that are not a multiple of 8, float64) go to ``"chunked"``.
-bfloat16/float16 inputs are computed in float32 and cast back.
+bfloat16/float16 inputs are computed in float32 and cast back, except that on a CPU with AVX512-BF16
+the avx512 path's forward pass takes bfloat16 q, k, v as they are (bf16 dot products accumulated in
+float32, float32 softmax; ``_bf16_forward``).
 
 The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
 still works and uses ``"chunked"``). ``unsupported_reason`` says why the kernel cannot run.
+
+Code paths: the tile code (``_cpu_kernels.inc``) is compiled for AVX-512 (16-float vectors, a 12 × 32
+register tile), AVX2 + FMA (8-float vectors, 6 × 16) and the baseline target ("portable": 4-float
+SSE2/NEON vectors, 6 × 8), plus an AVX512-BF16 copy for the bf16 forward pass, and one build runs on
+any x86-64 CPU. ``supported_paths()`` lists what this CPU runs, best first; ``kernel_path()`` is the
+path calls use: the best one, or the one the environment variable ``JAXLA_CPU_KERNEL``
+(``avx512``, ``avx2`` or ``portable``) names, read once when this module is imported. A name the CPU
+cannot run makes the kernel unavailable with that reason (``implementation="cpu"`` then raises it,
+and importing this module warns, since ``implementation=None`` then picks another backend).
+Tests and benchmarks pass ``path=`` to :func:`attend` to run a given path.
 
 Dimension legend: B batch, T query length, S key length, N query heads, K kv heads, H query/key head
 dim, Hv value head dim.
@@ -16,6 +28,8 @@ dim, Hv value head dim.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from functools import partial
 
 import jax
@@ -35,6 +49,40 @@ else:
 
 _FWD, _BWD = "jaxla_attention_fwd", "jaxla_attention_bwd"
 _registered = False
+ENV_VAR = "JAXLA_CPU_KERNEL"
+# What the extension's C++ side numbers each path (its `path` attribute), and those this CPU runs.
+_PATH_IDS, _SUPPORTED = _cpu_ext.paths() if _cpu_ext is not None else ({}, [])
+_SUPPORTED = tuple(_SUPPORTED)
+
+
+def _choose_path(env: str | None) -> tuple[str | None, str | None]:
+    """(path, None) for the path calls use, or (None, why not) when ``env`` names one we cannot run."""
+    if env is None or env.strip() == "":
+        return (_SUPPORTED[0] if _SUPPORTED else None), None
+    name = env.strip().lower()
+    if name not in _PATH_IDS:
+        return None, (f"{ENV_VAR}={env!r} is not a CPU kernel path; expected one of "
+                      f"{sorted(_PATH_IDS)} (this CPU runs {list(_SUPPORTED)})")
+    if name not in _SUPPORTED:
+        return None, (f"{ENV_VAR}={env!r} asks for a path this CPU cannot run (it lacks the "
+                      f"instructions); this CPU runs {list(_SUPPORTED)}")
+    return name, None
+
+
+_PATH, _PATH_ERROR = _choose_path(os.environ.get(ENV_VAR)) if _cpu_ext is not None else (None, None)
+if _PATH_ERROR is not None:  # implementation=None would quietly fall back to "chunked": say so once
+    warnings.warn(f"the compiled CPU attention kernel is off: {_PATH_ERROR}", RuntimeWarning,
+                  stacklevel=2)
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The compiled code paths this CPU can run, best first (empty when the extension is not built)."""
+    return _SUPPORTED
+
+
+def kernel_path() -> str | None:
+    """The code path calls use (``"avx512"``, ``"avx2"`` or ``"portable"``), or None when unavailable."""
+    return _PATH if available() is None else None
 
 
 def _register() -> None:
@@ -49,8 +97,8 @@ def available() -> str | None:
     """None when the compiled kernels can run on this machine, else why not."""
     if _cpu_ext is None:
         return f"the compiled extension jaxla.attention._cpu_ext is not built ({_IMPORT_ERROR})"
-    if not _cpu_ext.cpu_supported():
-        return "this CPU lacks the instruction set (AVX2 + FMA) the extension was compiled for"
+    if _PATH_ERROR is not None:
+        return _PATH_ERROR
     return None
 
 
@@ -83,11 +131,13 @@ class _Config:
     has_seg: bool
     block_q: int
     block_k: int
+    path: int  # the extension's number for the code path (``_PATH_IDS``)
 
     def attrs(self):
         return dict(scale=np.float32(self.scale), left=np.int64(self.left),
                     right=np.int64(self.right), has_seg=self.has_seg,
-                    block_q=np.int64(self.block_q), block_k=np.int64(self.block_k))
+                    block_q=np.int64(self.block_q), block_k=np.int64(self.block_k),
+                    path=np.int64(self.path))
 
 
 def _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
@@ -110,6 +160,8 @@ def _attention_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
 
 def _attention_bwd(cfg, res, cotangents):
     q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2 = res
+    dtypes = q.dtype, k.dtype, v.dtype  # bf16 when the forward pass took bf16 (see _bf16_forward)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     d_out, d_lse = cotangents
     d_out = d_out.astype(jnp.float32)
     # d lse / d logits is the probability row, so the residual's cotangent shifts delta.
@@ -117,41 +169,74 @@ def _attention_bwd(cfg, res, cotangents):
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
               jax.ShapeDtypeStruct(v.shape, jnp.float32))
     call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="broadcast_all")
-    dq, dk, dv = call(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+    grads = call(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+    dq, dk, dv = (g.astype(dt) for g, dt in zip(grads, dtypes, strict=True))
     return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def default_block_sizes(g: int) -> tuple[int, int]:
-    """(query positions, keys) per tile for G query heads per kv head: about 96 query rows × 256 keys.
+def bf16_dot() -> bool:
+    """Whether the avx512 path can take bfloat16 inputs as they are (AVX512-BF16 dot products)."""
+    return _cpu_ext is not None and bool(_cpu_ext.bf16_dot())
 
-    Measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=K=8, H=64, T=2048 and 4096,
-    causal and not, forward and forward+backward, best of 4 runs (benchmarks/RESULTS.md): among
-    32-128 rows × 128-512 keys, 96 × 256 was fastest or within 8% of the fastest in every case;
-    128-key tiles or 32-48 rows lost 10-25% on the backward pass. The score tile, the K/V panels and the
-    output rows of one tile stay in one core's L2.
+
+def _bf16_forward(args: AttentionArgs, path: str) -> bool:
+    """Whether this call's forward pass runs on bf16 q, k, v with AVX512-BF16 dot products.
+
+    The products of bf16 values are exact in f32 and accumulate in f32; the softmax is f32 and the
+    probabilities are rounded to bf16 for P·V (2^-9 relative), below the bf16 output's own rounding.
+    The backward pass stays f32. Needs H and Hv multiples of 32 and a positive scale.
     """
-    return max(1, 96 // g), 256
+    return (path == "avx512" and args.dtype == jnp.bfloat16 and bf16_dot()
+            and args.head_dim % 32 == 0 and args.value_head_dim % 32 == 0 and args.scale > 0)
 
 
-def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Array]:
+def default_block_sizes(g: int, path: str | None = None) -> tuple[int, int]:
+    """(query positions, keys) per tile for G query heads per kv head on code path ``path``.
+
+    About 96 query rows × 256 keys on AVX2 and portable, 96 × 512 on AVX-512 (None: ``kernel_path()``).
+    AVX2: measured on a 2-core AMD EPYC (Zen 3, 512 KB L2 per core), f32, N=K=8, H=64, T=2048 and
+    4096, causal and not, forward and forward+backward, best of 4 runs (benchmarks/RESULTS.md): among
+    32-128 rows × 128-512 keys, 96 × 256 was fastest or within 8% of the fastest in every case;
+    128-key tiles or 32-48 rows lost 10-25% on the backward pass. AVX-512 (12-row register tiles, so
+    96 rows are 8 of them): on the AVX-512 EPYC of 2026-12-01 (1 MB L2 per core), 512-key tiles
+    were 5-30% faster forward+backward than 256 in three sweeps and level forward (RESULTS.md, noisy
+    machine). The score tile, the K/V panels and the output rows of one tile stay in one core's L2.
+    """
+    path = kernel_path() if path is None else path
+    return max(1, 96 // g), 512 if path == "avx512" else 256
+
+
+def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
+           ) -> tuple[jax.Array, jax.Array]:
     """The backend entry point (see ``_base``) on arguments ``unsupported_reason`` accepted.
 
     Args:
       args: the canonical arguments (float32, bfloat16 or float16; no bias, mask or soft cap).
       block_sizes: a ``ChunkedBlockSizes`` whose ``(block_q, block_k)`` are the kernel's tiles, or
         None for ``default_block_sizes``.
+      path: a code path from ``supported_paths()``, or None for ``kernel_path()``.
+
+    Raises:
+      ValueError: ``path`` is not one this CPU runs.
 
     Returns:
       ``(out, lse)``: out (B, T, N, Hv) in the compute dtype; lse (B, T, N) float32.
     """
+    if path is None:
+        path = kernel_path()
+        if path is None:
+            raise ValueError(f"the CPU attention kernel cannot run here: {available()}")
+    elif path not in _SUPPORTED:
+        raise ValueError(f"path={path!r} is not a CPU kernel path this CPU runs; expected one of "
+                         f"{list(_SUPPORTED)}")
     _register()
     b, t, n, _ = args.query.shape
     s, kh = args.kv_len, args.num_kv_heads
     if block_sizes is None:
-        block_q, block_k = default_block_sizes(n // kh)
+        block_q, block_k = default_block_sizes(n // kh, path)
     else:
         block_q, block_k = block_sizes.block_q, block_sizes.block_k
     band = args.band
@@ -162,6 +247,7 @@ def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Arr
         has_seg=args.q_segment_ids is not None,
         block_q=int(block_q),
         block_k=int(block_k),
+        path=_PATH_IDS[path],
     )
     q_len, kv_len = args.query_seq_lengths, args.key_value_seq_lengths
     q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len
@@ -169,9 +255,12 @@ def attend(args: AttentionArgs, *, block_sizes=None) -> tuple[jax.Array, jax.Arr
     q_seg, kv_seg = args.q_segment_ids, args.kv_segment_ids
     if q_seg is None:
         q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-    f32 = [x.astype(jnp.float32) for x in (args.query, args.key, args.value)]
-    out, lse = _attention(cfg, *f32, q_len, kv_len, q_seg, kv_seg)
+    qkv = (args.query, args.key, args.value)
+    if not _bf16_forward(args, path):
+        qkv = [x.astype(jnp.float32) for x in qkv]
+    out, lse = _attention(cfg, *qkv, q_len, kv_len, q_seg, kv_seg)
     return out.astype(args.dtype), lse
 
 
-__all__ = ["attend", "available", "default_block_sizes", "unsupported_reason"]
+__all__ = ["ENV_VAR", "attend", "available", "bf16_dot", "default_block_sizes", "kernel_path",
+           "supported_paths", "unsupported_reason"]

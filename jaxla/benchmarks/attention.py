@@ -10,11 +10,22 @@ which does not see scratch a compiled kernel allocates itself, so the memory row
 process's peak resident memory during the run in a fresh process (``run_peak_MB``, beyond the inputs;
 Linux). ``ok`` checks jaxla's output (or dQ) against jax.nn's.
 
+The machine's ceilings are measured in the same run (first rows): the best of XLA's and NumPy's
+2048³ f32 matmul (``harness.matmul_ceilings``; bf16 through XLA) and the best of XLA's and NumPy's
+large array copy; every row's ``frac_of_matmul_ceiling`` divides by the f32 one (above 1 means the
+ceiling was measured low: a loaded machine). The CPU model, its vector flags and the compiled kernel's
+code path are in the JSON's ``machine``. On CPU the suite also times: the kernel's other code paths
+(``path avx2 ...``: forced through ``_cpu.attend(path=...)``, the same kernel an AVX2-only machine
+runs), bf16 inputs (``bf16 fwd ...``, ``speedup_vs_f32`` against the f32 row of the same T and mask),
+and decoding (``decode ...``: one query position against a long cache, whose rate is the bytes of K
+and V read per second, ``frac_of_copy_bw`` of the measured copy bandwidth).
+
     python -m jaxla.benchmarks.attention --quick
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -43,6 +54,18 @@ def _inputs(b, t, n, k, h, seed=0):
     v = rng.standard_normal((b, t, k, h), np.float32)
     do = rng.standard_normal((b, t, n, h), np.float32)
     return q, kk, v, do
+
+
+def _path_attention(path):
+    """jaxla's CPU kernel forced onto code path ``path`` (the same call implementation="cpu" makes)."""
+    from jaxla.attention import _base, _cpu
+    from jaxla.attention._args import canonical_args
+
+    def attn(q, k, v, *, is_causal):
+        args = canonical_args(q, k, v, is_causal=is_causal)
+        return _base.run(functools.partial(_cpu.attend, path=path), args)[0]
+
+    return attn
 
 
 def _jax_fn(attn, causal, backward, **kw):
@@ -98,17 +121,21 @@ def _torch_ms(q, k, v, do, causal, backward, iters):
     return float(np.median(times)) * 1e3
 
 
-def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True, chunked=False):
+def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True, chunked=False,
+         path=None, dtype=np.float32):
     q, kk, v, do = _inputs(b, t, n, k, h)
-    args = [jnp.asarray(x) for x in (q, kk, v, do)]
+    args = [jnp.asarray(x, dtype) for x in (q, kk, v, do)]
     flops = harness.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
-    ours = harness.measure(_jax_fn(jaxla.dot_product_attention, causal, backward), *args,
+    attn = jaxla.dot_product_attention if path is None else _path_attention(path)
+    ours = harness.measure(_jax_fn(attn, causal, backward), *args,
                            iters=iters, warmup=1 if iters > 1 else 0)
+    impl = jaxla.attention.select_implementation(*args[:3], is_causal=causal)
     row = {
         "name": name,
         "T": t,
         "causal": causal,
-        "impl": jaxla.attention.select_implementation(*args[:3], is_causal=causal),
+        "impl": impl,
+        "path": path or (_kernel_path() if impl == "cpu" else None),
         "jaxla_ms": ours["median_s"] * 1e3,
         "jaxla_gflops": flops / ours["median_s"] / 1e9,
         "frac_of_matmul_ceiling": flops / ours["median_s"] / ceiling,
@@ -121,10 +148,12 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True,
         row["chunked_ms"] = alt["median_s"] * 1e3
     ref_fn = _jax_fn(jax.nn.dot_product_attention, causal, backward)
     if compare:
-        ref = harness.measure(ref_fn, *args, iters=iters, warmup=1 if iters > 1 else 0)
+        ref_args = [x.astype(jnp.float32) for x in args]  # bf16 rows: the f32 result of the same inputs
+        ref = harness.measure(ref_fn, *ref_args, iters=iters, warmup=1 if iters > 1 else 0)
         ours_out = ours["out"][0] if backward else ours["out"]
         ref_out = ref["out"][0] if backward else ref["out"]
-        check = harness.check_close(ours_out, ref_out, rtol=1e-3, atol=1e-3)
+        tol = 1e-3 if dtype == np.float32 else 2e-2  # bf16: the output's own rounding (2^-8) and more
+        check = harness.check_close(ours_out, ref_out, rtol=tol, atol=tol)
         row.update({
             "jax_nn_ms": ref["median_s"] * 1e3,
             "speedup_vs_jax_nn": ref["median_s"] / ours["median_s"],
@@ -132,17 +161,71 @@ def _row(name, b, t, n, k, h, *, causal, backward, iters, ceiling, compare=True,
             "max_abs_err": check["max_abs_err"],
             "ok": check["ok"],
         })
-    else:  # too big to run jax.nn here: its compiled memory analysis only
+    elif path is None:  # too big to run jax.nn here: its compiled memory analysis only
         analysis = ref_fn.lower(*args).compile().memory_analysis()
         row["jax_nn_temp_MB"] = None if analysis is None else analysis.temp_size_in_bytes / 2**20
         probe = _memory_probe(t) if jax.default_backend() == "cpu" else None
         if probe is not None:
             row["run_peak_MB"] = probe["run_peak_MB"]
-    torch_ms = _torch_ms(q, kk, v, do, causal, backward, iters) if compare else None
+    torch_ms = (_torch_ms(q, kk, v, do, causal, backward, iters)
+                if compare and path is None and dtype == np.float32 else None)
     if torch_ms is not None:
         row["torch_ms"] = torch_ms
         row["frac_of_torch"] = torch_ms / row["jaxla_ms"]
     return row
+
+
+def _kernel_path():
+    from jaxla.attention import _cpu
+
+    return _cpu.kernel_path()
+
+
+def _ceiling_rows(quick):
+    """The machine's matmul and copy ceilings, measured now (first rows of the suite)."""
+    f32 = harness.matmul_ceilings(jnp.float32, quick=quick)
+    bf16 = harness.matmul_ceilings(jnp.bfloat16, quick=quick)
+    copy = harness.copy_bandwidths(quick=quick)
+    n = 1024 if quick else 2048
+    rows = [
+        {"name": f"ceiling matmul {n}^3 f32", "xla_gflops": f32.xla / 1e9,
+         "numpy_gflops": None if f32.numpy is None else f32.numpy / 1e9, "ceiling_gflops": f32.best / 1e9},
+        {"name": f"ceiling matmul {n}^3 bf16", "xla_gflops": bf16.xla / 1e9,
+         "ceiling_gflops": bf16.best / 1e9},
+        {"name": "ceiling copy", "xla_GBps": copy.xla / 1e9,
+         "numpy_GBps": None if copy.numpy is None else copy.numpy / 1e9, "ceiling_GBps": copy.best / 1e9},
+    ]
+    return rows, f32.best, copy.best
+
+
+def _decode_row(b, s, n, k, h, *, iters, copy_bw):
+    """One query position against an S-long cache: memory-bound, so its rate is K/V bytes per second."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, 1, n, h), np.float32))
+    kk, v = (jnp.asarray(rng.standard_normal((b, s, k, h), np.float32)) for _ in range(2))
+    lens = jnp.full((b,), s, jnp.int32)
+
+    def attn(fn):  # a decoding step: the whole cache is valid
+        return jax.jit(lambda q, k, v: fn(q, k, v, key_value_seq_lengths=lens))
+
+    ours = harness.measure(attn(jaxla.dot_product_attention), q, kk, v, iters=iters, warmup=1)
+    ref = harness.measure(attn(jax.nn.dot_product_attention), q, kk, v, iters=iters, warmup=1)
+    bytes_read = kk.nbytes + v.nbytes + q.nbytes
+    check = harness.check_close(ours["out"], ref["out"], rtol=1e-3, atol=1e-3)
+    impl = jaxla.attention.select_implementation(q, kk, v)
+    return {
+        "name": f"decode B={b} S={s} N={n} K={k}",
+        "T": 1,
+        "impl": impl,
+        "path": _kernel_path() if impl == "cpu" else None,
+        "jaxla_ms": ours["median_s"] * 1e3,
+        "jaxla_GBps": bytes_read / ours["median_s"] / 1e9,
+        "frac_of_copy_bw": bytes_read / ours["median_s"] / copy_bw,
+        "jax_nn_ms": ref["median_s"] * 1e3,
+        "speedup_vs_jax_nn": ref["median_s"] / ours["median_s"],
+        "max_abs_err": check["max_abs_err"],
+        "ok": check["ok"],
+    }
 
 
 def run(*, quick: bool) -> list[dict]:
@@ -158,9 +241,8 @@ def run(*, quick: bool) -> list[dict]:
         fwd_t, bwd_t, gqa, mem_t = (specs.GPU_FORWARD_T, specs.GPU_FWD_BWD_T, specs.GQA,
                                     specs.MEMORY_T)
     iters = 2 if quick else 3
-    # The achievable rate on this machine now: a large f32 matmul, measured in the same run.
-    ceiling = harness.matmul_ceiling(jnp.float32, quick=quick)
-    rows = []
+    # The achievable rates on this machine now, measured in the same run.
+    rows, ceiling, copy_bw = _ceiling_rows(quick)
     for t in fwd_t:
         for causal in (False, True):
             rows.append(_row(f"fwd T={t}", b, t, n, k, h, causal=causal, backward=False,
@@ -170,6 +252,35 @@ def run(*, quick: bool) -> list[dict]:
             # Two timed runs (after a warm-up) keep the suite within its 2-minute budget on 2 cores.
             rows.append(_row(f"fwd+bwd T={t}", b, t, n, k, h, causal=causal, backward=True,
                              iters=min(iters, 2), ceiling=ceiling, chunked=on_cpu and not quick))
+    if on_cpu and _kernel_path() is not None:
+        from jaxla.attention import _cpu
+
+        by_key = {(r["name"], r.get("causal")): r for r in rows}
+        cmp_t = fwd_t[-2:]
+        # The kernel's other code paths on the same inputs (what an AVX2-only machine runs), and bf16.
+        for path in _cpu.supported_paths():
+            if path in (_kernel_path(), "portable"):
+                continue
+            for t in cmp_t:
+                for causal in (False, True):
+                    rows.append(_row(f"path {path} fwd T={t}", b, t, n, k, h, causal=causal,
+                                     backward=False, iters=iters, ceiling=ceiling, compare=False,
+                                     path=path))
+            rows.append(_row(f"path {path} fwd+bwd T={bwd_t[0]}", b, bwd_t[0], n, k, h, causal=True,
+                             backward=True, iters=min(iters, 2), ceiling=ceiling, compare=False,
+                             path=path))
+        for t in cmp_t:
+            for causal in (False, True):
+                row = _row(f"bf16 fwd T={t}", b, t, n, k, h, causal=causal, backward=False,
+                           iters=iters, ceiling=ceiling, dtype=jnp.bfloat16)
+                f32_row = by_key.get((f"fwd T={t}", causal))
+                if f32_row is not None:
+                    row["speedup_vs_f32"] = f32_row["jaxla_ms"] / row["jaxla_ms"]
+                rows.append(row)
+        dec = specs.QUICK_DECODE if quick else specs.DECODE
+        for d in dec:
+            rows.append(_decode_row(d["B"], d["S"], d["N"], d["K"], d["H"], iters=iters,
+                                    copy_bw=copy_bw))
     g = gqa
     rows.append(_row(f"gqa N={g['N']} K={g['K']} T={g['T']}", g["B"], g["T"], g["N"], g["K"],
                      g["H"], causal=True, backward=False, iters=iters, ceiling=ceiling))

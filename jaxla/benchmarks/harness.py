@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,13 @@ __all__ = [
     "attention_flops",
     "check_close",
     "copy_bandwidth",
+    "copy_bandwidths",
+    "cpu_features",
     "format_table",
     "machine_info",
     "main",
     "matmul_ceiling",
+    "matmul_ceilings",
     "matmul_flops",
     "measure",
     "output_path_problem",
@@ -147,24 +150,107 @@ def attention_flops(
     return fwd * 3.5 if backward else fwd
 
 
-def matmul_ceiling(dtype: Any = jnp.float32, *, quick: bool = False) -> float:
-    """FLOP/s of a large square matmul in ``dtype``, measured now on the default device."""
+class Ceilings(NamedTuple):
+    """A measured rate two ways and the better of them (None where a way does not apply)."""
+
+    xla: float
+    numpy: float | None
+    best: float
+
+
+def matmul_ceilings(dtype: Any = jnp.float32, *, quick: bool = False) -> Ceilings:
+    """FLOP/s of a large square matmul in ``dtype`` through XLA and (on CPU, f32/f64) NumPy, now.
+
+    The ceiling a kernel's rate is compared with is the better of the two: on CPU, XLA's matmul
+    (Eigen or oneDNN) and NumPy's BLAS (OpenBLAS or MKL) differ by up to 2× on the same machine, and
+    either may be the faster one. NumPy has no bfloat16, so a bf16 ceiling is XLA's alone.
+    """
     on_cpu = jax.devices()[0].platform == "cpu"
     n = (1024 if quick else 2048) if on_cpu else (4096 if quick else 8192)
+    iters = 3 if quick else 7
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (n, n), dtype)
     b = jax.random.normal(key_b, (n, n), dtype)
     fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
-    m = measure(fn, a, b, iters=3 if quick else 7)
-    return matmul_flops(n, n, n) / m["median_s"]
+    xla = matmul_flops(n, n, n) / measure(fn, a, b, iters=iters)["median_s"]
+    np_rate = None
+    if on_cpu and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        na, nb = np.asarray(a), np.asarray(b)
+        out = np.empty_like(na)
+        np.matmul(na, nb, out=out)  # warm-up (BLAS thread start-up)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            np.matmul(na, nb, out=out)
+            times.append(time.perf_counter() - t0)
+        np_rate = matmul_flops(n, n, n) / statistics.median(times)
+    return Ceilings(xla, np_rate, max(xla, np_rate or 0.0))
+
+
+def matmul_ceiling(dtype: Any = jnp.float32, *, quick: bool = False) -> float:
+    """FLOP/s of a large square matmul in ``dtype``, measured now: the best of XLA and NumPy."""
+    return matmul_ceilings(dtype, quick=quick).best
+
+
+def copy_bandwidths(*, quick: bool = False) -> Ceilings:
+    """Bytes/s (read + write) of a large array copy through XLA and (on CPU) NumPy, measured now."""
+    n = (1 << 22) if quick else (1 << 26)
+    x = jnp.ones((n,), jnp.float32)
+    xla = 2.0 * x.nbytes / measure(jax.jit(lambda v: v * 1.0 + 0.0), x, iters=5)["median_s"]
+    np_rate = None
+    if jax.devices()[0].platform == "cpu":
+        src = np.ones((n,), np.float32)
+        dst = np.empty_like(src)
+        np.copyto(dst, src)  # first touch of dst's pages
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            times.append(time.perf_counter() - t0)
+        np_rate = 2.0 * src.nbytes / statistics.median(times)
+    return Ceilings(xla, np_rate, max(xla, np_rate or 0.0))
 
 
 def copy_bandwidth(*, quick: bool = False) -> float:
-    """Bytes/s of a device-to-device copy (read + write), measured now."""
-    n = (1 << 22) if quick else (1 << 26)
-    x = jnp.ones((n,), jnp.float32)
-    m = measure(jax.jit(lambda v: v * 1.0 + 0.0), x, iters=5)
-    return 2.0 * x.nbytes / m["median_s"]
+    """Bytes/s of a device-to-device copy (read + write), measured now: the best of XLA and NumPy."""
+    return copy_bandwidths(quick=quick).best
+
+
+# The vector instruction sets worth recording with a CPU result (names as /proc/cpuinfo spells them).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl",
+              "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+              "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_features() -> dict[str, Any]:
+    """CPU model, vector instruction-set flags and the compiled attention kernel's code path.
+
+    Linux reads /proc/cpuinfo; elsewhere the model is ``platform.processor()`` and the flags are
+    unknown (None). ``cpu_kernel_path`` is what ``implementation="cpu"`` runs here (None when the
+    kernel is unavailable).
+    """
+    model, flags = platform.processor() or None, None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "cpu model") and model in (None, "", platform.machine()):
+            model = value.strip()
+        elif key in ("flags", "Features") and flags is None:
+            have = set(value.split())
+            flags = [f for f in SIMD_FLAGS if f in have]
+    try:
+        from jaxla.attention import _cpu
+
+        path = _cpu.kernel_path()
+    except Exception:  # an unbuilt or broken extension must not stop a benchmark
+        path = None
+    return {"cpu_model": model, "cpu_flags": None if flags is None else " ".join(flags),
+            "cpu_kernel_path": path}
 
 
 def peak_rss_bytes() -> int:
@@ -213,6 +299,7 @@ def machine_info() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device": getattr(dev, "device_kind", dev.platform),
         "device_count": jax.device_count(),
+        **cpu_features(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
 

@@ -15,11 +15,16 @@ GQA = dict(B=1, T=2048, N=8, K=2, H=64)
 # Causal forward + backward whose peak memory must stay under 1 GB beyond the inputs.
 MEMORY_T = 16384
 
+# Decoding: one query position against a long cache (memory-bound), small batches.
+DECODE = [dict(B=1, S=32768, N=8, K=8, H=64), dict(B=4, S=32768, N=8, K=8, H=64),
+          dict(B=4, S=32768, N=8, K=2, H=64)]
+
 # --quick: the same rows at small T (about 20 s on 2 cores, jax.nn and torch included).
 QUICK_FORWARD_T = [512]
 QUICK_FWD_BWD_T = [512]
 QUICK_GQA = dict(B=1, T=512, N=8, K=2, H=64)
 QUICK_MEMORY_T = 1024
+QUICK_DECODE = [dict(B=2, S=4096, N=8, K=8, H=64)]
 
 # GPU/TPU sizes (bf16 is the realistic dtype there; the suite keeps f32 to compare with the CPU).
 GPU_FORWARD_T = [4096, 16384]

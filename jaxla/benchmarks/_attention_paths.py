@@ -1,0 +1,143 @@
+"""The CPU kernel's code paths, dtypes and tiles side by side, interleaved in one process.
+
+On a shared or noisy machine, timings taken one configuration after another drift with the load;
+here every round runs each variant (and the XLA and NumPy matmul that set the ceiling) once, and the
+best of the rounds is reported, so the ratios between variants are taken under the same load.
+
+    python -m jaxla.benchmarks._attention_paths fwd 2048 5 avx512 avx512:bf16 avx2
+    python -m jaxla.benchmarks._attention_paths fwd+bwd 2048 3 avx512@96x256 avx512@96x512
+
+A variant is ``PATH[:bf16][@ROWSxKEYS]``: a code path from ``jaxla.attention._cpu.supported_paths()``,
+bf16 inputs instead of f32, and the kernel's tiles (query rows × keys; default: the path's own).
+Shapes: B = 1, N = K = 8, H = 64 (the suite's headline case), causal and not. Prints one line per
+variant and mask: best time, GFLOP/s (FlashAttention convention) and the fraction of the ceiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxla
+from jaxla.benchmarks import harness
+from jaxla.benchmarks import specs_attention as specs
+
+USAGE = ("usage: python -m jaxla.benchmarks._attention_paths fwd|fwd+bwd T ROUNDS "
+         "PATH[:bf16][@ROWSxKEYS] ...")
+
+
+class Variant(NamedTuple):
+    path: str
+    bf16: bool
+    tiles: tuple[int, int] | None
+
+    @property
+    def label(self) -> str:
+        tiles = "" if self.tiles is None else f"@{self.tiles[0]}x{self.tiles[1]}"
+        return f"{self.path}{':bf16' if self.bf16 else ''}{tiles}"
+
+
+def parse_variant(text: str) -> Variant:
+    from jaxla.attention import _cpu
+
+    spec, _, tiles = text.partition("@")
+    path, _, dtype = spec.partition(":")
+    if path not in _cpu.supported_paths():
+        raise ValueError(f"variant {text!r}: path {path!r} is not one this CPU runs "
+                         f"({list(_cpu.supported_paths())})")
+    if dtype not in ("", "bf16"):
+        raise ValueError(f"variant {text!r}: the dtype suffix must be ':bf16', got {dtype!r}")
+    block = None
+    if tiles:
+        try:
+            rows, keys = (int(x) for x in tiles.split("x"))
+        except ValueError:
+            raise ValueError(f"variant {text!r}: tiles must be ROWSxKEYS, e.g. 96x512") from None
+        if not (1 <= rows <= 4096 and 16 <= keys <= 8192):
+            raise ValueError(f"variant {text!r}: tiles {rows}x{keys} out of range (1-4096 x 16-8192)")
+        block = (rows, keys)
+    return Variant(path, dtype == "bf16", block)
+
+
+def _compiled(variant: Variant, t: int, causal: bool, backward: bool):
+    from jaxla.attention import _base, _cpu
+    from jaxla.attention._args import canonical_args
+
+    hd = specs.HEADLINE
+    rng = np.random.default_rng(0)
+    dtype = jnp.bfloat16 if variant.bf16 else jnp.float32
+    q, k, v, do = (jnp.asarray(rng.standard_normal((hd["B"], t, n, hd["H"]), np.float32), dtype)
+                   for n in (hd["N"], hd["K"], hd["K"], hd["N"]))
+    tiles = None if variant.tiles is None else jaxla.ChunkedBlockSizes(*variant.tiles)
+    attend = functools.partial(_cpu.attend, path=variant.path, block_sizes=tiles)
+
+    def fwd(q, k, v):
+        return _base.run(attend, canonical_args(q, k, v, is_causal=causal))[0]
+
+    def f(q, k, v, do):
+        if not backward:
+            return fwd(q, k, v)
+        _out, vjp = jax.vjp(fwd, q, k, v)
+        return vjp(do)
+
+    return functools.partial(jax.jit(f).lower(q, k, v, do).compile(), q, k, v, do)
+
+
+def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str]:
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+    n = 2048
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), np.float32))
+    mm = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+    na = np.asarray(a)
+    fns = {"xla": lambda: mm(a, a), "numpy": lambda: na @ na}
+    for var in variants:
+        for causal in (False, True):
+            fns[(var, causal)] = _compiled(var, t, causal, mode == "fwd+bwd")
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            jax.block_until_ready(fn())  # warm: caches and thread pool
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[key] = min(best[key], time.perf_counter() - t0)
+    mm_flops = harness.matmul_flops(n, n, n)
+    ceiling = max(mm_flops / best["xla"], mm_flops / best["numpy"])
+    hd = specs.HEADLINE
+    lines = [f"ceiling {ceiling / 1e9:.0f} GFLOP/s (XLA {mm_flops / best['xla'] / 1e9:.0f}, "
+             f"NumPy {mm_flops / best['numpy'] / 1e9:.0f}); {rounds} rounds, best of each"]
+    for var in variants:
+        for causal in (False, True):
+            s = best[(var, causal)]
+            flops = harness.attention_flops(hd["B"], hd["N"], t, t, hd["H"], causal=causal,
+                                            backward=mode == "fwd+bwd")
+            lines.append(f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
+                         f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4:
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        t, rounds = int(argv[1]), int(argv[2])
+        if not (16 <= t <= 65536 and 1 <= rounds <= 100):
+            raise ValueError(f"T must be in 16-65536 and ROUNDS in 1-100, got {t} and {rounds}")
+        variants = [parse_variant(x) for x in argv[3:]]
+        lines = compare(argv[0], t, rounds, variants)
+    except ValueError as e:
+        print(f"error: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
