@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import np_attention
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxla
-from attention_cases import np_attention
 from jaxla.attention import EMPTY_ROW_LSE, from_ring_layout, to_ring_layout
 
 RING = 8
