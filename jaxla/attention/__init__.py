@@ -9,6 +9,7 @@ The public names are re-exported flat from ``jaxla``; this package holds the imp
 * one module per backend: ``_reference.py`` ("xla", the definition), ``_chunked.py`` ("chunked",
   plain-JAX flash attention), ``_cpu.py`` + ``_cpu_ext.cc`` ("cpu", compiled kernels through XLA's
   FFI), ``_pallas*.py`` ("pallas", Triton/Mosaic kernels);
+* ``_partition.py``: the compiled backends run per batch/head shard on explicitly sharded inputs;
 * ``_ring.py``: ring attention (the sequence split over a ``shard_map`` mesh axis) and its layouts;
 * ``_masks.py``: the visibility rule (causal and window folded into one band), shared by all;
 * ``_mha.py``, ``_rope.py``: the multi-head attention block and rotary embeddings.
