@@ -7,10 +7,11 @@ backend's ``attend`` in ``jax.shard_map`` over the mesh axes that split the batc
 (N, K) axes: each device runs the kernel on its own rows and heads only, and the result keeps the
 input sharding. Gradients go through the shard_map too (the backend's own VJP, per shard).
 
-The sharding is read at trace time from the arrays' types (``jax.typeof(x).sharding``): arrays in
-explicit-sharding mode (``jax.make_mesh(..., axis_types=Explicit)``, the default of
-``jax.make_mesh``), or concrete sharded arrays outside ``jit``. Under ``jit`` with automatic
-sharding the partitioning is not known when tracing, and the backend runs as before (XLA gathers).
+The sharding is read at trace time from the arrays' types (``jax.typeof(x).sharding``), which
+carries it in explicit-sharding mode (a mesh made with ``axis_types=(AxisType.Explicit, ...)``, used
+with ``jax.set_mesh``). With automatic sharding (``Mesh`` + ``in_shardings``, or eager calls on
+arrays placed on an Auto mesh) the partitioning is not known when tracing, and the backend runs as
+before (XLA gathers, every device computes everything).
 
 Rules: the batch and head axes may be split (the head axes of query, key and value by the same mesh
 axes, so that a query head's kv head is on the same device; jax already requires K to divide); the
