@@ -166,3 +166,24 @@ def test_bad_inputs_say_what_is_wrong(rng):
             q, k, v)
     with pytest.raises(ValueError, match="multiple of the kv heads"):
         run(lambda q, k, v: jaxla.ring_attention(q[..., :3, :], k, v, axis_name="sp"), q, k, v)
+
+
+def test_rank3_inputs_with_a_segment_pair(rng):
+    q, k, v = (x[0] for x in _data(rng))  # TNH
+    seg = np.sort(rng.integers(0, 3, size=(64,)), axis=0).astype(np.int32)
+    spec = P("sp")
+    ring = jax.shard_map(
+        lambda q, k, v, s: jaxla.ring_attention(q, k, v, axis_name="sp", segment_ids=(s, s)),
+        mesh=_mesh(), in_specs=spec, out_specs=spec)
+    out = jax.jit(ring)(q, k, v, seg)
+    ref = np_attention(q[None], k[None], v[None], q_seg=seg[None], kv_seg=seg[None])
+    np.testing.assert_allclose(out, ref.out[0], atol=1e-5)
+
+
+def test_nan_reaches_only_the_rows_that_see_it(rng):
+    q, k, v = _data(rng)
+    k = k.copy()
+    k[:, 60] = np.nan  # on the last device: causal rows before 60 never see it
+    out, _ = jax.jit(_ring_fn(is_causal=True))(q, k, v)
+    assert np.isfinite(np.asarray(out[:, :60])).all()
+    assert np.isnan(np.asarray(out[:, 60:])).all()
