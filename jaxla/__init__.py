@@ -25,6 +25,7 @@ from jaxla.attention import (
     init_mha,
     multi_head_attention,
     multi_head_attention_decode,
+    ring_attention,
     rope_frequencies,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "normalize",
     "pairwise_cosine",
     "project",
+    "ring_attention",
     "rms_norm",
     "rope_frequencies",
     "spectral",

@@ -9,6 +9,8 @@ The public names are re-exported flat from ``jaxla``; this package holds the imp
 * one module per backend: ``_reference.py`` ("xla", the definition), ``_chunked.py`` ("chunked",
   plain-JAX flash attention), ``_cpu.py`` + ``_cpu_ext.cc`` ("cpu", compiled kernels through XLA's
   FFI), ``_pallas*.py`` ("pallas", Triton/Mosaic kernels);
+* ``_partition.py``: the compiled backends run per batch/head shard on explicitly sharded inputs;
+* ``_ring.py``: ring attention (the sequence split over a ``shard_map`` mesh axis) and its layouts;
 * ``_masks.py``: the visibility rule (causal and window folded into one band), shared by all;
 * ``_mha.py``, ``_rope.py``: the multi-head attention block and rotary embeddings.
 
@@ -30,6 +32,7 @@ from jaxla.attention._mha import (
     multi_head_attention_decode,
 )
 from jaxla.attention._reference import EMPTY_ROW_LSE
+from jaxla.attention._ring import from_ring_layout, ring_attention, to_ring_layout
 from jaxla.attention._rope import apply_rope, rope_frequencies
 
 _LAZY = {"pallas_attention": "pallas_attention", "PallasBlockSizes": "BlockSizes"}
@@ -51,11 +54,14 @@ __all__ = [
     "apply_rope",
     "attention_weights",
     "dot_product_attention",
+    "from_ring_layout",
     "init_kv_cache",
     "init_mha",
     "multi_head_attention",
     "multi_head_attention_decode",
     "pallas_attention",
+    "ring_attention",
     "rope_frequencies",
     "select_implementation",
+    "to_ring_layout",
 ]

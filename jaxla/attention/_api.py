@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxla import _checks
-from jaxla.attention import _base, _reference
+from jaxla.attention import _base, _partition, _reference
 from jaxla.attention._args import AttentionArgs, canonical_args
 from jaxla.attention._chunked import ChunkedBlockSizes
 
@@ -265,8 +265,10 @@ def dot_product_attention(
         local_window_size=local_window_size, segment_ids=segment_ids,
         logits_soft_cap=logits_soft_cap,
     )
-    _, backend = _select(implementation, args, jax.default_backend())
-    out, lse = _base.run(backend.attend, args, block_sizes=block_sizes)
+    name, backend = _select(implementation, args, jax.default_backend())
+    # A compiled kernel on batch/head-sharded inputs runs per shard (see _partition).
+    attend = _partition.per_shard(name, backend.attend, args)
+    out, lse = _base.run(attend, args, block_sizes=block_sizes)
     return (out, lse) if return_residual else out
 
 
