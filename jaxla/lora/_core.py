@@ -13,9 +13,9 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxla import _checks, _linear
-from jaxla.quant import _qarray, _use
 from jaxla.lora import _targets
 from jaxla.lora._adapter import Adapter, Adapters, check_pair, delta, scale_of
+from jaxla.quant import _qarray, _use
 
 __all__ = ["ParamCount", "check_compatible", "count_params", "dora_norms", "linear", "merge",
            "unmerge", "wrap"]

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 
 from jaxla.quant import _qarray
-import numpy as np
 
 __all__ = ["TargetSpec", "flatten_with_paths", "path_str", "predicate", "resolve", "select_targets"]
 

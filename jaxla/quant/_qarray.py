@@ -11,9 +11,10 @@ v[i], q)`` slice a stacked QArray into per-layer QArrays.
 
 Formats (``bits/weight`` with the default block):
 
-* ``"int8"``: symmetric per output channel, ``w = code · s`` with ``s = max|w| / 127`` (8 + ε).
+* ``"int8"``: symmetric per output channel, ``w = code · s`` with ``s = max|w| · f32(1/127)`` (8 + ε).
 * ``"nf4"``: NormalFloat-4 of QLoRA (Dettmers et al. 2023), block 64, ``w = NF4[code] · absmax``
-  (4.5); ``double_quant=True`` stores the absmax values as int8 around their per-row mean (4.13;
+  (4.5); ``double_quant=True`` stores the absmax values as int8 around their per-row mean
+  (4.125 + 64 / I;
   QLoRA uses FP8 blocks of 256 for this second level — the idea, not the bit layout).
 * ``"int4"``: asymmetric blockwise, ``w = code · s + min`` with ``s = (max − min) / 15`` (5.0).
 * ``"q8_0"``, ``"q4_0"``, ``"q4_1"``: GGUF's blocks of 32, kept as the file's raw bytes (uint8
@@ -210,7 +211,8 @@ def quantize(w: Any, *, format: str, block_size: int | None = None, stack_axes: 
         return _quantize_gguf(host, rows_major.shape, kw)
     if format == "int8":
         absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-        scale = jnp.where(absmax == 0, jnp.ones_like(absmax), absmax / 127.0)
+        # times the float32 constant 1/127 (not a division, which XLA may rewrite to it anyway)
+        scale = jnp.where(absmax == 0, jnp.ones_like(absmax), absmax * np.float32(1 / 127))
         codes = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
         return QArray(codes, scale, None, None, **kw)
     blocks = x.reshape(*x.shape[:-1], columns // block_size, block_size)
@@ -218,7 +220,7 @@ def quantize(w: Any, *, format: str, block_size: int | None = None, stack_axes: 
         absmax = jnp.max(jnp.abs(blocks), axis=-1)                       # (..., R, nb)
         safe = jnp.where(absmax == 0, jnp.ones_like(absmax), absmax)
         normed = blocks / safe[..., None]
-        table = jnp.asarray(NF4_TABLE)
+        table = jnp.asarray(NF4_TABLE).reshape((1,) * normed.ndim + (16,))  # no rank promotion
         codes = jnp.argmin(jnp.abs(normed[..., None] - table), axis=-1)
         packed = _pack_nibbles(codes.reshape(*x.shape))
         if not double_quant:
