@@ -115,6 +115,8 @@ def quantize(model: Model, *, format: str, targets: Any = None, block_size: int 
       format: a :data:`jaxla.quant.FORMATS` name (``"nf4"``, ``"int8"``, ``"int4"``, ``"q4_1"``, …).
       targets: which kernels, as for ``jaxla.lora.init`` (paths such as ``"layers/attn/q/w"``,
         regexes or a predicate); by default the family's adaptable kernels (``peft_module_names``).
+        An embedding table (a path ending in ``table``, e.g. ``"embed/table"``) is blocked along
+        its rows (D), as GGUF stores it; the Llama forward looks rows up without decoding it all.
       block_size, double_quant: as :func:`jaxla.quant.quantize`.
 
     Returns:
@@ -144,8 +146,9 @@ def quantize(model: Model, *, format: str, targets: Any = None, block_size: int 
             return leaf
         if quant.is_qarray(leaf):
             raise ValueError(f"parameter {name!r} is already quantized ({leaf!r})")
+        table = name.endswith("table")  # an embedding (V, D): blocks along its rows, as GGUF
         return quant.quantize(leaf, format=format, block_size=block_size, double_quant=double_quant,
-                              stack_axes=max(len(leaf.shape) - 2, 0))
+                              stack_axes=max(len(leaf.shape) - 2, 0), axis=-1 if table else -2)
 
     params = jax.tree_util.tree_map_with_path(visit, model.params, is_leaf=quant.is_qarray)
     return dataclasses.replace(model, params=params)
