@@ -41,6 +41,21 @@ def test_gguf_formats_decode_bitwise_like_gguf(fmt):
                                   raw)
 
 
+@pytest.mark.parametrize("fmt,d_at", [("q4_k", (0, 2)), ("q6_k", (208,))])
+def test_k_quants_decode_bitwise_like_gguf(fmt, d_at):
+    """gguf cannot write k-quants: random super-blocks with finite f16 scales, decoded both ways."""
+    block, nbytes = quant.GGUF_FORMATS[fmt]
+    raw = np.random.default_rng(3).integers(0, 256, (6, 2, nbytes), dtype=np.uint8)
+    for at, value in zip(d_at, (0.01, 0.002), strict=False):
+        raw[..., at:at + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    raw = raw.reshape(6, 2 * nbytes)
+    ref = gguf.quants.dequantize(raw, Q[fmt.upper()])
+    q = quant.from_gguf_blocks(raw, fmt, columns=2 * block, axis=-1)
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize)(q)), ref)
+    with pytest.raises(ValueError, match="read from GGUF files only"):
+        quant.quantize(gaussian((512, 4)), format=fmt)
+
+
 @pytest.mark.skipif(not REAL.exists(), reason="SmolLM2 GGUF not cached")
 def test_real_file_tensors_decode_bitwise():
     reader = gguf.GGUFReader(REAL, "r")

@@ -27,7 +27,7 @@ def load(path: str | Path, *, dtype: Any = jnp.float32, keep_quantized: bool = F
         a sharded index; ``tokenizer.json`` when present), or the name of a known model fetched
         with ``jaxla download NAME`` (e.g. ``"smollm2-135m-instruct"``).
       dtype: floating dtype of the parameters (quantized GGUF tensors are dequantized to it).
-      keep_quantized: GGUF only: keep Q8_0/Q4_0/Q4_1 kernels and the embedding packed as
+      keep_quantized: GGUF only: keep Q8_0/Q4_0/Q4_1/Q4_K/Q6_K kernels and the embedding packed as
         :class:`jaxla.quant.QArray` (the file's bytes; ``dtype`` is their logical dtype).
 
     Returns:

@@ -250,11 +250,12 @@ def tokenizer_from_metadata(reader, where: str):
     return tokenizer
 
 
-_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGUF types kept packed as QArrays
+# GGUF types kept packed as QArrays
+_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 
 
 def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -> dict[str, Any]:
-    """Llama-family params whose Q8_0/Q4_0/Q4_1 kernels and embedding stay as the file's blocks
+    """Llama-family params whose Q8_0/Q4_0/Q4_1/Q4_K/Q6_K kernels and embedding stay as the file's blocks
     (:class:`jaxla.quant.QArray`, layers stacked on a leading L axis); every other tensor (norms,
     biases, other types, a projection whose layers mix types) is decoded to ``dtype``."""
     from jaxla.models import _llama
@@ -323,7 +324,7 @@ def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -
 def load_gguf(path: str | Path, *, dtype: Any = jnp.float32, keep_quantized: bool = False) -> Model:
     """Reads a GGUF file into a :class:`Model` (see the module docstring).
 
-    With ``keep_quantized`` the Q8_0/Q4_0/Q4_1 kernels and embedding table stay packed as
+    With ``keep_quantized`` the Q8_0/Q4_0/Q4_1/Q4_K/Q6_K kernels and embedding table stay packed as
     :class:`jaxla.quant.QArray` (exactly the file's bytes, stacked per layer); other tensors are
     decoded to ``dtype``.
 

@@ -18,7 +18,9 @@ Formats (``bits/weight`` with the default block):
   QLoRA uses FP8 blocks of 256 for this second level — the idea, not the bit layout).
 * ``"int4"``: asymmetric blockwise, ``w = code · s + min`` with ``s = (max − min) / 15`` (5.0).
 * ``"q8_0"``, ``"q4_0"``, ``"q4_1"``: GGUF's blocks of 32, kept as the file's raw bytes (uint8
-  (..., R, nb, bb)) and decoded exactly as ``gguf.quants.dequantize`` does (8.5, 4.5, 5.0).
+  (..., R, nb, bb)) and decoded exactly as ``gguf.quants.dequantize`` does (8.5, 4.5, 5.0);
+  ``"q4_k"``, ``"q6_k"``: GGUF's super-blocks of 256 (4.5, 6.5625), read from files only
+  (:func:`from_gguf_blocks`; :func:`quantize` cannot write them).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ NF4_TABLE = np.array([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
-GGUF_FORMATS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20)}  # (block, bytes per block)
+# (block, bytes per block); the k-quants are read from files only (gguf cannot write them).
+GGUF_FORMATS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q4_k": (256, 144),
+                "q6_k": (256, 210)}
+_READ_ONLY = ("q4_k", "q6_k")
 FORMATS = ("int8", "nf4", "int4", *GGUF_FORMATS)
 _DEFAULT_BLOCK = {"nf4": 64, "int4": 64}
 _MAX_DIM = 1 << 24
@@ -185,6 +190,10 @@ def quantize(w: Any, *, format: str, block_size: int | None = None, stack_axes: 
         raise ValueError(f"w has non-finite values (shape {tuple(w.shape)}); quantizing would hide them")
     rows_major = jnp.swapaxes(w, -1, -2) if axis == -2 else w       # (..., R, C)
     columns = int(rows_major.shape[-1])
+    if format in _READ_ONLY:
+        raise ValueError(f"format={format!r} is read from GGUF files only (jaxla.quant."
+                         "from_gguf_blocks); quantize writes "
+                         f"{tuple(f for f in FORMATS if f not in _READ_ONLY)}")
     if format in GGUF_FORMATS:
         fixed = GGUF_FORMATS[format][0]
         if block_size not in (None, fixed):
@@ -286,6 +295,8 @@ def _decode_rows(q: QArray) -> jax.Array:
     """The stored rows (..., R, C) in float32."""
     if q.format in GGUF_FORMATS:
         blocks = q.codes                                                    # (..., R, nb, bb)
+        if q.format in _READ_ONLY:
+            return _decode_k(q.format, blocks).reshape(*blocks.shape[:-2], q.columns)
         d = _f16(blocks[..., 0:2])[..., None]
         if q.format == "q8_0":
             values = jax.lax.bitcast_convert_type(blocks[..., 2:], jnp.int8).astype(jnp.float32) * d
@@ -310,6 +321,31 @@ def _decode_rows(q: QArray) -> jax.Array:
     else:
         values = blocks.astype(jnp.float32) * q.scales[..., None] + q.offsets[..., None]
     return values.reshape(*lead, q.columns)
+
+
+def _decode_k(format: str, blocks: jax.Array) -> jax.Array:
+    """GGUF k-quant super-blocks (..., nb, bb) -> (..., nb, 256) float32, as ggml lays them out."""
+    lead = blocks.shape[:-1]
+    if format == "q4_k":
+        d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
+        sc = blocks[..., 4:16].reshape(*lead, 3, 4)  # 8 six-bit scales and 8 six-bit mins
+        a, m, md = sc[..., 0, :], sc[..., 1, :], sc[..., 2, :]
+        scales = jnp.concatenate([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+        mins = jnp.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+        step = (d * scales.astype(jnp.float32))[..., None]                  # (..., nb, 8, 1)
+        low = (dmin * mins.astype(jnp.float32))[..., None]
+        qs = blocks[..., 16:].reshape(*lead, 4, 1, 32)
+        nibbles = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(*lead, 8, 32)
+        return (step * nibbles.astype(jnp.float32) - low).reshape(*lead, 256)
+    ql = blocks[..., :128].reshape(*lead, 2, 1, 64)                          # q6_k
+    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
+    scales = jax.lax.bitcast_convert_type(blocks[..., 192:208], jnp.int8).astype(jnp.float32)
+    d = _f16(blocks[..., 208:210])[..., None]
+    step = (d * scales)[..., None]                                          # (..., nb, 16, 1)
+    low = jnp.concatenate([ql & 0x0F, ql >> 4], axis=-2).reshape(*lead, 2, 4, 32)
+    high = jnp.concatenate([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], axis=-2)  # (..., 2, 4, 32)
+    codes = (low | (high << 4)).astype(jnp.int8) - jnp.int8(32)
+    return (step * codes.reshape(*lead, 16, 16).astype(jnp.float32)).reshape(*lead, 256)
 
 
 def dequantize(q: QArray, *, dtype: Any = None) -> jax.Array:
