@@ -1,9 +1,10 @@
 """jaxla: the linear algebra at the heart of LLMs, as pure JAX functions.
 
-Flat public API. Subpackages with their own namespaces: ``jaxla.lora`` and ``jaxla.spectral``.
+Flat public API. Subpackages with their own namespaces: ``jaxla.lora``, ``jaxla.quant`` and
+``jaxla.spectral``.
 """
 
-from jaxla import lora, spectral
+from jaxla import lora, quant, spectral
 from jaxla._linear import init_linear, init_mlp, linear, mlp
 from jaxla._norms import embed, init_embedding, init_layer_norm, layer_norm, rms_norm
 from jaxla._vectors import (
@@ -57,6 +58,7 @@ __all__ = [
     "normalize",
     "pairwise_cosine",
     "project",
+    "quant",
     "ring_attention",
     "rms_norm",
     "rope_frequencies",

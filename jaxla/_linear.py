@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxla import _checks
+from jaxla.quant import _qarray, _use
 
 __all__ = ["init_linear", "init_mlp", "linear", "mlp"]
 
@@ -76,9 +77,15 @@ def check_linear_params(params: Params, name: str = "params") -> tuple[jax.Array
             f"{type(params).__name__}" + (f" with keys {sorted(params)}" if isinstance(params, dict)
                                           else "")
         )
-    w = _checks.as_array(params["w"], f'{name}["w"]')
-    _checks.check_floating(w, f'{name}["w"]')
-    _checks.check_rank(w, f'{name}["w"]', 2, "(d_in, d_out)")
+    w = params["w"]
+    if isinstance(w, _qarray.QArray):  # a quantized kernel: its logical shape and dtype are checked
+        if w.ndim != 2 or w.axis != -2:
+            raise ValueError(f'{name}["w"] must be a quantized (d_in, d_out) kernel (axis=-2, no '
+                             f"stacking axes), got {w!r}; index stacked layers first")
+    else:
+        w = _checks.as_array(w, f'{name}["w"]')
+        _checks.check_floating(w, f'{name}["w"]')
+        _checks.check_rank(w, f'{name}["w"]', 2, "(d_in, d_out)")
     b = params.get("b")
     if b is not None:
         b = _checks.as_array(b, f'{name}["b"]')
@@ -120,7 +127,8 @@ def linear(
     """Applies ``Y = X·W + b``.
 
     Args:
-      params: ``{"w": (I, O), "b": (O,)}`` from :func:`init_linear` (``"b"`` optional).
+      params: ``{"w": (I, O), "b": (O,)}`` from :func:`init_linear` (``"b"`` optional); ``"w"`` may
+        be a :class:`jaxla.quant.QArray` (decoded inside the product, no gradient to it).
       x: input of shape ``(..., I)``.
       precision: passed to ``lax.dot_general`` (e.g. ``jax.lax.Precision.HIGHEST``).
       preferred_element_type: dtype of the result; by default the compute dtype. Accumulation is in
@@ -140,7 +148,7 @@ def linear(
     acc = _accum(compute)
     y = jax.lax.dot_general(
         x.astype(compute),
-        w.astype(compute),
+        _use.kernel(w, compute),  # a QArray is decoded here, inside the caller's program
         (((x.ndim - 1,), (0,)), ((), ())),
         precision=precision,
         preferred_element_type=acc,

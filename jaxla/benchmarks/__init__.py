@@ -38,6 +38,7 @@ SUITES: tuple[Entry, ...] = (
     Entry("spectral", "randomized SVD, Lanczos, Hessian top eigenvalue, PCA vs dense/scikit-learn"),
     Entry("finetune", "the configured fine-tune demos: compile, steps/s, fresh-process wall time"),
     Entry("models", "SmolLM2-135M prefill/decode tokens/s f32 and bf16, compile vs depth, peak RSS"),
+    Entry("quant", "quantized bases: resident bytes per format, Q4_1 vs f32 decode, QLoRA step"),
 )
 
 TOOLS: tuple[Entry, ...] = (

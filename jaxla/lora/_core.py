@@ -15,6 +15,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxla import _checks, _linear
 from jaxla.lora import _targets
 from jaxla.lora._adapter import Adapter, Adapters, check_pair, delta, scale_of
+from jaxla.quant import _qarray, _use
 
 __all__ = ["ParamCount", "check_compatible", "count_params", "dora_norms", "linear", "merge",
            "unmerge", "wrap"]
@@ -102,19 +103,28 @@ def check_compatible(params: Any, adapters: Adapters) -> None:
                             f"got {jnp.result_type(leaves[name])}")
 
 
-def _apply(params: Any, adapters: Adapters, sign: float, with_error: bool, base: Any = None):
+def _apply(params: Any, adapters: Adapters, sign: float, with_error: bool, base: Any = None,
+           requantize: bool = False):
     check_compatible(params, adapters)
     if base is not None:
         check_compatible(base, adapters)
         if (jax.tree_util.tree_structure(base) != jax.tree_util.tree_structure(params)):
             raise ValueError("base must have the same tree structure as params")
-    return _apply_jit(params, adapters, sign, with_error, base)
+    if requantize:
+        leaves = dict(_targets.flatten_with_paths(params))
+        gguf = sorted(k for k in adapters if isinstance(leaves[k], _qarray.QArray)
+                      and leaves[k].format in _qarray.GGUF_FORMATS)
+        if gguf:
+            raise ValueError(f"requantize=True cannot re-encode GGUF blocks inside jit ({gguf}); "
+                             "merge with requantize=False and call jaxla.quant.quantize on the result")
+    return _apply_jit(params, adapters, sign, with_error, base, requantize)
 
 
 # One compiled program per parameter structure: calling merge eagerly would otherwise compile
 # every small op separately, which costs far more than the arithmetic.
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool, base: Any):
+@functools.partial(jax.jit, static_argnums=(2, 3, 5))
+def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool, base: Any,
+               requantize: bool = False):
     errors = []
     bases = dict(_targets.flatten_with_paths(base)) if base is not None else {}
 
@@ -123,6 +133,9 @@ def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool, b
         adapter = adapters.get(name)
         if adapter is None:
             return w
+        quantized = w if isinstance(w, _qarray.QArray) else None
+        if quantized is not None:
+            w = _qarray.dequantize(quantized)
         w = jnp.asarray(w)
         acc = _checks.accum_dtype(_checks.promote_dtypes(w.dtype, jnp.result_type(adapter.a)))
         if adapter.m is None:
@@ -139,15 +152,30 @@ def _apply_jit(params: Any, adapters: Adapters, sign: float, with_error: bool, b
             f = f[..., :, None] if adapter.out_in else f[..., None, :]
             exact = w.astype(acc) / jnp.where(f == 0, jnp.ones_like(f), f) - delta(adapter, acc)
         out = exact.astype(w.dtype)
+        if quantized is not None and requantize:
+            # Requantized in the base's own format and layout; the error below is then the full
+            # difference to the unmerged layer's weight, not just a cast.
+            out = _requantize(out, quantized)
+            if with_error:
+                errors.append(jnp.max(jnp.abs(_qarray.dequantize(out, dtype=acc) - exact)
+                                      ).astype(jnp.float32))
+            return out
         if with_error:
             errors.append(jnp.max(jnp.abs(out.astype(acc) - exact)).astype(jnp.float32))
         return out
 
-    new = jax.tree_util.tree_map_with_path(visit, params)
+    new = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_qarray.is_qarray)
     if not with_error:
         return new
     err = jnp.max(jnp.stack(errors)) if errors else jnp.zeros((), jnp.float32)
     return new, err
+
+
+def _requantize(w: jax.Array, like: _qarray.QArray) -> _qarray.QArray:
+    stack = len(like.stack_shape)
+    return _qarray.quantize(w, format=like.format, stack_axes=stack, axis=like.axis,
+                            block_size=None if like.format == "int8" else like.block_size,
+                            double_quant=like.scale_scales is not None)
 
 
 def _dora_merge_detached(w: jax.Array, adapter: Adapter, acc) -> jax.Array:
@@ -160,7 +188,7 @@ def _dora_merge_detached(w: jax.Array, adapter: Adapter, acc) -> jax.Array:
     return d * (f[..., :, None] if adapter.out_in else f[..., None, :])
 
 
-def merge(params: Any, adapters: Adapters) -> tuple[Any, jax.Array]:
+def merge(params: Any, adapters: Adapters, *, requantize: bool = False) -> tuple[Any, jax.Array]:
     """Folds the adapters into their weights: ``W + scale·(b @ a)ᵀ``.
 
     Dimension legend: ``...`` stacking axes (layers, experts), I ``d_in``, O ``d_out``, r rank.
@@ -177,8 +205,15 @@ def merge(params: Any, adapters: Adapters) -> tuple[Any, jax.Array]:
 
     A DoRA adapter (``m`` set) merges to ``m · (W + ΔW) / ‖W + ΔW‖`` per output column (the norm over
     I, from :func:`dora_norms`), computed in float32 and cast once like the plain update.
+
+    A quantized kernel (:class:`jaxla.quant.QArray`) merges to the dequantized-and-merged kernel in
+    its logical dtype; with ``requantize=True`` (int8/nf4/int4 only) it is quantized again in the
+    same format, and the reported error is the largest difference between the requantized kernel
+    and the exact unmerged one ``dequantize(W) + ΔW`` (what separates merged from unmerged outputs).
     """
-    return _apply(params, adapters, 1.0, True)
+    if not isinstance(requantize, bool):
+        raise TypeError(f"requantize must be a bool, got {requantize!r}")
+    return _apply(params, adapters, 1.0, True, requantize=requantize)
 
 
 def unmerge(params: Any, adapters: Adapters, *, base: Any = None) -> tuple[Any, jax.Array]:
@@ -334,7 +369,7 @@ def _drop(x, key, rate):
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _linear_jit(params, adapter, x, key, precision, compute, out_dtype, formulation, rate):
     acc = _checks.accum_dtype(compute)
-    w = jnp.asarray(params["w"]).astype(compute)
+    w = _use.kernel(params["w"], compute)  # a quantized base is decoded here, frozen
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)
     x = x.astype(compute)
     scale = scale_of(adapter, acc)

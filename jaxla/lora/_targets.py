@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from jaxla.quant import _qarray
+
 __all__ = ["TargetSpec", "flatten_with_paths", "path_str", "predicate", "resolve", "select_targets"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
@@ -48,7 +50,8 @@ def path_str(key_path: Sequence[Any]) -> str:
 
 def flatten_with_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` in pytree order; raises if two leaves would share a name."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    # A quantized kernel is one parameter (its codes and scales are not separate targets).
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_qarray.is_qarray)
     out = [(path_str(p), leaf) for p, leaf in flat]
     seen: set[str] = set()
     for name, _leaf in out:

@@ -7,7 +7,7 @@ encoders such as all-MiniLM-L6-v2; Hugging Face). Known downloadable names: see 
 Dimension legend: B batch, T tokens, V vocabulary, D model width, L layers.
 """
 
-from jaxla.models._api import embed, forward, load
+from jaxla.models._api import embed, forward, load, quantize
 from jaxla.models._bert import BertConfig
 from jaxla.models._download import download, known_models
 from jaxla.models._family import Model
@@ -27,5 +27,6 @@ __all__ = [
     "known_models",
     "load",
     "load_peft",
+    "quantize",
     "save_peft",
 ]

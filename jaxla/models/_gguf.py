@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxla.models import _registry
-from jaxla.models._family import Model, TensorSource
+from jaxla.models._family import Model, TensorSource, take
 
 __all__ = ["load_gguf", "tokenizer_from_metadata"]
 
@@ -250,8 +250,83 @@ def tokenizer_from_metadata(reader, where: str):
     return tokenizer
 
 
-def load_gguf(path: str | Path, *, dtype: Any = jnp.float32) -> Model:
+# GGUF types kept packed as QArrays
+_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+
+
+def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -> dict[str, Any]:
+    """Llama-family params whose Q8_0/Q4_0/Q4_1/Q4_K/Q6_K kernels and embedding stay as the file's blocks
+    (:class:`jaxla.quant.QArray`, layers stacked on a leading L axis); every other tensor (norms,
+    biases, other types, a projection whose layers mix types) is decoded to ``dtype``."""
+    from jaxla.models import _llama
+    from jaxla.quant import _qarray
+
+    by_gguf = {t.name: t for t in reader.tensors}
+    dims = _llama._dims(config)
+
+    def raw_rows(gguf_name: str, rows: int, columns: int):
+        """The tensor's raw blocks (rows, bytes), or None when its type is not kept."""
+        tensor = by_gguf.get(gguf_name)
+        if tensor is None or tensor.tensor_type.name not in _KEPT:
+            return None
+        fmt = _KEPT[tensor.tensor_type.name]
+        block, nbytes = _qarray.GGUF_FORMATS[fmt]
+        raw = np.asarray(tensor.data)
+        if (tuple(int(n) for n in reversed(tensor.shape)) != (rows, columns) or columns % block
+                or raw.shape != (rows, columns // block * nbytes)):
+            raise ValueError(f"{path}: tensor {gguf_name!r} ({tensor.tensor_type.name}, shape "
+                             f"{tuple(reversed(tensor.shape))}, data {raw.shape}) does not fit "
+                             f"({rows}, {columns}) from the model's config")
+        return fmt, raw
+
+    def cast(x):
+        return jnp.asarray(np.asarray(x, np.float32), dtype)
+
+    layers: dict[str, Any] = {"attn_norm": {"scale": cast(np.stack([
+        take(source, f"model.layers.{i}.input_layernorm.weight", (dims["d"],))
+        for i in range(config.num_layers)]))}, "mlp_norm": {"scale": cast(np.stack([
+            take(source, f"model.layers.{i}.post_attention_layernorm.weight", (dims["d"],))
+            for i in range(config.num_layers)]))}, "attn": {}, "mlp": {}}
+    gguf_of = {hf: g for g, hf in _LAYER_TENSORS.items()}
+    heads = {"attn/q": config.num_heads, "attn/k": config.num_kv_heads}
+    for jpath, module, din, dout, bias in _llama._PROJECTIONS:
+        group, name = jpath.split("/")
+        rows, columns = dims[dout], dims[din]
+        kept = [raw_rows(f"blk.{i}.{gguf_of[module + '.weight']}", rows, columns)
+                for i in range(config.num_layers)]
+        formats = {k[0] if k else None for k in kept}
+        if len(formats) == 1 and None not in formats:
+            stacked = np.stack([k[1] for k in kept])                      # (L, O, bytes)
+            if jpath in heads:  # undo llama.cpp's Q/K row permutation on whole rows of blocks
+                stacked = np.stack([_unpermute(r, heads[jpath]) for r in stacked])
+            w = _qarray.from_gguf_blocks(stacked, formats.pop(), columns=columns, dtype=dtype)
+        else:
+            w = cast(np.stack([take(source, f"model.layers.{i}.{module}.weight", (rows, columns)).T
+                               for i in range(config.num_layers)]))
+        entry = {"w": w}
+        if getattr(config, bias):
+            entry["b"] = cast(np.stack([take(source, f"model.layers.{i}.{module}.bias", (rows,))
+                                        for i in range(config.num_layers)]))
+        layers[group][name] = entry
+    d, v = config.hidden_size, config.vocab_size
+    table = raw_rows("token_embd.weight", v, d)
+    table = (_qarray.from_gguf_blocks(table[1], table[0], columns=d, axis=-1, dtype=dtype)
+             if table else cast(take(source, "model.embed_tokens.weight", (v, d))))
+    params = {"embed": {"table": table}, "layers": layers,
+              "norm": {"scale": cast(take(source, "model.norm.weight", (d,)))}}
+    if not config.tie_word_embeddings:
+        head = raw_rows("output.weight", v, d)
+        params["lm_head"] = {"w": _qarray.from_gguf_blocks(head[1], head[0], columns=d, dtype=dtype)
+                             if head else cast(take(source, "lm_head.weight", (v, d)).T)}
+    return params
+
+
+def load_gguf(path: str | Path, *, dtype: Any = jnp.float32, keep_quantized: bool = False) -> Model:
     """Reads a GGUF file into a :class:`Model` (see the module docstring).
+
+    With ``keep_quantized`` the Q8_0/Q4_0/Q4_1/Q4_K/Q6_K kernels and embedding table stay packed as
+    :class:`jaxla.quant.QArray` (exactly the file's bytes, stacked per layer); other tensors are
+    decoded to ``dtype``.
 
     Raises:
       ValueError: not GGUF, truncated, an unsupported architecture (the supported ones listed), an
@@ -274,7 +349,10 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32) -> Model:
     config = family.config_from_hf(hf_config)
     source = _tensor_source(reader, path, arch, config.num_layers, config.num_heads,
                             config.num_kv_heads)
-    params = family.params_from_hf(config, source, dtype)
+    if keep_quantized:
+        params = _kept_params(reader, path, config, source, dtype)
+    else:
+        params = family.params_from_hf(config, source, dtype)
     tokenizer = tokenizer_from_metadata(reader, where)
     template = meta.get("tokenizer.chat_template", str, None)
     return Model(config=config, params=params, tokenizer=tokenizer, chat_template=template,

@@ -39,6 +39,7 @@ from jaxla.attention._api import dot_product_attention
 from jaxla.attention._rope import apply_rope
 from jaxla.models._family import Family, TensorSource, take
 from jaxla.models._layers import dense, layer_adapters
+from jaxla.quant import _qarray
 
 __all__ = ["FAMILY", "LlamaConfig", "RopeScaling", "config_from_hf", "forward", "params_from_hf",
            "peft_module_names"]
@@ -317,7 +318,10 @@ def embed_tokens(config: LlamaConfig, params: Mapping[str, Any], input_ids: jax.
     """(B, T, D) embeddings; an id outside [0, V) gives NaN (under jit it cannot raise, and NaN
     logits are never mistaken for a prediction)."""
     del config
-    return jnp.take(params["embed"]["table"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+    table = params["embed"]["table"]
+    if isinstance(table, _qarray.QArray):  # a quantized table: only the looked-up rows are decoded
+        return _qarray.take_rows(table, input_ids)
+    return jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
 def logits_of(config: LlamaConfig, params: Mapping[str, Any], adapters: Mapping[str, Any] | None,
@@ -326,6 +330,8 @@ def logits_of(config: LlamaConfig, params: Mapping[str, Any], adapters: Mapping[
     h = _norms.rms_norm(params["norm"], x, eps=config.rms_norm_eps)
     if config.tie_word_embeddings:
         table = params["embed"]["table"]
+        if isinstance(table, _qarray.QArray):
+            table = jax.lax.stop_gradient(_qarray.dequantize(table))
         return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype),
                           preferred_element_type=jnp.float32)
     # In the params' dtype with f32 accumulation, as Hugging Face's lm_head runs.
