@@ -47,8 +47,8 @@ def tiny_files(tmp_path_factory):
 
 def _cfg(model_dir, data_file, *extra):
     return finetune.apply_overrides(finetune.load_config(ROOT / "configs" / "minilm_sentiment.toml"), [
-        f"minilm_sentiment.model={json.dumps(str(model_dir))}",
-        f"minilm_sentiment.data={json.dumps(str(data_file.parent))}",
+        f"minilm_sentiment.model={model_dir}",
+        f"minilm_sentiment.data={data_file.parent}",
         "minilm_sentiment.held_out=16", "minilm_sentiment.train_examples=40",
         "minilm_sentiment.max_length=12", "minilm_sentiment.buckets=2", "train.steps=6",
         "train.batch_size=8", "lora.rank=2", "run.fast_compile=true", "run.plots=false",
@@ -99,17 +99,17 @@ def test_full_path_resume_is_bitwise_exact(tiny_files, tmp_path):
 def test_nan_loss_stops_cleanly(tiny_files, tmp_path):
     model_dir, data_file = tiny_files
     cfg = _cfg(model_dir, data_file, "optim.learning_rate=1e30", "optim.warmup_steps=0",
-               "optim.grad_clip=0.0", "optim.schedule=\"constant\"")
+               "optim.grad_clip=0.0", "optim.schedule=constant")
     with pytest.raises(finetune.NonFiniteLossError, match="training stopped"):
         _run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
 
 
 @pytest.mark.parametrize("override, match", [
-    ("lora.init=\"pissa\"", "lora.init"),
-    ("lora.dora=true", "lora.dora"),
+    ("lora.init=pissa", r"lora\.init"),
+    ("lora.dora=true", r"lora\.dora"),
     ("minilm_sentiment.max_length=40", "max_length"),
-    ("lora.targets=[\"nothing_here\"]", "lora.targets"),
+    ("lora.targets=nothing_here", r"lora\.targets"),
 ])
 def test_config_errors(tiny_files, tmp_path, override, match):
     model_dir, data_file = tiny_files
@@ -177,7 +177,11 @@ def test_batch_schedule_covers_each_epoch_once():
                                                           strict=True)
                   for r, wi in zip(rows, w, strict=True) if wi)
     assert seen == [(0, r) for r in range(5)] + [(1, r) for r in range(3)]
-    assert s.weight.sum() == 8 + 3 * 1  # the second epoch's first 3 batches, at least one full
+    # The second epoch (steps 5..7) repeats no row within itself; every batch has a real example.
+    second = [(int(b), int(r)) for b, rows, w in zip(s.bucket[5:], s.rows[5:], s.weight[5:],
+                                                     strict=True)
+              for r, wi in zip(rows, w, strict=True) if wi]
+    assert len(second) == len(set(second)) and (s.weight.sum(1) >= 1).all()
     again = _text.batch_schedule([5, 3], steps=8, batch_size=2, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(s[:3], again[:3], strict=True))
     other = _text.batch_schedule([5, 3], steps=8, batch_size=2, seed=1)
