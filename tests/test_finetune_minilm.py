@@ -228,3 +228,16 @@ def test_real_files_few_steps(tmp_path):
     assert m["split"]["corpus"] == 10605 and m["split"]["held_out"] == 64
     assert m["files"]["data_sha256"] == _sha(m["files"]["data"])
     assert m["steps"] == 2 and np.isfinite(m["pearson_r_lora"]) and m["pearson_r_probe"] > 0
+
+
+def test_benchmark_rows_know_the_demo():
+    from jaxla.benchmarks import finetune as suite
+    from jaxla.benchmarks import specs_finetune
+
+    assert suite.demo_config_path("minilm_sentiment") == "minilm_sentiment"
+    assert specs_finetune.TARGET_MINILM_S == 120.0
+    missing = suite.minilm_missing_files()
+    cached = _cached("all-minilm-l6-v2") and _cached("vader-sentiment")
+    assert (missing is None) == cached
+    if not cached:
+        assert "jaxla download" in missing
