@@ -6,6 +6,11 @@ test runs the real all-MiniLM-L6-v2 and VADER files for a few steps when they ar
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +50,19 @@ def tiny_files(tmp_path_factory):
     return root / "model", _write_data(root / "data")
 
 
-def _cfg(model_dir, data_file, *extra):
-    return finetune.apply_overrides(finetune.load_config(ROOT / "configs" / "minilm_sentiment.toml"), [
+def _overrides(model_dir, data_file, *extra):
+    return [
         f"minilm_sentiment.model={model_dir}",
         f"minilm_sentiment.data={data_file.parent}",
         "minilm_sentiment.held_out=16", "minilm_sentiment.train_examples=40",
         "minilm_sentiment.max_length=12", "minilm_sentiment.buckets=2", "train.steps=6",
         "train.batch_size=8", "lora.rank=2", "run.fast_compile=true", "run.plots=false",
-        "run.checkpoint_every=2", *extra])
+        "run.checkpoint_every=2", *extra]
+
+
+def _cfg(model_dir, data_file, *extra):
+    return finetune.apply_overrides(finetune.load_config(ROOT / "configs" / "minilm_sentiment.toml"),
+                                    _overrides(model_dir, data_file, *extra))
 
 
 def _run(cfg, out, **kw):
@@ -94,6 +104,39 @@ def test_full_path_resume_is_bitwise_exact(tiny_files, tmp_path):
     assert (out / "head.npz").read_bytes() == (tmp_path / "whole" / "head.npz").read_bytes()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(6))
+
+
+def test_sigkill_then_resume_is_bitwise_exact(tiny_files, tmp_path):
+    model_dir, data_file = tiny_files
+    extra = ("train.steps=400", "run.checkpoint_every=5", "minilm_sentiment.buckets=1")
+    reference = tmp_path / "reference"
+    _run(_cfg(model_dir, data_file, *extra), reference)
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "jaxla", "finetune", str(ROOT / "configs" / "minilm_sentiment.toml"),
+            "--no-progress", "--out", str(out)]
+    for o in _overrides(model_dir, data_file, *extra):
+        args += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "checkpoints" / "adapt").glob("step_*.npz")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter.safetensors").exists()
+    resumed = _run(_cfg(model_dir, data_file, *extra), out, resume=True)
+    assert resumed["metrics"]["steps"] == 400
+    assert (out / "adapter.safetensors").read_bytes() == (
+        reference / "adapter.safetensors").read_bytes()
+    assert (out / "head.npz").read_bytes() == (reference / "head.npz").read_bytes()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(400))
 
 
 def test_nan_loss_stops_cleanly(tiny_files, tmp_path):
@@ -208,6 +251,18 @@ def test_tokenize_cache_is_reused_and_validated(tiny_files, tmp_path):
     assert [s.tolist() for s in redo] == [s.tolist() for s in first]
     with pytest.raises(AssertionError, match="cache"):
         _text.tokenize_cached(_NoTokenizer(), texts, max_length=5, cache_dir=tmp_path, key="k2")
+    # A cache with ids outside the vocabulary (a tampered file) is ignored.
+    path = tmp_path / _text.CACHE_NAME
+    with np.load(path) as z:
+        stamp, lengths, ids = z["stamp"], z["lengths"], z["ids"].copy()
+    ids[0] = 999
+    np.savez(path, stamp=stamp, lengths=lengths, ids=ids)
+    redo = _text.tokenize_cached(tok, texts, max_length=5, cache_dir=tmp_path, key="k",
+                                 vocab_size=len(WORDS))
+    assert [s.tolist() for s in redo] == [s.tolist() for s in first]
+    with pytest.raises(ValueError, match="vocabulary"):
+        _text.tokenize_cached(tok, texts, max_length=5, cache_dir=tmp_path / "v", key="k",
+                              vocab_size=10)
 
 
 def _cached(name):

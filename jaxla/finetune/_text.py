@@ -67,7 +67,7 @@ def split(n: int, *, seed: int, held_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tokenize_cached(tokenizer: Any, texts: Sequence[str], *, max_length: int, cache_dir: Path,
-                    key: str) -> list[np.ndarray]:
+                    key: str, vocab_size: int | None = None) -> list[np.ndarray]:
     """The token ids of every text (truncated to ``max_length`` with the special tokens kept).
 
     The first call writes ``cache_dir/tokens.npz`` (atomically) with ``key`` (e.g. the sha256 of
@@ -81,6 +81,8 @@ def tokenize_cached(tokenizer: Any, texts: Sequence[str], *, max_length: int, ca
       max_length: the longest sequence kept (tokens beyond it are cut, [SEP] kept).
       cache_dir: the run directory.
       key: what the ids depend on besides the texts' count and ``max_length``.
+      vocab_size: when given, a cache holding an id outside ``[0, vocab_size)`` is ignored, and
+        the tokenizer producing one is an error.
 
     Returns:
       N int32 arrays of ids, each of length in ``[1, max_length]``.
@@ -89,7 +91,7 @@ def tokenize_cached(tokenizer: Any, texts: Sequence[str], *, max_length: int, ca
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     path = Path(cache_dir) / CACHE_NAME
     stamp = f"{key}|{len(texts)}|{max_length}"
-    cached = _read_cache(path, stamp, len(texts), max_length)
+    cached = _read_cache(path, stamp, len(texts), max_length, vocab_size)
     if cached is not None:
         return cached
     from tokenizers import Tokenizer
@@ -103,6 +105,9 @@ def tokenize_cached(tokenizer: Any, texts: Sequence[str], *, max_length: int, ca
         raise ValueError(f"text {empty[0]} ({texts[empty[0]][:60]!r}) tokenizes to no ids")
     lengths = np.asarray([s.size for s in seqs], np.int64)
     flat = np.concatenate(seqs)
+    if vocab_size is not None and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise ValueError(f"the tokenizer produced ids in [{flat.min()}, {flat.max()}], outside the "
+                         f"model's vocabulary [0, {vocab_size})")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokens-", suffix=".npz")
     try:
@@ -115,7 +120,8 @@ def tokenize_cached(tokenizer: Any, texts: Sequence[str], *, max_length: int, ca
     return seqs
 
 
-def _read_cache(path: Path, stamp: str, n: int, max_length: int) -> list[np.ndarray] | None:
+def _read_cache(path: Path, stamp: str, n: int, max_length: int,
+                vocab_size: int | None) -> list[np.ndarray] | None:
     """The cached ids when ``path`` is a well-formed cache for ``stamp``, else None."""
     if not path.is_file():
         return None
@@ -129,6 +135,8 @@ def _read_cache(path: Path, stamp: str, n: int, max_length: int) -> list[np.ndar
     if (lengths.shape != (n,) or lengths.dtype != np.int64 or ids.ndim != 1
             or ids.dtype != np.int32 or ids.size > MAX_TOKENS or (lengths < 1).any()
             or (lengths > max_length).any() or int(lengths.sum()) != ids.size):
+        return None
+    if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         return None
     return np.split(ids, np.cumsum(lengths)[:-1])
 
