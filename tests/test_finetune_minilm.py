@@ -75,7 +75,7 @@ def _sha(path):
 
 def test_full_path_resume_is_bitwise_exact(tiny_files, tmp_path):
     model_dir, data_file = tiny_files
-    cfg = _cfg(model_dir, data_file)
+    cfg = _cfg(model_dir, data_file, "run.plots=true")
     whole = _run(cfg, tmp_path / "whole")
     assert not whole["interrupted"]
     m = whole["metrics"]
@@ -91,6 +91,14 @@ def test_full_path_resume_is_bitwise_exact(tiny_files, tmp_path):
     assert sorted(adapters) == [f"layers/{p}/w" for p in
                                 ("attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/up")]
     assert adapters["layers/attn/q/w"].a.shape == (2, 2, 16)  # (L, r, D), stacked layers
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plots = []
+    else:
+        plots = ["loss.png", "pca_before.png", "pca_after.png"]
+    for name in plots:
+        assert (tmp_path / "whole" / name).read_bytes()[:4] == b"\x89PNG"
     text = finetune.format_summary(whole)
     assert "held-out Pearson r" in text and m["files"]["data_sha256"][:16] in text
 
