@@ -169,6 +169,23 @@ def test_linear_with_quantized_kernel_and_gradients():
         lora.linear({"w": quant.quantize(gaussian((64, 64)), format="int8")}, ad, x)
 
 
+def test_dora_on_a_quantized_base_equals_dora_on_its_dequantized_kernel():
+    w = gaussian((64, 32), 6)
+    x = jnp.asarray(gaussian((5, 64), 7))
+    q = quant.quantize(w, format="nf4")
+    dense = quant.dequantize(q, dtype=jnp.float32)
+    ad_q = lora.init(jax.random.key(1), {"l": {"w": q}}, rank=4, alpha=8, targets="l/w", dora=True)
+    ad_d = lora.init(jax.random.key(1), {"l": {"w": dense}}, rank=4, alpha=8, targets="l/w", dora=True)
+    np.testing.assert_allclose(ad_q["l/w"].m, ad_d["l/w"].m, rtol=1e-6)  # m = the dequantized norms
+    b = jnp.asarray(gaussian((32, 4), 8))
+    aq, adn = (dataclasses.replace(a["l/w"], b=b) for a in (ad_q, ad_d))
+    np.testing.assert_allclose(lora.linear({"w": q}, aq, x), lora.linear({"w": dense}, adn, x),
+                               rtol=1e-5, atol=1e-5)
+    for init_fn in (lora.init_pissa, lora.init_olora):  # they rewrite W: refused, clearly
+        with pytest.raises(TypeError, match="quantized nf4 kernel that cannot be rewritten"):
+            init_fn({"l": {"w": q}}, rank=4, alpha=8, targets="l/w")
+
+
 def test_merge_quantized_dequantizes_or_requantizes_and_reports_error():
     w = gaussian((64, 32), 6)
     params = {"l": {"w": quant.quantize(w, format="int8")}}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jaxla import _checks, _rsvd
+from jaxla import _checks, _rsvd, quant
 from jaxla.lora import _targets
 from jaxla.lora._adapter import Adapter, Adapters
 from jaxla.lora._core import _column_norms, _io_view, unmerge
@@ -30,6 +30,17 @@ def _check_alpha(alpha: Any, name: str) -> float:
     if not math.isfinite(float(alpha)) or alpha <= 0:
         raise ValueError(f"alpha for {name!r} must be finite and > 0, got {alpha}")
     return float(alpha)
+
+
+def _refuse_quantized(plan, init_name: str) -> None:
+    """PiSSA and OLoRA rewrite W into a residual: a quantized (frozen, packed) W cannot be rewritten."""
+    for name, leaf, *_ in plan:
+        if isinstance(leaf, quant.QArray):
+            raise TypeError(
+                f"{init_name} rewrites each target W into a residual, but {name!r} is a quantized "
+                f"{leaf.format} kernel that cannot be rewritten; use lora.init (kaiming or gaussian "
+                "init, DoRA allowed) on a quantized base, or jaxla.quant.dequantize the base first"
+            )
 
 
 def _plan(params, *, rank, alpha, targets, rank_pattern, alpha_pattern, stack_axes, out_in, rslora):
@@ -92,7 +103,10 @@ def _with_magnitude(adapters: Adapters, leaves: Mapping[str, Any]) -> Adapters:
     on): W's norms for b = 0, and ``‖W_res + ΔW₀‖ = ‖W‖`` for PiSSA / OLoRA."""
     out = {}
     for name, ad in adapters.items():
-        out[name] = dataclasses.replace(ad, m=_magnitude(jnp.asarray(leaves[name]), ad.a, ad.b,
+        w = leaves[name]
+        # A quantized base: the magnitudes are the norms of the weights the forward computes with.
+        w = quant.dequantize(w, dtype=jnp.float32) if isinstance(w, quant.QArray) else jnp.asarray(w)
+        out[name] = dataclasses.replace(ad, m=_magnitude(w, ad.a, ad.b,
                                                          float(ad.scale), ad.out_in))
     return out
 
@@ -248,6 +262,7 @@ def init_pissa(
     oversample = _checks.check_positive_int(oversample, "oversample", allow_zero=True)
     plan = _plan(params, rank=rank, alpha=alpha, targets=targets, rank_pattern=rank_pattern,
                  alpha_pattern=alpha_pattern, stack_axes=stack_axes, out_in=out_in, rslora=rslora)
+    _refuse_quantized(plan, "init_pissa")
     if key is None:
         key = jax.random.key(0)  # unused by the full SVD; keeps one code path
     adapters = {}
@@ -297,6 +312,7 @@ def init_olora(
     _check_bool(dora, "dora")
     plan = _plan(params, rank=rank, alpha=alpha, targets=targets, rank_pattern=rank_pattern,
                  alpha_pattern=alpha_pattern, stack_axes=stack_axes, out_in=out_in, rslora=rslora)
+    _refuse_quantized(plan, "init_olora")
     adapters = {}
     for name, leaf, r, al, flip, _d_in, _d_out in plan:
         dt = (jnp.dtype(dtype) if dtype is not None
