@@ -21,20 +21,6 @@ from jax.experimental import pallas as pl
 from jaxla.attention import _pallas_common as c
 
 
-def _probs(plan, dots, lse, mask):
-    """Recomputes softmax probabilities from raw q·k dots (in base 2, as the forward).
-
-    Rows with lse = -inf (nothing visible) give exactly 0.
-    """
-    s, t = c.scores2(dots, plan)
-    # +inf makes exp2() return 0 for empty rows; they are fully masked anyway.
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * c.LOG2E)
-    p = c.exp2(s - lse)
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    return p, t
-
-
 def _dq_kernel(*refs, plan: c.Plan):
     if plan.has_segments:
         q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
@@ -56,7 +42,7 @@ def _dq_kernel(*refs, plan: c.Plan):
         v = v_ref[pl.ds(k_start, bk), :]
         mask = c.tile_mask(plan, masked, q_start, k_start, (bq, bk), 0, lambda: q_seg,
                            lambda: kvseg_ref[:, pl.ds(k_start, bk)])
-        p, t = _probs(plan, c.dot_nt(q, k, plan), lse, mask)
+        p, t = c.probs(plan, c.dot_nt(q, k, plan), lse, mask)
         ds = p * (c.dot_nt(do, v, plan) - delta)
         if t is not None:
             ds = ds * (1.0 - t * t)
@@ -97,7 +83,7 @@ def _dkdv_kernel(*refs, plan: c.Plan):
         delta = delta_ref[g, :, pl.ds(q_start, bq)]
         mask = c.tile_mask(plan, masked, q_start, k_start, (bk, bq), 1,
                            lambda: qseg_ref[:, pl.ds(q_start, bq)], lambda: kv_seg)
-        p, t = _probs(plan, c.dot_nt(k, q, plan), lse, mask)
+        p, t = c.probs(plan, c.dot_nt(k, q, plan), lse, mask)
         dv = dv + c.dot_nn(p.astype(do.dtype), do, plan)
         ds = p * (c.dot_nt(v, do, plan) - delta)
         if t is not None:

@@ -184,6 +184,21 @@ def scores2(dots: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array | None]:
     return t * (plan.softcap * LOG2E), t
 
 
+def probs(plan: Plan, dots: jax.Array, lse: jax.Array, mask: jax.Array | None):
+    """Recomputes softmax probabilities from raw q·k dots (in base 2, as the forward), and the
+    soft cap's tanh; shared by the Triton-layout and TPU backward kernels.
+
+    Rows with lse = -inf (nothing visible) give exactly 0.
+    """
+    s, t = scores2(dots, plan)
+    # +inf makes exp2() return 0 for empty rows; they are fully masked anyway.
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+    p = exp2(s - lse)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    return p, t
+
+
 def visible(
     plan: Plan,
     rows: jax.Array,

@@ -160,15 +160,6 @@ def flash_forward(q, k, v, q_seg, kv_seg, plan: c.Plan):
 # ---- backward --------------------------------------------------------------------------------
 
 
-def _probs(plan, dots, lse, mask):
-    s, t = c.scores2(dots, plan)
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * c.LOG2E)  # empty rows give exactly 0
-    p = c.exp2(s - lse)
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    return p, t
-
-
 def _dq_kernel(*refs, plan: c.Plan):
     if plan.has_segments:
         (q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref,
@@ -188,7 +179,7 @@ def _dq_kernel(*refs, plan: c.Plan):
         k = k_ref[...]
         mask = c.tile_mask(plan, masked, q_start, k_start, (bq, bk), 0, lambda: qseg_ref[...],
                            lambda: kvseg_ref[...])
-        p, t = _probs(plan, c.dot_nt(q_ref[...], k, plan), lse_ref[...], mask)
+        p, t = c.probs(plan, c.dot_nt(q_ref[...], k, plan), lse_ref[...], mask)
         ds = p * (c.dot_nt(do_ref[...], v_ref[...], plan) - delta_ref[...])
         if t is not None:
             ds = ds * (1.0 - t * t)
@@ -226,7 +217,7 @@ def _dkdv_kernel(*refs, plan: c.Plan):
         q, do = q_ref[...], do_ref[...]
         mask = c.tile_mask(plan, masked, q_start, k_start, (bk, bq), 1, lambda: qseg_ref[...],
                            lambda: kvseg_ref[...])
-        p, t = _probs(plan, c.dot_nt(k_ref[...], q, plan), lse_ref[...], mask)  # lse (1, bq)
+        p, t = c.probs(plan, c.dot_nt(k_ref[...], q, plan), lse_ref[...], mask)  # lse (1, bq)
         dv_sc[...] += c.dot_nn(p.astype(do.dtype), do, plan)
         ds = p * (c.dot_nt(v_ref[...], do, plan) - delta_ref[...])
         if t is not None:
