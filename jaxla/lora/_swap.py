@@ -37,7 +37,7 @@ def _pad_one(name: str, ad: Any, rank: int) -> Adapter:
     # slices the scale with it.
     gain = jnp.broadcast_to(scale_of(ad, jnp.float32), ad.stack_shape) if ad.stack_shape \
         else scale_of(ad, jnp.float32)
-    # alpha/rslora become placeholders (the scale is gain): every padded adapter of this rank has
+    # alpha/rslora get fixed values (the scale lives in gain): every padded adapter of this rank has
     # the same static data, whatever its original rank and alpha.
     return dataclasses.replace(ad, a=a, b=b, alpha=float(rank), rslora=False, gain=gain)
 
@@ -51,7 +51,7 @@ def pad_rank(adapters: Adapters | Adapter, rank: int) -> Adapters | Adapter:
     Every adapter's ``a (..., r, I)`` becomes ``(..., R, I)`` and ``b (..., O, r)`` becomes
     ``(..., O, R)`` (zero padding: ΔW unchanged), and its scale ``alpha / r`` (or ``alpha / √r``)
     becomes ``gain``, a float32 array leaf of the stacking shape (``()`` for a matrix, so a stack
-    sliced per layer carries each layer's scale); the static ``alpha`` / ``rslora`` are set to placeholders
+    sliced per layer carries each layer's scale); the static ``alpha`` / ``rslora`` are set to fixed values
     (``R``, False) so that adapters of any rank ≤ R and any alpha share one treedef. A function jitted
     on one padded adapter set therefore runs another (other ranks, other alphas, same paths and
     weight shapes) without recompiling. :func:`jaxla.lora.linear`, :func:`jaxla.lora.merge`,
