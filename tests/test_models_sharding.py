@@ -178,8 +178,10 @@ def test_bad_shardings_are_named(rng):
     params = _llama_params(rng)
     with pytest.raises(ValueError, match=r"mesh axes \['model'\].*axes are \('data', 'tp'\)"):
         models.param_specs(LLAMA, params, {"data": 4, "tp": 2})
-    with pytest.raises(ValueError, match=r"'layers/attn/k/w'.*size 4.*2 heads of head_dim 8"):
+    with pytest.raises(ValueError, match=r"'model' of size 4 does not divide num_kv_heads=2"):
         models.param_specs(LLAMA, params, {"data": 2, "model": 4})
+    with pytest.raises(ValueError, match=r"'layers/attn/k/w'.*size 4.*2 heads of head_dim 8"):
+        models.tree_specs(params, models.sharding_rules(LLAMA), {"data": 2, "model": 4})
     with pytest.raises(ValueError, match="data_axis and model_axis must differ"):
         models.sharding_rules(LLAMA, data_axis="x", model_axis="x")
     with pytest.raises(TypeError, match="needs config="):
@@ -191,3 +193,17 @@ def test_bad_shardings_are_named(rng):
     assert specs["layers"]["mlp"]["up"]["w"] == P(None, None, None)
     specs = models.param_specs(LLAMA, params, {"data": 4}, model_axis=None)
     assert specs["embed"]["table"] == P(None, "data")
+
+
+def test_minilm_demo_refuses_a_mesh_that_splits_heads(tmp_path):
+    from bert_checkpoint import write_checkpoint
+
+    from jaxla import finetune
+    from jaxla.finetune._errors import ConfigError
+
+    write_checkpoint(tmp_path / "model", np.random.default_rng(0), tokenizer=False)  # 4 heads
+    cfg = finetune.apply_overrides(finetune.load_config("minilm_sentiment"), [
+        f"minilm_sentiment.model={tmp_path / 'model'}", "minilm_sentiment.max_length=12",
+        "mesh.data=1", "mesh.model=8"])
+    with pytest.raises(ConfigError, match=r"mesh.model = 8: .*does not divide num_heads=4"):
+        finetune.run_finetune(cfg, out=tmp_path / "run", progress=False, echo=lambda s: None)

@@ -111,7 +111,8 @@ def _config_of(model_or_config: Any) -> Any:
 
 
 def sharding_rules(model_or_config: Any, *, data_axis: str | None = "data",
-                   model_axis: str | None = "model", fsdp: bool = True) -> tuple[ShardingRule, ...]:
+                   model_axis: str | None = "model", fsdp: bool = True,
+                   mesh: Any = None) -> tuple[ShardingRule, ...]:
     """The family's sharding rules (see the module docstring's table) for these mesh axis names.
 
     Args:
@@ -120,10 +121,16 @@ def sharding_rules(model_or_config: Any, *, data_axis: str | None = "data",
       data_axis: the mesh axis of the batch, used for FSDP (None: no FSDP).
       model_axis: the tensor-parallel mesh axis (None: no tensor parallelism).
       fsdp: put the other large dim of each kernel and table on ``data_axis``.
+      mesh: optionally the mesh (or ``{axis: size}``) the rules are for: then the axis names and
+        the head counts are checked now rather than when the rules are applied.
 
     Returns:
       A tuple of :class:`ShardingRule`, first match wins, for :func:`param_specs` /
       :func:`tree_specs` or ``jaxla.finetune``'s meshes.
+
+    Raises:
+      ValueError: equal axis names; with ``mesh``: an axis it lacks, or a ``model_axis`` size that
+        does not divide the query or kv heads.
     """
     config = _config_of(model_or_config)
     family = _registry.family_of(config)
@@ -153,7 +160,20 @@ def sharding_rules(model_or_config: Any, *, data_axis: str | None = "data",
     for table in _TABLES[family.name]:
         rules.append(ShardingRule(table, (model_axis, role[_DATA]), (), f"{table} (V, D)"))
     # A row-parallel bias (o, down) and every norm: no rule, replicated.
-    return tuple(rules)
+    rules = tuple(rules)
+    if mesh is not None:
+        mesh_shape = _mesh_shape(mesh)
+        _check_axes(rules, mesh_shape)
+        size = mesh_shape.get(model_axis, 1) if model_axis is not None else 1
+        for field in ("num_heads", "num_kv_heads"):
+            heads = getattr(config, field, None)
+            if heads is not None and heads % size:
+                raise ValueError(
+                    f"mesh axis {model_axis!r} of size {size} does not divide {field}={heads} of "
+                    f"the {family.name} model: tensor parallelism splits attention in whole heads "
+                    f"(never within the head dim {h}); use a {model_axis!r} size dividing {heads}"
+                )
+    return rules
 
 
 def _mesh_shape(mesh: Any) -> dict[str, int]:
@@ -205,6 +225,10 @@ def _leaf_spec(rule: ShardingRule, path: str, shape: tuple[int, ...],
     return PartitionSpec(*spec)
 
 
+def _replicated(shape: tuple[int, ...]) -> PartitionSpec:
+    return PartitionSpec(*([None] * len(shape)))
+
+
 def _qarray_row_axis(q: _qarray.QArray) -> int:
     return len(q.stack_shape)
 
@@ -234,11 +258,11 @@ def tree_specs(tree: Any, rules: Sequence[ShardingRule], mesh: Any) -> Any:
                 shape = tuple(np.shape(x))
                 ok = rule is not None and len(shape) > row and leaf.ndim >= len(rule.spec)
                 specs[field] = (_leaf_spec(_qarray_rule(rule, leaf), f"{path}/{field}", shape,
-                                           mesh_shape, row) if ok else PartitionSpec())
+                                           mesh_shape, row) if ok else _replicated(shape))
             return dataclasses.replace(leaf, **specs)
         shape = tuple(np.shape(leaf))
         if rule is None or len(shape) < (len(rule.spec) if rule.min_ndim is None else rule.min_ndim):
-            return PartitionSpec()
+            return _replicated(shape)
         return _leaf_spec(rule, path, shape, mesh_shape)
 
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_qarray.is_qarray)
@@ -256,7 +280,8 @@ def param_specs(model_or_config: Any, params: Any, mesh: Any, *, data_axis: str 
                 model_axis: str | None = "model", fsdp: bool = True) -> Any:
     """``PartitionSpec`` pytree of ``params`` (or adapters, or an optimizer state over them) by the
     family's :func:`sharding_rules`; arguments as there, ``mesh`` a Mesh or ``{axis: size}``."""
-    rules = sharding_rules(model_or_config, data_axis=data_axis, model_axis=model_axis, fsdp=fsdp)
+    rules = sharding_rules(model_or_config, data_axis=data_axis, model_axis=model_axis, fsdp=fsdp,
+                           mesh=mesh)
     return tree_specs(params, rules, mesh)
 
 
