@@ -88,11 +88,13 @@ def test_ring_equals_gathered_attention_values_and_grads(rng, layout, causal):
 
 @pytest.mark.parametrize("implementation", ["cpu", "chunked"])
 def test_ring_with_compiled_blocks_segments_and_softcap(rng, implementation):
+    """Under shard_map's default check_vma=True: the compiled blocks type their results and
+    gradients as varying over the ring axis (the memory test below runs check_vma=False)."""
     q, k, v = _data(rng, h=8, hv=16)
     seg = np.sort(rng.integers(0, 4, size=(2, 64)), axis=1).astype(np.int32)
     softcap = None if implementation == "cpu" else 3.0  # the cpu kernel has no soft cap
     kw = dict(is_causal=True, logits_soft_cap=softcap)
-    ring = _ring_fn(layout="zigzag", check_vma=False, implementation=implementation, **kw)
+    ring = _ring_fn(layout="zigzag", check_vma=True, implementation=implementation, **kw)
 
     def single(q, k, v, seg):
         return jaxla.dot_product_attention(q, k, v, segment_ids=seg, implementation="xla",
@@ -155,15 +157,18 @@ def test_bad_inputs_say_what_is_wrong(rng):
 
     with pytest.raises(ValueError, match="axis_name='seq' is not a mesh axis"):
         run(lambda q, k, v: jaxla.ring_attention(q, k, v, axis_name="seq"), q, k, v)
+    # A global length the ring does not split: shard_map itself refuses, naming the sizes.
+    with pytest.raises(ValueError, match="not evenly divisible"):
+        run(lambda q, k, v: jaxla.ring_attention(q, k, v, axis_name="sp"), *_data(rng, t=60))
     odd = _data(rng, t=24)  # local length 3: zigzag needs 2 chunks per device
     with pytest.raises(ValueError, match="even local length"):
         run(lambda q, k, v: jaxla.ring_attention(q, k, v, axis_name="sp", is_causal=True,
                                                  layout="zigzag"), *odd)
     with pytest.raises(ValueError, match="same local length"):
         run(lambda q, k: jaxla.ring_attention(q, k[:, :4], k[:, :4], axis_name="sp"), q, k)
-    with pytest.raises(ValueError, match="check_vma=False"):
-        run(lambda q, k, v: jaxla.ring_attention(q, k, v, axis_name="sp", implementation="cpu"),
-            q, k, v)
+    with pytest.raises(ValueError, match=r"'pallas' runs only under .*check_vma=False"):
+        run(lambda q, k, v: jaxla.ring_attention(q, k, v, axis_name="sp",
+                                                 implementation="pallas"), q, k, v)
     with pytest.raises(ValueError, match="multiple of the kv heads"):
         run(lambda q, k, v: jaxla.ring_attention(q[..., :3, :], k, v, axis_name="sp"), q, k, v)
 

@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from jaxla import _checks
-from jaxla.attention import _masks, _reference
+from jaxla.attention import _masks, _reference, _vma
 from jaxla.attention._args import AttentionArgs
 
 _LOG2E = math.log2(math.e)
@@ -365,9 +365,10 @@ def _fwd_impl(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
     ops = _operands(cfg, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     acc = _checks.accum_dtype(q.dtype)
     b, kh, rows, _ = ops.q.shape
-    o = jnp.zeros((b, kh, rows, v.shape[-1]), acc)
-    m = jnp.full((b, kh, rows), -jnp.inf, acc)
-    l = jnp.zeros((b, kh, rows), acc)
+    # Fresh carries vary (inside shard_map) over the mesh axes the operands vary over.
+    o, m, l = (_vma.like(x, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) for x in (
+        jnp.zeros((b, kh, rows, v.shape[-1]), acc), jnp.full((b, kh, rows), -jnp.inf, acc),
+        jnp.zeros((b, kh, rows), acc)))
     for pairs, masked in _plan(cfg, q.shape[1], k.shape[1], ops.dynamic):
         o, m, l = _forward_pairs(cfg, ops, pairs, masked, (o, m, l))
     # l == 0 exactly when a row saw no visible key; a NaN l (non-finite input) is not empty and
@@ -410,10 +411,11 @@ def _flash_bwd(cfg, res, cotangents):
         lse2=lse2, do=do, q_t=jnp.swapaxes(ops.q, 2, 3), do_t=jnp.swapaxes(do, 2, 3),
         delta=_q_layout(delta[..., None], kh, tp)[..., 0],
     )
-    dq = jnp.zeros(ops.q.shape, acc)
-    dk = jnp.zeros(bops.q_t.shape[:2] + ops.k.shape[3:] + ops.k.shape[2:3], acc)
-    dv = jnp.zeros(bops.do_t.shape[:2] + ops.v.shape[3:] + ops.v.shape[2:3], acc)
-    dbias = None if bias is None else jnp.zeros(ops.bias.shape, acc)
+    varying = (q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, d_out, d_lse)
+    dq = _vma.like(jnp.zeros(ops.q.shape, acc), *varying)
+    dk = _vma.like(jnp.zeros(bops.q_t.shape[:2] + ops.k.shape[3:] + ops.k.shape[2:3], acc), *varying)
+    dv = _vma.like(jnp.zeros(bops.do_t.shape[:2] + ops.v.shape[3:] + ops.v.shape[2:3], acc), *varying)
+    dbias = None if bias is None else _vma.like(jnp.zeros(ops.bias.shape, acc), *varying)
     for pairs, masked in _plan(cfg, t, s, ops.dynamic):
         dq, dk, dv, dbias = _backward_pairs(cfg, ops, bops, pairs, masked, (dq, dk, dv, dbias))
     dq = _q_unlayout(dq, t, g).astype(q.dtype)
@@ -421,6 +423,7 @@ def _flash_bwd(cfg, res, cotangents):
     dv = jnp.transpose(dv[..., :s], (0, 3, 1, 2)).astype(v.dtype)
     if dbias is not None:
         dbias = _pair_unlayout(dbias, bias.shape, t, s).astype(bias.dtype)
+    dq, dk, dv, dbias = (_vma.cotangent(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dbias, bias)))
     return dq, dk, dv, dbias, None, None, None, None, None
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxla.attention import _reference
+from jaxla.attention import _reference, _vma
 from jaxla.attention._args import AttentionArgs
 
 try:
@@ -144,7 +144,9 @@ def _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
     shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], jnp.float32),
               jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
     call = jax.ffi.ffi_call(_FWD, shapes, vmap_method="broadcast_all")
-    return call(q, k, v, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
+    operands = (q, k, v, q_len, kv_len, q_seg, kv_seg)
+    # The custom call's results are typed invariant inside shard_map: they vary as the operands do.
+    return tuple(_vma.like(x, *operands) for x in call(*operands, **cfg.attrs()))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -169,8 +171,10 @@ def _attention_bwd(cfg, res, cotangents):
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
               jax.ShapeDtypeStruct(v.shape, jnp.float32))
     call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="broadcast_all")
-    grads = call(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg, **cfg.attrs())
-    dq, dk, dv = (g.astype(dt) for g, dt in zip(grads, dtypes, strict=True))
+    operands = (q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg)
+    grads = call(*operands, **cfg.attrs())
+    dq, dk, dv = (_vma.cotangent(_vma.like(g, *operands), x).astype(dt)
+                  for g, x, dt in zip(grads, (q, k, v), dtypes, strict=True))
     return dq, dk, dv, None, None, None, None
 
 

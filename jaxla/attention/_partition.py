@@ -38,6 +38,8 @@ _log = logging.getLogger("jaxla.attention")
 
 # Backends that are opaque custom calls to XLA's partitioner.
 PARTITIONED = ("cpu", "pallas")
+# Backends whose results are not typed for shard_map's varying manual axes (check_vma).
+UNTYPED = ("pallas",)
 
 
 def _spec(x) -> tuple | None:
@@ -109,9 +111,11 @@ def per_shard(name: str, attend, args: AttentionArgs):
             return attend(dataclasses.replace(args_, **dict(zip(present, xs, strict=True))),
                           **options)
 
-        # check_vma=False: the compiled backends' VJPs are not typed for varying manual axes.
+        # The "cpu" kernel types its results and gradients as varying over the mesh axes its
+        # operands vary over (jaxla.attention._vma); the Pallas kernels' pallas_call out_shapes
+        # carry no such type yet, so their shard_map is unchecked.
         run = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[k] for k in present),
-                            out_specs=(rows, P(b, None, h)), check_vma=False)
+                            out_specs=(rows, P(b, None, h)), check_vma=name not in UNTYPED)
         return run(*(getattr(args_, k) for k in present))
 
     return wrapped

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxla import _checks
+from jaxla.attention import _vma
 from jaxla.attention._chunked import ChunkedBlockSizes
 from jaxla.attention._reference import EMPTY_ROW_LSE
 
@@ -163,10 +164,12 @@ def ring_attention(
         sharded like the sequence; tokens attend only within their segment. Padding the sequence
         to a multiple of P (2P for zigzag) is the caller's: give the padding its own segment id.
       logits_soft_cap, scale, implementation, block_sizes: as in :func:`dot_product_attention`
-        (``implementation`` picks the backend of every block computation). The compiled ones
-        ("cpu", "chunked", "pallas") need ``shard_map(..., check_vma=False)``; under shard_map's
-        default ``check_vma=True`` the blocks run with "xla" (None) and another explicit choice is
-        an error.
+        (``implementation`` picks the backend of every block computation). "xla", "chunked" and
+        "cpu" run under shard_map's default ``check_vma=True`` (the compiled kernel types its
+        results as varying over the axes its operands vary over) as well as with
+        ``check_vma=False``. "pallas" needs ``check_vma=False`` (its kernels' outputs are not
+        typed yet); with ``check_vma=True`` None runs the blocks with "chunked" on a Pallas
+        platform.
       layout: ``"contiguous"`` (device i holds global positions ``[i·Tl, (i+1)·Tl)``) or
         ``"zigzag"`` (device i holds chunks i and 2P-1-i of T/(2P) positions; balances causal work;
         build it with :func:`to_ring_layout`). Only matters for causal attention.
@@ -183,8 +186,8 @@ def ring_attention(
         evenly over the ring is refused by ``shard_map`` (and by :func:`to_ring_layout`, which
         says which multiple to pad to); the padding is the caller's (give it its own segment id).
 
-    Example (inside ``jax.shard_map(f, mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp"),
-    check_vma=False)`` with ``q, k, v = (to_ring_layout(x, ring_size=P) for x in (q, k, v))``):
+    Example (inside ``jax.shard_map(f, mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp"))``
+    with ``q, k, v = (to_ring_layout(x, ring_size=P) for x in (q, k, v))``):
       >>> out = ring_attention(q, k, v, axis_name="sp", is_causal=True, layout="zigzag")  # doctest: +SKIP
     """
     try:
@@ -235,7 +238,7 @@ def ring_attention(
                                  f"got {x.shape}")
         q_seg = q_seg.reshape(query.shape[:2]).astype(jnp.int32)
         kv_seg = kv_seg.reshape(query.shape[:2]).astype(jnp.int32)
-    implementation = _vma_implementation(query, axis_name, implementation)
+    implementation = _block_implementation(query, implementation)
     cfg = _Config(axis_name=axis_name, ring_size=ring_size, causal=bool(is_causal), zigzag=zigzag,
                   scale=scale, softcap=logits_soft_cap, implementation=implementation,
                   block_sizes=block_sizes)
@@ -249,33 +252,23 @@ def ring_attention(
     return (out, lse) if return_residual else out
 
 
-def _vma_implementation(query, axis_name, implementation):
-    """The block backend under ``shard_map(check_vma=True)``, where only "xla" is typed for it.
+def _block_implementation(query, implementation):
+    """The block backend: Pallas only where shard_map does not check varying manual axes.
 
-    With varying-manual-axes checking on (shard_map's default), the compiled backends' custom
-    VJPs and loops do not carry the ``axis_name`` type yet, so ``implementation=None`` runs the
-    blocks with "xla" there, and an explicit other one is refused with the fix.
+    ``pallas_call``'s results carry no varying-axes type (its ``out_shape`` would need one), so
+    under ``check_vma=True`` (the query is typed as varying) None avoids it and "pallas" is refused
+    with the fix; every other backend is typed (:mod:`jaxla.attention._vma`).
     """
-    if axis_name not in _varying_axes(query):
+    if implementation not in (None, "pallas") or not _vma.axes(query):
         return implementation
-    if implementation is None:
-        return "xla"
-    if implementation != "xla":
+    if implementation == "pallas":
         raise ValueError(
-            f"ring_attention: implementation={implementation!r} runs only under "
-            "jax.shard_map(..., check_vma=False) (its kernel is not typed for varying manual "
-            "axes); pass check_vma=False to shard_map, or implementation='xla'"
+            "ring_attention: implementation='pallas' runs only under jax.shard_map(..., "
+            "check_vma=False) (its kernels' outputs are not typed for varying manual axes); pass "
+            "check_vma=False to shard_map, or use 'chunked', 'cpu' or 'xla'"
         )
-    return implementation
-
-
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes ``x`` is typed as varying over (empty when check_vma is off)."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)  # older jax spells it aval.vma
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(vma)
+    platform = jax.default_backend()
+    return "chunked" if platform in ("gpu", "cuda", "rocm", "tpu") else None
 
 
 # ---- one block ----------------------------------------------------------------------------------
@@ -315,8 +308,8 @@ def _block(cfg, kind, q, k, v, q_seg, kv_seg):
 
 def _skip(cfg, q, v, acc):
     b, t, n = q.shape[:3]
-    return (_pvary(cfg, jnp.zeros((b, t, n, v.shape[-1]), acc)),
-            _pvary(cfg, jnp.full((b, t, n), EMPTY_ROW_LSE, acc)))
+    return (_pvary(cfg, jnp.zeros((b, t, n, v.shape[-1]), acc), q, v),
+            _pvary(cfg, jnp.full((b, t, n), EMPTY_ROW_LSE, acc), q, v))
 
 
 def _source(cfg, step):
@@ -342,12 +335,10 @@ def _merge(o1, l1, o2, l2):
     return o1 * jnp.exp(l1 - lse)[..., None] + o2 * jnp.exp(l2 - lse)[..., None], lse
 
 
-def _pvary(cfg, x):
-    """Marks a device-invariant value as varying over the ring axis (for lax.cond / scan types)."""
-    try:
-        return lax.pcast(x, cfg.axis_name, to="varying")
-    except ValueError:  # already varying
-        return x
+def _pvary(cfg, x, *refs):
+    """A fresh value typed as varying over the ring axis and wherever ``refs`` vary (the two
+    branches of a ``lax.cond`` and a scan's carry must have one type)."""
+    return _vma.vary(_vma.like(x, *refs), cfg.axis_name)
 
 
 # ---- forward and backward ring ------------------------------------------------------------------
@@ -416,8 +407,7 @@ def _ring_bwd(cfg, res, cotangents):
         def run(kind):
             def f():
                 if kind is None:
-                    return (_pvary(cfg, jnp.zeros(q.shape, acc)), _pvary(cfg, jnp.zeros(k.shape, acc)),
-                            _pvary(cfg, jnp.zeros(v.shape, acc)))
+                    return tuple(_pvary(cfg, jnp.zeros(x.shape, acc), q, k, v) for x in (q, k, v))
                 return tuple(g.astype(acc) for g in grads(kind, q, k, v, q_seg, kv_seg))
             return f
 
@@ -435,7 +425,8 @@ def _ring_bwd(cfg, res, cotangents):
         steps = jnp.arange(1, cfg.ring_size)
         (dq, dk, dv, *_), _ = lax.scan(body, (dq, dk, dv, k, v, kv_seg), steps)
         dk, dv = _rotate(cfg, dk, dv)  # the P-th rotation brings each block's gradient home
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+    grads = ((dq, q), (dk, k), (dv, v))
+    return (*(_vma.cotangent(g.astype(x.dtype), x) for g, x in grads), None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

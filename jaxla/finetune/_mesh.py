@@ -6,16 +6,25 @@ step's inputs and outputs plus one ``with_sharding_constraint`` on each generate
 partitioner inserts the collectives. The default mesh is 1 × 1, so the same program runs unchanged on
 one device, and the loss trajectory on a larger mesh matches it up to float reassociation.
 
-Sharding rules (:data:`SHARDING_RULES`) are regular expressions over a leaf's "/"-joined pytree path,
-matched against a trailing run of whole path components exactly as ``jaxla.lora`` targets are, and
-applied to parameter and optimizer-state pytrees alike (optimizer state paths end with the
-parameter's path, e.g. ``0/mu/layers/0/attn/q/w``). The first rule that matches decides:
+Sharding rules are :class:`jaxla.models.ShardingRule` records: regular expressions over a leaf's
+"/"-joined pytree path, matched against a trailing run of whole path components exactly as
+``jaxla.lora`` targets are, each putting the leaf's trailing dims on mesh axes; they are applied to
+parameter, frozen and optimizer-state pytrees alike (optimizer state paths end with the parameter's
+path, e.g. ``0/mu/layers/0/attn/q/w``). The first rule that matches decides; a dimension the axis
+size does not divide stays replicated. Two rule sets:
 
-- ``w`` kernels ``(..., d_in, d_out)``: ``d_out`` over ``model``;
-- ``w/b``, the LoRA ``b`` ``(..., d_out, r)`` of a kernel ``w``: ``d_out`` over ``model``, matching it;
-- everything else (LoRA ``a``, biases ``b`` even when stacked ``(L, d_out)``, norms, embeddings,
-  scalars): replicated;
-- a dimension not divisible by the ``model`` size stays replicated.
+- :data:`SHARDING_RULES`, the synthetic demos' (``lowrank``, ``tiny_lm``): ``w`` kernels
+  ``(..., d_in, d_out)`` put ``d_out`` on ``model``; ``w/b``, the LoRA ``b`` ``(..., d_out, r)`` of a
+  kernel ``w``, its ``d_out`` likewise; everything else (LoRA ``a``, biases ``b`` even when stacked
+  ``(L, d_out)``, norms, embeddings, scalars) replicated.
+- :func:`model_rules`, a real model's (Llama, BERT: :func:`jaxla.models.sharding_rules`): q/k/v and
+  MLP gate/up column parallel over ``model``, o and down row parallel, FSDP over ``data`` (the other
+  dim of each kernel and the embedding table), LoRA ``a``/``b`` following their kernel's ``model``
+  split, heads split only whole. A real-model demo passes them to
+  ``_runner.train_phase(..., rules=_mesh.model_rules(model.config, ctx.config.mesh))``, which lays
+  out its state and its ``frozen`` pytree (the model's params) by them; that one argument is all a
+  new real-model demo needs (and :func:`model_rules` in its ``preflight`` to refuse a bad mesh
+  early).
 
 Multi-host use: run the same command on every host, with the same config, after JAX's distributed
 runtime is initialised. On each host, before anything touches JAX devices, call::
@@ -36,7 +45,6 @@ resumes the run. The batch is generated inside the step from (seed, step), so no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -44,37 +52,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxla.finetune import _config
-from jaxla.finetune._errors import RunError
-from jaxla.lora._targets import path_str, predicate
+from jaxla.finetune._errors import ConfigError, RunError
+from jaxla.models import _sharding
+from jaxla.models._sharding import ShardingRule
 
 __all__ = [
     "SHARDING_RULES",
-    "ShardRule",
     "batch_sharding",
     "constrain_batch",
     "make_mesh",
-    "partition_spec",
+    "model_rules",
     "replicated",
     "tree_shardings",
 ]
 
 AXES = ("data", "model")
 
-
-@dataclass(frozen=True)
-class ShardRule:
-    """Leaves whose path matches ``pattern`` (and have at least ``min_ndim`` axes) put their axis
-    ``axis`` (counted like a Python index, usually from the end) on the mesh axis ``mesh_axis``."""
-
-    pattern: str
-    axis: int
-    mesh_axis: str = "model"
-    min_ndim: int = 2
-
-
-SHARDING_RULES: tuple[ShardRule, ...] = (
-    ShardRule(r"w", axis=-1),    # kernel (..., d_in, d_out)
-    ShardRule(r"w/b", axis=-2),  # LoRA b (..., d_out, r) of a kernel w
+SHARDING_RULES: tuple[ShardingRule, ...] = (
+    ShardingRule(r"w", ("model",), min_ndim=2),  # kernel (..., d_in, d_out): d_out
+    ShardingRule(r"w/b", ("model", None)),       # LoRA b (..., d_out, r) of a kernel w: d_out
 )
 
 
@@ -98,29 +94,29 @@ def make_mesh(mesh_cfg: _config.MeshConfig) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def partition_spec(
-    path: str, shape: tuple[int, ...], mesh_shape: dict[str, int],
-    rules: Sequence[ShardRule] = SHARDING_RULES,
-) -> PartitionSpec:
-    """The ``PartitionSpec`` of one leaf from the first rule matching its path ``path``."""
-    spec = [None] * len(shape)
-    for rule in rules:
-        if not predicate(rule.pattern, "sharding rule")(path, None):
-            continue
-        size = mesh_shape.get(rule.mesh_axis, 1)
-        if len(shape) >= rule.min_ndim and size > 1 and shape[rule.axis] % size == 0:
-            spec[rule.axis] = rule.mesh_axis
-        break
-    return PartitionSpec(*spec)
+def model_rules(config: Any, mesh_cfg: _config.MeshConfig) -> tuple[ShardingRule, ...]:
+    """A real model's sharding rules on the ``(data, model)`` mesh (see the module docstring).
+
+    Args:
+      config: the model's config (``LlamaConfig``, ``BertConfig``).
+      mesh_cfg: the run's ``[mesh]`` section.
+
+    Raises:
+      ConfigError: ``mesh.model`` does not divide the model's query or kv heads.
+    """
+    try:
+        return _sharding.sharding_rules(config, data_axis="data", model_axis="model",
+                                        mesh={"data": mesh_cfg.data, "model": mesh_cfg.model})
+    except ValueError as e:
+        raise ConfigError(f"config key mesh.model = {mesh_cfg.model}: {e}.") from None
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[ShardRule] = SHARDING_RULES) -> Any:
-    """A pytree of ``NamedSharding`` for ``tree`` (arrays or shape-dtype structs) by ``rules``."""
-    mesh_shape = dict(mesh.shape)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, partition_spec(path_str(p), np.shape(x), mesh_shape, rules)),
-        tree,
-    )
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[ShardingRule] = SHARDING_RULES) -> Any:
+    """A pytree of ``NamedSharding`` for ``tree`` (arrays, shape-dtype structs, QArrays) by
+    ``rules``."""
+    specs = _sharding.tree_specs(tree, rules, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,7 @@ def train_phase(
     steps: int,
     items_per_step: int,
     unit: str = "examples",
+    rules: Sequence[_mesh.ShardingRule] | None = None,
 ) -> PhaseResult:
     """Runs (or resumes) one phase and returns its final state.
 
@@ -251,6 +252,9 @@ def train_phase(
       steps: total steps of the phase.
       items_per_step: examples (or tokens) per step, for the reported rate.
       unit: name of the items.
+      rules: sharding rules for the state and ``frozen`` on the mesh, e.g. a real model's
+        ``_mesh.model_rules(model.config, cfg.mesh)``; None: the state by
+        ``_mesh.SHARDING_RULES`` and ``frozen`` left as the caller placed it.
 
     Returns:
       A :class:`PhaseResult`.
@@ -261,8 +265,10 @@ def train_phase(
     """
     ckpts = ctx.checkpoints(phase)
     start, state, template = _restore_or_init(ctx, ckpts, init_state, init_args)
-    sharding = _mesh.tree_shardings(template, ctx.mesh)
+    sharding = _mesh.tree_shardings(template, ctx.mesh, rules or _mesh.SHARDING_RULES)
     state = jax.device_put(state, sharding)
+    if rules is not None:
+        frozen = jax.device_put(frozen, _mesh.tree_shardings(frozen, ctx.mesh, rules))
     if start >= steps:
         done = [r["loss"] for r in ctx.metrics.records() if r.get("phase") == phase]
         return PhaseResult(state, False, start, start, 0.0, 0.0, done[-1] if done else float("nan"))

@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxla import _files, lora, models, spectral
 from jaxla import data as _data
-from jaxla.finetune import _checkpoints, _runner, _steps, _text
+from jaxla.finetune import _checkpoints, _mesh, _runner, _steps, _text
 from jaxla.finetune._config import NONNEG, POS, choice
 from jaxla.finetune._demo import Demo, MemoryTerm
 from jaxla.finetune._errors import ConfigError
@@ -100,7 +100,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def validate(cfg) -> None:
-    """Cross-key checks (ConfigError): the LoRA variants the BERT forward applies, a 1×1 mesh."""
+    """Cross-key checks (ConfigError): the LoRA variants the BERT forward applies."""
     if cfg.lora.init not in ("kaiming", "gaussian"):
         raise ConfigError(f"config key lora.init = {cfg.lora.init!r} is not supported by "
                           "minilm_sentiment: expected 'kaiming' or 'gaussian'.")
@@ -108,9 +108,6 @@ def validate(cfg) -> None:
         if value != ok:
             raise ConfigError(f"config key {key} = {value!r} is not supported by minilm_sentiment "
                               f"(the BERT forward applies plain LoRA): expected {ok!r}.")
-    if (cfg.mesh.data, cfg.mesh.model) != (1, 1):
-        raise ConfigError(f"config keys mesh.data, mesh.model = {cfg.mesh.data}, {cfg.mesh.model}: "
-                          "minilm_sentiment runs on one device; expected 1, 1.")
 
 
 def _model_dir(cfg) -> Path:
@@ -173,8 +170,10 @@ def _read_config(cfg) -> models.BertConfig:
 
 
 def preflight(cfg) -> None:
-    """The model and data exist, ``lora.targets`` select kernels of the model (ConfigError)."""
+    """The model and data exist, ``lora.targets`` select kernels of the model, ``mesh.model``
+    divides its heads (ConfigError)."""
     config = _read_config(cfg)
+    _mesh.model_rules(config, cfg.mesh)
     _data_file(cfg)
     shapes = _param_shapes(config)
     _steps.check_lora_targets(
@@ -301,7 +300,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
         def branch(j):
             def f(trainable):
-                x, m = frozen["ids"][j][rows], frozen["mask"][j][rows]
+                x, m = (_mesh.constrain_batch(frozen[k][j][rows], ctx.mesh) for k in ("ids", "mask"))
                 e = models.embed(config, frozen["params"], x, attention_mask=m,
                                  adapters=trainable["lora"])
                 return e @ trainable["head"]["w"] + trainable["head"]["b"], frozen["y"][j][rows]
@@ -313,7 +312,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     res = _runner.train_phase(
         ctx, phase="adapt", init_state=init_state, init_args=(adapters0, head0), frozen=frozen,
         step_fn=_steps.make_step(loss_fn, optimizer, schedule, batch_fn), steps=cfg.train.steps,
-        items_per_step=cfg.train.batch_size)
+        items_per_step=cfg.train.batch_size, rules=_mesh.model_rules(config, cfg.mesh))
     title = (f"minilm_sentiment: {Path(model.source).name} + LoRA r={cfg.lora.rank} on "
              f"{mc.corpus} valence")
     if res.interrupted:
