@@ -39,7 +39,7 @@ from jaxla.attention._api import dot_product_attention
 from jaxla.attention._rope import apply_rope
 from jaxla.models._family import Family, TensorSource, take
 from jaxla.models._layers import dense, layer_adapters
-from jaxla.quant import _qarray
+from jaxla.quant import _fused, _qarray
 
 __all__ = ["FAMILY", "LlamaConfig", "RopeScaling", "config_from_hf", "forward", "params_from_hf",
            "peft_module_names"]
@@ -331,6 +331,10 @@ def logits_of(config: LlamaConfig, params: Mapping[str, Any], adapters: Mapping[
     if config.tie_word_embeddings:
         table = params["embed"]["table"]
         if isinstance(table, _qarray.QArray):
+            # The fused CPU kernel reads the table's blocks once (h · Eᵀ is its product of the
+            # stored rows); elsewhere, or for many rows, the table is decoded inside the program.
+            if _fused.fused_reason(table, int(np.prod(h.shape[:-1]))) is None:
+                return _fused.rows_product(h, table)
             table = jax.lax.stop_gradient(_qarray.dequantize(table))
         return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype),
                           preferred_element_type=jnp.float32)

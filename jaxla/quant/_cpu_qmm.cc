@@ -34,6 +34,10 @@
 
 #include "../_cpu_dispatch.h"
 
+#if JAXLA_X86
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace jaxla_qmm {
