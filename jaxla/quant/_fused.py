@@ -135,13 +135,13 @@ def _operands(q: QArray):
 
 
 def _call(cfg: _Config, x: jax.Array, q: QArray) -> jax.Array:
-    out = jax.ShapeDtypeStruct(x.shape[:-1] + (cfg.rows,), jnp.float32)
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], cfg.rows), jnp.float32)
     call = jax.ffi.ffi_call(_TARGET, out)
     return call(x, *_operands(q), format=np.int64(cfg.format), columns=np.int64(cfg.columns),
                 block=np.int64(cfg.block), path=np.int64(cfg.path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched_call(cfg: _Config):
     """``_call`` with a vmap rule: a batch of X is more rows; a batched QArray maps over slices."""
 
