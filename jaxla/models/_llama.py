@@ -331,11 +331,10 @@ def logits_of(config: LlamaConfig, params: Mapping[str, Any], adapters: Mapping[
     if config.tie_word_embeddings:
         table = params["embed"]["table"]
         if isinstance(table, _qarray.QArray):
-            # The fused CPU kernel reads the table's blocks once (h · Eᵀ is its product of the
-            # stored rows); elsewhere, or for many rows, the table is decoded inside the program.
-            if _fused.fused_reason(table, int(np.prod(h.shape[:-1]))) is None:
-                return _fused.rows_product(h, table)
-            table = jax.lax.stop_gradient(_qarray.dequantize(table))
+            # h · Eᵀ is the product of the table's stored rows: the fused CPU kernel reads its
+            # blocks once; elsewhere, or for many rows, they are decoded inside the program (and
+            # again in the backward pass, not kept for it).
+            return _fused.product(h, table, compute=h.dtype, acc=jnp.float32)
         return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype),
                           preferred_element_type=jnp.float32)
     # In the params' dtype with f32 accumulation, as Hugging Face's lm_head runs.

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import os
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,8 @@ except ImportError as e:  # pragma: no cover - depends on the build
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["MAX_FUSED_ROWS", "available", "fused_reason", "kernel_path", "rows_product",
-           "supported_paths"]
+__all__ = ["MAX_FUSED_ROWS", "available", "decoded_product", "fused_reason", "kernel_path",
+           "product", "rows_product", "supported_paths"]
 
 _TARGET = "jaxla_quant_matmul"
 _FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "int8": 3, "int4": 4, "nf4": 5}
@@ -174,6 +175,13 @@ def _zero_cotangent(q: QArray) -> QArray:
     return jax.tree.map(zero, q)
 
 
+def _rows_grad(q: QArray, dy: jax.Array, compute, precision) -> jax.Array:
+    """dX = dY · Rows, the rows decoded inside the backward program (a temporary, per call)."""
+    rows = _decode_rows(q).astype(compute)
+    return jax.lax.dot_general(dy.astype(compute), rows, (((dy.ndim - 1,), (0,)), ((), ())),
+                               precision=precision, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _product(cfg: _Config, x: jax.Array, q: QArray) -> jax.Array:
     return _batched_call(cfg)(x, q)
@@ -184,14 +192,56 @@ def _product_fwd(cfg, x, q):
 
 
 def _product_bwd(cfg, q, dy):
-    # dX = dY · Rows, the rows decoded in jnp inside the backward program (not kept afterwards).
-    rows = _decode_rows(q)
-    dx = jnp.einsum("...r,rc->...c", dy.astype(jnp.float32), rows,
-                    preferred_element_type=jnp.float32)
-    return dx, _zero_cotangent(q)
+    return _rows_grad(q, dy, jnp.float32, None), _zero_cotangent(q)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+    compute: Any
+    acc: Any
+    precision: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decoded(cfg: _Decoded, x: jax.Array, q: QArray) -> jax.Array:
+    rows = _decode_rows(q).astype(cfg.compute)                            # (R, C)
+    return jax.lax.dot_general(x, rows, (((x.ndim - 1,), (1,)), ((), ())), precision=cfg.precision,
+                               preferred_element_type=cfg.acc)
+
+
+def _decoded_fwd(cfg, x, q):
+    # The residual is the packed QArray: autodiff of the plain product would save the decoded
+    # matrix for the backward pass, a full-size f32 copy of every layer alive between the passes.
+    return _decoded(cfg, x, q), q
+
+
+def _decoded_bwd(cfg, q, dy):  # x is in cfg.compute, and so is its cotangent
+    return _rows_grad(q, dy, cfg.compute, cfg.precision).astype(cfg.compute), _zero_cotangent(q)
+
+
+_decoded.defvjp(_decoded_fwd, _decoded_bwd)
+
+
+def decoded_product(x: jax.Array, q: QArray, *, compute: Any, acc: Any,
+                    precision: Any = None) -> jax.Array:
+    """``x · Rowsᵀ`` with the rows decoded in jnp (in ``compute``, accumulated in ``acc``) inside
+    the program, forward and backward alike: the backward pass decodes again rather than keeping
+    the decoded matrix alive. ``x (..., C)`` must already be in ``compute``; no gradient to ``q``."""
+    cfg = _Decoded(compute=jnp.dtype(compute), acc=jnp.dtype(acc), precision=precision)
+    return _decoded(cfg, x, jax.tree.map(jax.lax.stop_gradient, q))
+
+
+def product(x: jax.Array, q: QArray, *, compute: Any, acc: Any, precision: Any = None
+            ) -> jax.Array:
+    """``x · Rowsᵀ`` in ``acc``: the fused kernel where :func:`fused_reason` allows it (and the
+    compute dtype is not float64), else :func:`decoded_product`."""
+    rows = int(np.prod(x.shape[:-1]))
+    if jnp.dtype(compute) != jnp.float64 and fused_reason(q, rows) is None:
+        return rows_product(x, q).astype(acc)
+    return decoded_product(x, q, compute=compute, acc=acc, precision=precision)
 
 
 def _register() -> None:

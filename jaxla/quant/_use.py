@@ -26,12 +26,11 @@ def matmul(x: jax.Array, w: Any, *, compute: Any, acc: Any, precision: Any = Non
 
     A quantized kernel runs in the fused CPU kernel when :func:`jaxla.quant._fused.fused_reason`
     allows it (CPU, a supported format, at most ``MAX_FUSED_ROWS`` rows of x, not float64), which
-    computes in float32 whatever ``compute`` is; otherwise it is decoded by :func:`kernel`.
+    computes in float32 whatever ``compute`` is; otherwise it is decoded inside the program, and
+    decoded again in the backward pass instead of being kept for it (no gradient to it either way).
     """
-    if isinstance(w, QArray) and w.axis == -2 and jnp.dtype(compute) != jnp.float64:
-        rows = int(np.prod(x.shape[:-1]))
-        if _fused.fused_reason(w, rows) is None:
-            return _fused.rows_product(x, w).astype(acc)
+    if isinstance(w, QArray) and w.axis == -2:
+        return _fused.product(x, w, compute=compute, acc=acc, precision=precision)
     return jax.lax.dot_general(x, kernel(w, compute), (((x.ndim - 1,), (0,)), ((), ())),
                                precision=precision, preferred_element_type=acc)
 
