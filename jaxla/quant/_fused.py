@@ -230,8 +230,20 @@ def decoded_product(x: jax.Array, q: QArray, *, compute: Any, acc: Any,
     """``x · Rowsᵀ`` with the rows decoded in jnp (in ``compute``, accumulated in ``acc``) inside
     the program, forward and backward alike: the backward pass decodes again rather than keeping
     the decoded matrix alive. ``x (..., C)`` must already be in ``compute``; no gradient to ``q``."""
+    _check_x(x, q)
     cfg = _Decoded(compute=jnp.dtype(compute), acc=jnp.dtype(acc), precision=precision)
     return _decoded(cfg, x, jax.tree.map(jax.lax.stop_gradient, q))
+
+
+def _check_x(x: jax.Array, q: QArray) -> None:
+    if not isinstance(q, QArray):
+        raise TypeError(f"q must be a jaxla.quant.QArray, got {type(q).__name__}")
+    if q.stack_shape:
+        raise ValueError(f"q must be one matrix, got stacking axes {q.stack_shape} ({q!r}); index "
+                         "a layer first")
+    if x.ndim < 1 or x.shape[-1] != q.columns:
+        raise ValueError(f"x must be (..., C) with C = {q.columns} (the stored rows of {q!r}), got "
+                         f"shape {tuple(x.shape)}")
 
 
 def product(x: jax.Array, q: QArray, *, compute: Any, acc: Any, precision: Any = None
@@ -267,12 +279,8 @@ def rows_product(x: jax.Array, q: QArray, *, path: str | None = None) -> jax.Arr
       ValueError: the kernel cannot run this product here (:func:`fused_reason`, ignoring the row
         limit), or ``x`` does not fit ``q``.
     """
-    if not isinstance(q, QArray):
-        raise TypeError(f"q must be a jaxla.quant.QArray, got {type(q).__name__}")
     x = jnp.asarray(x)
-    if x.ndim < 1 or x.shape[-1] != q.columns:
-        raise ValueError(f"x must be (..., C) with C = {q.columns} (the stored rows of {q!r}), got "
-                         f"shape {tuple(x.shape)}")
+    _check_x(x, q)
     reason = fused_reason(q, 0)
     if reason is not None:
         raise ValueError(f"the fused quantized matmul cannot run: {reason}")
