@@ -44,13 +44,19 @@ def _check(y, x, q):
 
 
 def test_every_format_and_path_matches_float64(rng):
+    cases = []
     for fmt, kw, d_in in CASES:
         q = quant.quantize(rng.standard_normal((d_in, 37)).astype(np.float32), format=fmt, **kw)
-        # One row, a partial register tile, several tiles and a tail; one program per path.
-        xs = [rng.standard_normal((m, d_in)).astype(np.float32) for m in (1, 3, 17)]
-        for path in _fused.supported_paths():
-            ys = jax.jit(lambda xs, q, path=path: [_fused.rows_product(x, q, path=path)
-                                                   for x in xs])(xs, q)
+        # One row, a partial register tile, several tiles and a tail.
+        cases.append(([rng.standard_normal((m, d_in)).astype(np.float32) for m in (1, 3, 17)], q))
+    paths = _fused.supported_paths()
+
+    def products(cases):  # every format, path and row count in one compiled program
+        return [[[_fused.rows_product(x, q, path=path) for x in xs] for path in paths]
+                for xs, q in cases]
+
+    for (xs, q), per_path in zip(cases, jax.jit(products)(cases), strict=True):
+        for ys in per_path:
             for x, y in zip(xs, ys, strict=True):
                 _check(y, x, q)
     # The tied head's table (blocks along each row, logits = h · Eᵀ) is the same product.
@@ -100,7 +106,9 @@ def test_vmap_scan_and_nan(rng):
     assert "jaxla_quant_matmul" in str(jax.make_jaxpr(scan)(q, jnp.asarray(x)))
     vmapped_x = jax.vmap(lambda x: jaxla.linear({"w": layer0}, x))(jnp.asarray(x))
     vmapped_q = jax.vmap(lambda layer: jaxla.linear({"w": layer}, jnp.asarray(x)))(q)
-    for got in (per_layer, vmapped_q):
+    vmapped_both = jax.vmap(lambda layer, x: jaxla.linear({"w": layer}, x))(
+        q, jnp.broadcast_to(jnp.asarray(x), (3, *x.shape)))
+    for got in (per_layer, vmapped_q, vmapped_both):
         assert got.shape == (3, 2, 5, 32)
         for i in range(3):
             layer = jax.tree.map(lambda v, i=i: v[i], q)
