@@ -152,7 +152,7 @@ using namespace jaxla_qmm;
 #endif
 #define JAXLA_VBYTES 64
 #define JAXLA_RO 4
-#define JAXLA_MT 4
+#define JAXLA_MT 8
 namespace qmm_avx512 {
 using namespace jaxla_qmm;
 #include "_cpu_qmm_kernels.inc"
