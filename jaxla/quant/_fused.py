@@ -58,7 +58,7 @@ _FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "int8": 3, "int4": 4, "nf4": 5}
 OFF_VAR = "JAXLA_FUSED_QMM"
 # Rows of X up to which the fused kernel runs; above, the jnp path's decode is amortised over the
 # rows and XLA's matmul is faster (measured crossover: benchmarks/quant.py "fused matmul" rows).
-MAX_FUSED_ROWS = 64
+MAX_FUSED_ROWS = 128
 
 _PATH_IDS, _SUPPORTED = _ext.paths() if _ext is not None else ({}, [])
 _SUPPORTED = tuple(_SUPPORTED)
