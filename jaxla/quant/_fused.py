@@ -213,8 +213,8 @@ def _decoded(cfg: _Decoded, x: jax.Array, q: QArray) -> jax.Array:
 
 
 def _decoded_fwd(cfg, x, q):
-    # The residual is the packed QArray: autodiff of the plain product would save the decoded
-    # matrix for the backward pass, a full-size f32 copy of every layer alive between the passes.
+    # The residual is the packed QArray, so whatever autodiff and XLA would otherwise keep, no
+    # decoded matrix is saved between the passes: the backward pass decodes again.
     return _decoded(cfg, x, q), q
 
 
