@@ -1,8 +1,10 @@
-"""Builds jaxla's one compiled piece, the CPU attention kernels (jaxla/attention/_cpu_ext.cc).
+"""Builds jaxla's compiled pieces: the CPU attention kernels (jaxla/attention/_cpu_ext.cc) and the
+fused dequantize-and-multiply kernel of quantized bases (jaxla/quant/_cpu_qmm.cc).
 
-Everything else is declared in pyproject.toml. The extension is optional: without a C++ compiler,
-or on a platform it does not build for, the install still succeeds and attention uses the plain-JAX
-"chunked" implementation. It compiles against the XLA FFI headers that ship inside jaxlib.
+Everything else is declared in pyproject.toml. The extensions are optional: without a C++ compiler,
+or on a platform they do not build for, the install still succeeds, attention uses the plain-JAX
+"chunked" implementation and quantized kernels are decoded in jnp. They compile against the XLA FFI
+headers that ship inside jaxlib, and share their CPU-feature dispatch (jaxla/_cpu_dispatch.h).
 """
 
 import os
@@ -32,12 +34,21 @@ def _ext_modules():
         Extension(
             "jaxla.attention._cpu_ext",
             sources=["jaxla/attention/_cpu_ext.cc"],
-            depends=["jaxla/attention/_cpu_kernels.inc"],
+            depends=["jaxla/attention/_cpu_kernels.inc", "jaxla/_cpu_dispatch.h"],
             include_dirs=[include],
             language="c++",
             extra_compile_args=flags,
             optional=True,
-        )
+        ),
+        Extension(
+            "jaxla.quant._cpu_qmm",
+            sources=["jaxla/quant/_cpu_qmm.cc"],
+            depends=["jaxla/quant/_cpu_qmm_kernels.inc", "jaxla/_cpu_dispatch.h"],
+            include_dirs=[include],
+            language="c++",
+            extra_compile_args=flags,
+            optional=True,
+        ),
     ]
 
 

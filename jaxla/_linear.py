@@ -128,7 +128,9 @@ def linear(
 
     Args:
       params: ``{"w": (I, O), "b": (O,)}`` from :func:`init_linear` (``"b"`` optional); ``"w"`` may
-        be a :class:`jaxla.quant.QArray` (decoded inside the product, no gradient to it).
+        be a :class:`jaxla.quant.QArray` (no gradient to it): on CPU a fused kernel multiplies its
+        blocks directly for up to ``jaxla.quant.MAX_FUSED_ROWS`` rows of x, otherwise it is decoded
+        inside the product.
       x: input of shape ``(..., I)``.
       precision: passed to ``lax.dot_general`` (e.g. ``jax.lax.Precision.HIGHEST``).
       preferred_element_type: dtype of the result; by default the compute dtype. Accumulation is in
@@ -146,13 +148,8 @@ def linear(
     w, b = check_linear_params(params)
     x, compute, out_dtype = check_linear_input(w, x, dtype, preferred_element_type)
     acc = _accum(compute)
-    y = jax.lax.dot_general(
-        x.astype(compute),
-        _use.kernel(w, compute),  # a QArray is decoded here, inside the caller's program
-        (((x.ndim - 1,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=acc,
-    )
+    # A QArray runs in the fused CPU kernel, or is decoded here, inside the caller's program.
+    y = _use.matmul(x.astype(compute), w, compute=compute, acc=acc, precision=precision)
     if b is not None:
         # Reshape rather than rely on rank promotion, which users may have set to 'raise'.
         y = y + b.astype(compute).astype(acc).reshape((1,) * (y.ndim - 1) + b.shape)

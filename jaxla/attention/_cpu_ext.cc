@@ -47,6 +47,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "../_cpu_dispatch.h"  // path_supported, bf16_dot_supported, JAXLA_X86
+
 namespace ffi = xla::ffi;
 
 namespace jaxla_common {
@@ -168,12 +170,6 @@ ffi::Error setup_problem(Problem& pr, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
 
 }  // namespace
 
-#if defined(__x86_64__) || defined(__i386__)
-#define JAXLA_X86 1
-#else
-#define JAXLA_X86 0
-#endif
-
 // Each path's copy of the tile code. The pragmas set the instruction set of every function defined
 // between push and pop (lambdas and the instantiated templates of the .inc included).
 // 4-float vectors: one SSE2 / NEON register each, so the 6 x 8 register tile fits 16 registers.
@@ -275,30 +271,9 @@ const Path kPaths[] = {
 };
 constexpr int64_t kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
 
-// Whether this CPU (and its OS, which must save the wider registers) can run path p.
-bool path_supported(int64_t p) {
-  if (p < 0 || p >= kNumPaths) return false;
-  if (p == 0) return true;
-#if JAXLA_X86
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (p == 1) return avx2;
-  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
-// Whether the AVX-512 path may take bf16 inputs with AVX512-BF16 dot products here.
-bool bf16_dot_supported() {
-#if JAXLA_X86
-  __builtin_cpu_init();
-  return path_supported(2) && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
+// The CPU-feature checks are shared with the quantized-matmul kernel (jaxla/_cpu_dispatch.h).
+using jaxla_dispatch::bf16_dot_supported;
+using jaxla_dispatch::path_supported;
 
 ffi::Error check_path(int64_t path) {
   if (path_supported(path)) return ffi::Error::Success();

@@ -3,24 +3,37 @@
 * resident parameter bytes of the whole model for f32, bf16, the GGUF's Q4_1 kept as loaded, NF4
   and int8 (kernels and the embedding table quantized), each as a fraction of f32 (target: 4-bit
   formats <= 0.17x);
-* decode tokens/s with the Q4_1-kept base vs the f32 base (``(M - 1) / (generate(M) −
-  generate(1))``, the prefill cancels; target >= 1.0x);
+* the fused dequantize-and-multiply CPU kernel (``jaxla.quant._fused``) on one Q4_1 MLP kernel and
+  the Q8_0 embedding table used as the tied head: time and GB/s of packed bytes per call against
+  the machine's copy bandwidth (read + write, ``harness.copy_bandwidth``), and against the jnp
+  decode-then-matmul path and an f32 matmul for 1 to 512 rows of X (the crossover that sets
+  ``MAX_FUSED_ROWS``);
+* decode tokens/s with the Q4_1-kept base (fused kernel) vs the f32 base (``(M - 1) / (generate(M)
+  − generate(1))``, the prefill cancels; target >= 1.0x), timed interleaved; the Q4_1 base with the
+  fused kernel forced off (``JAXLA_FUSED_QMM=0``) in a fresh process; llama.cpp on the same file
+  when ``llama_cpp`` imports (target >= 0.5x of it); prefill tokens/s of the prompt for each;
 * a QLoRA training step (batch 8 x 64 tokens, r = 8 on the attention and MLP kernels, Adam) on
   the Q4_1-kept base vs the same step on the f32 base (target <= 1.5x the time), and each one's
-  peak resident memory measured in a fresh process (target QLoRA <= 0.5x).
+  peak resident memory measured in its own fresh process (target QLoRA <= 0.5x). The peak is the
+  child's VmHWM: ``getrusage``'s ru_maxrss survives exec, so a child of a large benchmark process
+  reported the parent's peak for both bases (4913 MiB each, 2026-12-01).
 
-Every row checks its numerics in the same run (finite logits/loss; the Q4_1 and f32 bases give the
-same first greedy token, since they hold the same weights). The decode on the Q4_1 base goes
-through XLA, which decodes each kernel inside the program (no fused dequantize-matmul kernel yet).
-``--quick`` runs a tiny random model quantized to q4_1 instead of the real file (no subprocesses).
+Timings on a shared machine are noisy: variants are interleaved round by round, medians reported,
+and the 1-minute load average is recorded with each timing row. Every row checks its numerics in
+the same run (finite logits/loss; the bases give the same first greedy token, the fused kernel
+agrees with the decoded product). ``--quick`` runs a tiny random model quantized to q4_1 instead
+of the real file (no subprocesses).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import statistics
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -89,26 +102,149 @@ def _bytes_rows(dense: models.Model, q41: models.Model) -> list[dict]:
     return rows
 
 
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _interleaved(fns: dict, args: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each compiled ``fns[k](*args[k])``, timed one after another per round."""
+    for k, f in fns.items():
+        jax.block_until_ready(f(*args[k]))
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args[k]))
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _matvec_rows(q41: models.Model, quick: bool) -> list[dict]:
+    """The fused kernel alone on one Q4_1 MLP kernel and on the Q8_0 (tied head) table."""
+    layers = q41.params["layers"]
+    cases = {"q4_1 mlp/up layer 0": jax.tree.map(lambda v: v[0], layers["mlp"]["up"]["w"]),
+             "embedding table (head)": q41.params["embed"]["table"]}
+    copy = harness.copy_bandwidth(quick=quick)
+    rows, rng = [], np.random.default_rng(0)
+    for name, q in cases.items():
+        if quant.fused_reason(q, 1) is not None:
+            rows.append({"name": f"fused matmul {name}: {quant.fused_reason(q, 1)}"})
+            continue
+        dense = quant.dequantize(q, dtype=jnp.float32)
+        dense_rows = dense.T if q.axis == -2 else dense                    # (R, C)
+        crossover = None
+        for m in ((1, 16) if quick else (1, 4, 16, 32, 64, 128, 512)):
+            x = jnp.asarray(rng.standard_normal((m, q.columns)), jnp.float32)
+            fns = {"fused": jax.jit(quant.rows_product),
+                   "decoded": jax.jit(lambda x, q: quant.decoded_product(
+                       x, q, compute=jnp.float32, acc=jnp.float32)),
+                   "f32": jax.jit(lambda x, w: x @ w.T)}
+            args = {"fused": (x, q), "decoded": (x, q), "f32": (x, dense_rows)}
+            t = _interleaved(fns, args, 3 if quick else 15)
+            got, want = fns["fused"](x, q), fns["decoded"](x, q)
+            scale = float(jnp.max(jnp.abs(x) @ jnp.abs(dense_rows).T))
+            err = float(jnp.max(jnp.abs(got - want)))
+            if crossover is None and t["fused"] > t["decoded"]:
+                crossover = m
+            rows.append({"name": f"fused matmul {name} {tuple(q.shape)}, M={m}",
+                         "fused_us": t["fused"] * 1e6, "decoded_us": t["decoded"] * 1e6,
+                         "f32_us": t["f32"] * 1e6, "fused_gb_s": q.nbytes / t["fused"] / 1e9,
+                         "vs_copy": q.nbytes / t["fused"] / copy, "load": _load(),
+                         "path": quant.fused_path(), "ok": err <= 8 * 1.2e-7 * scale})
+        rows.append({"name": f"fused vs decoded crossover, {name}", "first_slower_m": crossover,
+                     "max_fused_rows": quant.MAX_FUSED_ROWS, "copy_gb_s": copy / 1e9, "ok": True})
+    return rows
+
+
+def _generate_fns(config, new_tokens):
+    return {n: jax.jit(lambda p, ids, n=n: models.generate(config, p, ids, max_new_tokens=n))
+            for n in (1, new_tokens)}
+
+
+def _prompt(config, quick):
+    return jax.random.randint(jax.random.key(1), (1, 16 if quick else specs_models.PROMPT_TOKENS),
+                              0, config.vocab_size, jnp.int32)
+
+
 def _decode_rows(dense, q41, label, quick) -> list[dict]:
     config = dense.config
     new_tokens = specs_models.QUICK_DECODE_TOKENS if quick else specs_models.DECODE_TOKENS
-    prompt = jax.random.randint(jax.random.key(1), (1, 16 if quick else specs_models.PROMPT_TOKENS),
-                                0, config.vocab_size, jnp.int32)
-    iters = 2 if quick else 5
-    speeds, firsts, rows = {}, {}, []
-    for name, params in (("f32 base", dense.params), ("q4_1 base", q41.params)):
-        runs = {n: harness.measure(jax.jit(lambda p, ids, n=n: models.generate(
-            config, p, ids, max_new_tokens=n)), params, prompt, iters=iters) for n in (1, new_tokens)}
-        decode_s = max(runs[new_tokens]["median_s"] - runs[1]["median_s"], 1e-9)
-        speeds[name] = (new_tokens - 1) / decode_s
-        firsts[name] = int(np.asarray(runs[1]["out"])[0, 0])
-        rows.append({"name": f"{label} decode, {name}, {new_tokens} new", "decode_tok_s": speeds[name],
-                     "compile_s": runs[new_tokens]["compile_s"],
-                     "ok": 0 <= firsts[name] < config.vocab_size})
-    ratio = speeds["q4_1 base"] / speeds["f32 base"]
-    rows.append({"name": "decode q4_1 / f32", "ratio": ratio, "target": ">=1.0x",
-                 "met": ratio >= 1.0, "ok": firsts["q4_1 base"] == firsts["f32 base"]})
+    prompt = _prompt(config, quick)
+    gen = _generate_fns(config, new_tokens)
+    fns, args = {}, {}
+    for name, params in (("f32 base", dense.params), ("q4_1 base, fused", q41.params)):
+        for n in (1, new_tokens):
+            fns[name, n], args[name, n] = gen[n], (params, prompt)
+    t = _interleaved(fns, args, 2 if quick else 7)
+    speeds, rows = {}, []
+    firsts = {name: int(np.asarray(gen[1](params, prompt))[0, -1])
+              for name, params in (("f32 base", dense.params), ("q4_1 base, fused", q41.params))}
+    for name in ("f32 base", "q4_1 base, fused"):
+        speeds[name] = (new_tokens - 1) / max(t[name, new_tokens] - t[name, 1], 1e-9)
+        rows.append({"name": f"{label} decode, {name}, {new_tokens} new",
+                     "decode_tok_s": speeds[name], "prefill_tok_s": prompt.shape[1] / t[name, 1],
+                     "load": _load(), "ok": 0 <= firsts[name] < config.vocab_size})
+    ratio = speeds["q4_1 base, fused"] / speeds["f32 base"]
+    rows.append({"name": "decode q4_1 (fused) / f32", "ratio": ratio, "target": ">=1.0x",
+                 "met": ratio >= 1.0, "ok": firsts["q4_1 base, fused"] == firsts["f32 base"]})
+    if quick:
+        return rows
+    off = _child_json("decode_off", env={"JAXLA_FUSED_QMM": "0"})
+    if off:
+        rows.append({"name": f"{label} decode, q4_1 base, fused kernel off (fresh process)",
+                     "decode_tok_s": off["decode_tok_s"], "prefill_tok_s": off["prefill_tok_s"],
+                     "load": off["load"], "ok": off["first"] == firsts["f32 base"]})
+        rows.append({"name": "decode q4_1 fused / fused off", "ratio":
+                     speeds["q4_1 base, fused"] / off["decode_tok_s"], "ok": True})
+    rows += _llama_cpp_rows(speeds["q4_1 base, fused"], new_tokens)
     return rows
+
+
+def _decode_off() -> dict:
+    """In a fresh process started with the fused kernel off: the Q4_1 base's decode speed."""
+    q41 = models.load(specs_models.smollm2_file(), keep_quantized=True)
+    config = q41.config
+    prompt = _prompt(config, False)
+    gen = _generate_fns(config, specs_models.DECODE_TOKENS)
+    t = _interleaved({n: f for n, f in gen.items()}, {n: (q41.params, prompt) for n in gen}, 3)
+    n = specs_models.DECODE_TOKENS
+    return {"decode_tok_s": (n - 1) / max(t[n] - t[1], 1e-9), "prefill_tok_s": prompt.shape[1] / t[1],
+            "load": _load(), "first": int(np.asarray(gen[1](q41.params, prompt))[0, -1]),
+            "fused": quant.fused_path()}
+
+
+def _llama_cpp_rows(ours: float, new_tokens: int) -> list[dict]:
+    """llama.cpp (llama-cpp-python) on the same file, when it is installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return [{"name": "llama.cpp side by side: llama_cpp not installed (PyPI has no prebuilt "
+                         "wheel of llama-cpp-python for this machine; anchors 117-149 tok/s decode "
+                         "measured here with llama.cpp itself)",
+                 "ratio_vs_117": ours / 117.0, "ratio_vs_149": ours / 149.0, "target": ">=0.5x",
+                 "met": ours / 149.0 >= 0.5, "ok": True}]
+    llm = llama_cpp.Llama(model_path=str(specs_models.smollm2_file()), n_ctx=512, verbose=False)
+    prompt = [int(t) for t in _prompt_ids(llm.n_vocab())]
+    times = {}
+    for n in (1, new_tokens):
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for i, _token in enumerate(llm.generate(prompt, top_k=1, reset=True)):
+                if i + 1 >= n:
+                    break
+            runs.append(time.perf_counter() - t0)
+        times[n] = statistics.median(runs)
+    theirs = (new_tokens - 1) / max(times[new_tokens] - times[1], 1e-9)
+    return [{"name": "llama.cpp decode, same file", "decode_tok_s": theirs, "load": _load(),
+             "ok": True},
+            {"name": "decode jaxla q4_1 (fused) / llama.cpp", "ratio": ours / theirs,
+             "target": ">=0.5x", "met": ours / theirs >= 0.5, "ok": True}]
+
+
+def _prompt_ids(vocab: int) -> np.ndarray:
+    return np.asarray(jax.random.randint(jax.random.key(1), (specs_models.PROMPT_TOKENS,), 0, vocab,
+                                         jnp.int32))
 
 
 def _step_setup(dense, params, shape):
@@ -144,34 +280,58 @@ def _step_rows(dense, q41, label, quick) -> list[dict]:
                  "met": ratio <= 1.5,
                  "ok": abs(losses["QLoRA q4_1"] - losses["f32 LoRA"]) <= 1e-3 * abs(losses["f32 LoRA"])})
     if not quick:
-        peaks = {kind: _child_peak(kind) for kind in ("f32", "q4_1")}
-        for kind, peak in peaks.items():
-            rows.append({"name": f"peak RSS, fresh process: load + train step, {kind} base",
-                         "peak_rss_mib": peak / 2**20 if peak else None, "ok": bool(peak)})
+        peaks = {kind: _child_json("step", kind) for kind in ("f32", "q4_1")}
+        for kind, got in peaks.items():
+            rows.append({"name": f"fresh process: load + 3 train steps, {kind} base",
+                         "peak_rss_mib": got["peak_rss"] / 2**20 if got else None,
+                         "step_s": got["step_s"] if got else None,
+                         "temp_mib": got["temp_bytes"] / 2**20 if got else None,
+                         "ok": bool(got) and np.isfinite(got["loss"])})
         if peaks["f32"] and peaks["q4_1"]:
-            r = peaks["q4_1"] / peaks["f32"]
+            r = peaks["q4_1"]["peak_rss"] / peaks["f32"]["peak_rss"]
             rows.append({"name": "peak RSS QLoRA / f32 LoRA", "ratio": r, "target": "<=0.5x",
                          "met": r <= 0.5, "ok": True})
     return rows
 
 
-def _child(kind: str) -> None:
-    """In a fresh process: load the base, run two train steps, print the peak RSS as JSON."""
-    path = specs_models.smollm2_file()
-    model = models.load(path, keep_quantized=kind == "q4_1")
+def _peak_rss_bytes() -> int:
+    """This process's VmHWM. Not ``getrusage``: its ru_maxrss survives exec, so in a child of a big
+    process it is at least the parent's resident size at the fork."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return harness.peak_rss_bytes()
+
+
+def _step_child(kind: str) -> dict:
+    """In a fresh process: load the base, compile the train step, run it 3 times."""
+    model = models.load(specs_models.smollm2_file(), keep_quantized=kind == "q4_1")
     step, adapters, state, ids = _step_setup(model, model.params, (STEP_BATCH, STEP_TOKENS, STEP_RANK))
-    for _ in range(2):
-        adapters, state, loss = step(model.params, adapters, state, ids)
-    jax.block_until_ready(loss)
-    print(json.dumps({"peak_rss": harness.peak_rss_bytes()}))
+    temp = step.lower(model.params, adapters, state, ids).compile().memory_analysis()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        adapters, state, loss = jax.block_until_ready(step(model.params, adapters, state, ids))
+        times.append(time.perf_counter() - t0)
+    return {"peak_rss": _peak_rss_bytes(), "step_s": statistics.median(times[1:]),
+            "loss": float(loss), "temp_bytes": getattr(temp, "temp_size_in_bytes", 0)}
 
 
-def _child_peak(kind: str) -> int | None:
-    code = f"from jaxla.benchmarks.quant import _child; _child({kind!r})"
+_CHILDREN = {"step": _step_child, "decode_off": lambda _arg: _decode_off()}
+
+
+def _child(which: str, arg: str) -> None:
+    print(json.dumps(_CHILDREN[which](arg)))
+
+
+def _child_json(which: str, arg: str = "", env: dict | None = None) -> dict | None:
+    """Runs ``_CHILDREN[which](arg)`` in a fresh Python process; its JSON line, or None on failure."""
+    code = f"from jaxla.benchmarks.quant import _child; _child({which!r}, {arg!r})"
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=900, check=True)
-        return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss"])
+                              timeout=900, check=True, env={**os.environ, **(env or {})})
+        return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
         return None
 
@@ -183,6 +343,7 @@ def run(*, quick: bool) -> list[dict]:
         rows.append({"name": f"SmolLM2 not cached (jaxla download {specs_models.SMOLLM2}); "
                              "timing a tiny random model"})
     rows += _bytes_rows(dense, q41)
+    rows += _matvec_rows(q41, quick)
     rows += _decode_rows(dense, q41, label, quick)
     rows += _step_rows(dense, q41, label, quick)
     return rows

@@ -369,7 +369,8 @@ def _drop(x, key, rate):
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _linear_jit(params, adapter, x, key, precision, compute, out_dtype, formulation, rate):
     acc = _checks.accum_dtype(compute)
-    w = _use.kernel(params["w"], compute)  # a quantized base is decoded here, frozen
+    wq = params["w"]  # a quantized base: multiplied by the fused CPU kernel or decoded, frozen
+    w = _use.kernel(wq, compute)  # (XLA drops the decode where only the fused product uses it)
     a, b = jnp.asarray(adapter.a).astype(compute), jnp.asarray(adapter.b).astype(compute)
     x = x.astype(compute)
     scale = scale_of(adapter, acc)
@@ -381,10 +382,10 @@ def _linear_jit(params, adapter, x, key, precision, compute, out_dtype, formulat
         else:
             y = _merged_product(x, w, a, b, float(adapter.scale), precision)
     elif adapter.m is None and key is None:
-        y = _factored_product(x, w, a, b, scale, precision, acc)
+        y = _factored_product(x, wq, a, b, scale, precision, acc)
     else:
         xd = _drop(x, key, rate) if key is not None else x
-        base = _dot(x, w, last, 0, precision, acc)
+        base = _use.matmul(x, wq, compute=compute, acc=acc, precision=precision)
         xa = (_dot(xd, a, last, 1, precision, acc) * scale).astype(compute)
         low = _dot(xa, b, last, 1, precision, acc)
         if adapter.m is None:
@@ -396,7 +397,7 @@ def _linear_jit(params, adapter, x, key, precision, compute, out_dtype, formulat
             if key is None:
                 y = f * (base + low)
             else:
-                based = _dot(xd, w, last, 0, precision, acc)
+                based = _use.matmul(xd, wq, compute=compute, acc=acc, precision=precision)
                 y = base + (f - jnp.ones_like(f)) * based + f * low
     if params.get("b") is not None:
         bias = jnp.asarray(params["b"]).astype(compute).astype(acc)
@@ -412,7 +413,7 @@ def _dot(x, y, contract_x, contract_y, precision, acc):
 def _factored_product(x, w, a, b, scale, precision, acc):
     """``x·W + scale·((x·aᵀ)·bᵀ)``: two thin products beside the main one."""
     last = x.ndim - 1
-    y = _dot(x, w, last, 0, precision, acc)
+    y = _use.matmul(x, w, compute=x.dtype, acc=acc, precision=precision)
     # Scale the thin (..., r) intermediate: r multiplies per row instead of O.
     xa = (_dot(x, a, last, 1, precision, acc) * jnp.asarray(scale, acc)).astype(x.dtype)
     return y + _dot(xa, b, last, 1, precision, acc)

@@ -39,7 +39,7 @@ from jaxla.attention._api import dot_product_attention
 from jaxla.attention._rope import apply_rope
 from jaxla.models._family import Family, TensorSource, take
 from jaxla.models._layers import dense, layer_adapters
-from jaxla.quant import _qarray
+from jaxla.quant import _fused, _qarray
 
 __all__ = ["FAMILY", "LlamaConfig", "RopeScaling", "config_from_hf", "forward", "params_from_hf",
            "peft_module_names"]
@@ -331,7 +331,10 @@ def logits_of(config: LlamaConfig, params: Mapping[str, Any], adapters: Mapping[
     if config.tie_word_embeddings:
         table = params["embed"]["table"]
         if isinstance(table, _qarray.QArray):
-            table = jax.lax.stop_gradient(_qarray.dequantize(table))
+            # h · Eᵀ is the product of the table's stored rows: the fused CPU kernel reads its
+            # blocks once; elsewhere, or for many rows, they are decoded inside the program (and
+            # again in the backward pass, not kept for it).
+            return _fused.product(h, table, compute=h.dtype, acc=jnp.float32)
         return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype),
                           preferred_element_type=jnp.float32)
     # In the params' dtype with f32 accumulation, as Hugging Face's lm_head runs.

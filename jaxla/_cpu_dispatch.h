@@ -1,0 +1,53 @@
+// Run-time CPU dispatch shared by jaxla's compiled CPU kernels (jaxla/attention/_cpu_ext.cc and
+// jaxla/quant/_cpu_qmm.cc): which of the compiled code paths this CPU can run.
+//
+// Every extension compiles its kernel code once per path, each copy under its own target pragma,
+// while the rest of the module is compiled for the baseline target, so one build runs on any CPU.
+// The paths are numbered alike in every extension (the `path` attribute their FFI calls take):
+//   0 "portable" (the baseline: SSE2 on x86-64, whatever the compiler targets elsewhere),
+//   1 "avx2"     (AVX2 + FMA; x86-64 only), 2 "avx512" (AVX-512 F/BW/DQ/VL; x86-64 only).
+// The Python side (jaxla/_cpu_dispatch.py) picks the best path this CPU runs, or the one the
+// JAXLA_CPU_KERNEL environment variable names, and every handler checks it again here, so no call
+// runs instructions the CPU lacks.
+#ifndef JAXLA_CPU_DISPATCH_H_
+#define JAXLA_CPU_DISPATCH_H_
+
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define JAXLA_X86 1
+#else
+#define JAXLA_X86 0
+#endif
+
+namespace jaxla_dispatch {
+
+constexpr int64_t kPortable = 0, kAvx2 = 1, kAvx512 = 2;
+
+// Whether this CPU (and its OS, which must save the wider registers) can run path p.
+inline bool path_supported(int64_t p) {
+  if (p == kPortable) return true;
+#if JAXLA_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (p == kAvx2) return avx2;
+  if (p == kAvx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#endif
+  return false;
+}
+
+// Whether the AVX-512 path may also use AVX512-BF16 dot products here.
+inline bool bf16_dot_supported() {
+#if JAXLA_X86
+  __builtin_cpu_init();
+  return path_supported(kAvx512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+}  // namespace jaxla_dispatch
+
+#endif  // JAXLA_CPU_DISPATCH_H_

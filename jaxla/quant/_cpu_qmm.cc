@@ -1,0 +1,340 @@
+// Fused dequantize-and-multiply CPU kernel for jaxla.quant (QArray kernels and embedding tables),
+// called through XLA's FFI.
+//
+// XLA:CPU decodes a quantized kernel into a full f32 matrix inside every program that multiplies by
+// it, so a decode step that reads each weight once reads 6.4x the bytes of the 4-bit blocks plus
+// the f32 copy it writes. Here every thread takes whole groups of stored rows, decodes each chunk of
+// 32 values into registers and multiplies it into every row of X at once (f32 fused multiply-adds,
+// f32 accumulation): the blocks stream from memory once per call and no decoded matrix exists.
+//
+// Layouts (row-major): x (..., C) f32, every leading dimension folded into M rows; the stored rows
+// of the QArray: GGUF q8_0/q4_0/q4_1 blocks uint8 (R, C/32, bytes per block), int8 codes (R, C) with
+// scales (R, 1) f32, int4/nf4 paired nibbles uint8 (R, C/2) with per-block scales (R, C/block) f32
+// (nf4: the decoded absmax) and int4 minima (R, C/block) f32; y (..., R) f32 = x · Rowsᵀ. A kernel
+// W (C, R) stored with its blocks along d_in gives y = x·W; an embedding table (R, C) gives the
+// tied head's logits x·Eᵀ; it is the same product.
+//
+// Code paths: _cpu_qmm_kernels.inc is included once per path (portable, avx2, avx512; numbered as
+// in jaxla/_cpu_dispatch.h, shared with the attention kernel) inside its own namespace under a
+// target pragma, while this file is compiled for the baseline target.
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#include "../_cpu_dispatch.h"
+
+#if JAXLA_X86
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace jaxla_qmm {
+
+// Format numbers of the `format` attribute (jaxla/quant/_cpu_qmm.py: _FORMAT_IDS).
+constexpr int64_t kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3, kInt4 = 4, kNF4 = 5;
+constexpr int64_t kNumFormats = 6;
+constexpr int64_t kRowsPerItem = 16;  // stored rows per work item (a multiple of every JAXLA_RO)
+
+// QLoRA's NormalFloat-4 values (jaxla.quant.NF4_TABLE).
+alignas(64) const float kNF4Table[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+struct QmmArgs {
+  int64_t format, m, r, columns, block;
+  int64_t xs;  // floats per row of x: columns rounded up to 32 (zero-padded when not a multiple)
+  const float* x;
+  const uint8_t* codes;
+  const float *scales, *offsets;
+  float* y;
+};
+
+int64_t num_workers(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
+// Runs body(item, worker) for item in [0, n) on the caller and XLA's thread pool, returning when
+// all are done; helpers that start late find no work (as in the attention kernel's parallel_for).
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int active = 0;
+    bool closed = false;
+    const Body* body;
+    int64_t n;
+  };
+  auto state = std::make_shared<State>();
+  state->body = &body;
+  state->n = n;
+  auto drain = [](State& s, int64_t worker) {
+    for (int64_t i = s.next.fetch_add(1); i < s.n; i = s.next.fetch_add(1)) (*s.body)(i, worker);
+  };
+  const int64_t helpers = num_workers(pool, n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([state, drain, h]() {
+      {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (state->closed) return;
+        ++state->active;
+      }
+      drain(*state, h + 1);
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (--state->active == 0) state->cv.notify_all();
+    });
+  }
+  drain(*state, 0);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->closed = true;
+  state->cv.wait(lock, [&] { return state->active == 0; });
+}
+
+}  // namespace jaxla_qmm
+
+// Each path's copy of the kernel code; the pragmas set the instruction set of every function
+// defined between push and pop (lambdas and the instantiated templates of the .inc included).
+#define JAXLA_VBYTES 16
+#define JAXLA_RO 2
+#define JAXLA_MT 2
+namespace qmm_portable {
+using namespace jaxla_qmm;
+#include "_cpu_qmm_kernels.inc"
+}  // namespace qmm_portable
+#undef JAXLA_VBYTES
+#undef JAXLA_RO
+#undef JAXLA_MT
+
+#if JAXLA_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define JAXLA_VBYTES 32
+#define JAXLA_RO 2
+#define JAXLA_MT 4
+namespace qmm_avx2 {
+using namespace jaxla_qmm;
+#include "_cpu_qmm_kernels.inc"
+}  // namespace qmm_avx2
+#undef JAXLA_VBYTES
+#undef JAXLA_RO
+#undef JAXLA_MT
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push( \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")
+#endif
+#define JAXLA_VBYTES 64
+#define JAXLA_RO 4
+#define JAXLA_MT 8
+namespace qmm_avx512 {
+using namespace jaxla_qmm;
+#include "_cpu_qmm_kernels.inc"
+}  // namespace qmm_avx512
+#undef JAXLA_VBYTES
+#undef JAXLA_RO
+#undef JAXLA_MT
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // JAXLA_X86
+
+namespace jaxla_qmm {
+
+struct Path {
+  const char* name;
+  void (*qmm)(ffi::ThreadPool&, const QmmArgs&);
+};
+
+// Indexed by the `path` attribute (jaxla/_cpu_dispatch.h); names as JAXLA_CPU_KERNEL spells them.
+const Path kPaths[] = {
+    {"portable", qmm_portable::qmm},
+#if JAXLA_X86
+    {"avx2", qmm_avx2::qmm},
+    {"avx512", qmm_avx512::qmm},
+#endif
+};
+constexpr int64_t kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
+
+// The shared checks, plus F16C (the half-precision block scales) for the x86 vector paths.
+bool path_supported(int64_t p) {
+  if (p < 0 || p >= kNumPaths || !jaxla_dispatch::path_supported(p)) return false;
+#if JAXLA_X86
+  if (p != jaxla_dispatch::kPortable) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+  }
+#endif
+  return true;
+}
+
+ffi::Error invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("jaxla quantized matmul kernel: " + what);
+}
+
+ffi::Error QmmBody(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
+                   ffi::AnyBuffer offsets, ffi::Result<ffi::AnyBuffer> y, int64_t format,
+                   int64_t columns, int64_t block, int64_t path) {
+  if (!path_supported(path))
+    return invalid("code path " + std::to_string(path) + " is not one this CPU supports");
+  if (format < 0 || format >= kNumFormats) return invalid("unknown format " + std::to_string(format));
+  if (columns <= 0 || block <= 0 || columns % block)
+    return invalid("columns must be a positive multiple of the block size");
+  if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
+    return invalid("x and y must be f32");
+  const int64_t xn = static_cast<int64_t>(x.element_count());
+  if (xn % columns) return invalid("x's last dimension is not the QArray's columns");
+  QmmArgs a{};
+  a.format = format;
+  a.columns = columns;
+  a.block = block;
+  a.m = xn / columns;
+  const int64_t nc = static_cast<int64_t>(codes.element_count());
+  const bool gguf = format <= kQ4_1;
+  int64_t row_bytes = columns;  // int8
+  if (gguf) {
+    if (block != 32 || columns % 32) return invalid("GGUF formats have blocks of 32");
+    row_bytes = columns / 32 * (format == kQ8_0 ? 34 : format == kQ4_0 ? 18 : 20);
+  } else if (format != kInt8) {
+    if (block % 32 || columns % 32) return invalid("int4/nf4 need blocks of a multiple of 32");
+    row_bytes = columns / 2;
+  }
+  if (nc % row_bytes || codes.element_type() != (format == kInt8 ? ffi::DataType::S8 : ffi::DataType::U8))
+    return invalid("codes of the wrong size or type");
+  a.r = nc / row_bytes;
+  const int64_t per_row = format == kInt8 ? 1 : columns / block;
+  if (!gguf && (scales.element_type() != ffi::DataType::F32 ||
+                static_cast<int64_t>(scales.element_count()) != a.r * per_row))
+    return invalid("scales must be f32 with one value per row (int8) or per block");
+  if (format == kInt4 && (offsets.element_type() != ffi::DataType::F32 ||
+                          static_cast<int64_t>(offsets.element_count()) != a.r * per_row))
+    return invalid("int4 offsets must be f32 with one value per block");
+  if (static_cast<int64_t>(y->element_count()) != a.m * a.r) return invalid("y of the wrong size");
+  a.codes = reinterpret_cast<const uint8_t*>(codes.untyped_data());
+  a.scales = reinterpret_cast<const float*>(scales.untyped_data());
+  a.offsets = reinterpret_cast<const float*>(offsets.untyped_data());
+  a.y = reinterpret_cast<float*>(y->untyped_data());
+  if (a.m == 0 || a.r == 0) return ffi::Error::Success();
+  a.xs = (columns + 31) / 32 * 32;
+  std::unique_ptr<float[]> padded;
+  if (a.xs == columns) {
+    a.x = reinterpret_cast<const float*>(x.untyped_data());
+  } else {  // int8 rows of any length: X is zero-padded to whole chunks, as the last chunk's codes
+    padded.reset(new float[a.m * a.xs]());
+    const float* src = reinterpret_cast<const float*>(x.untyped_data());
+    for (int64_t i = 0; i < a.m; ++i) std::memcpy(padded.get() + i * a.xs, src + i * columns,
+                                                  columns * sizeof(float));
+    a.x = padded.get();
+  }
+  kPaths[path].qmm(pool, a);
+  return ffi::Error::Success();
+}
+
+// C++ exceptions (std::bad_alloc for a huge call) must not cross into XLA: they become FFI errors.
+ffi::Error QmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
+                   ffi::AnyBuffer offsets, ffi::Result<ffi::AnyBuffer> y, int64_t format,
+                   int64_t columns, int64_t block, int64_t path) {
+  try {
+    return QmmBody(pool, x, codes, scales, offsets, y, format, columns, block, path);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jaxla quantized matmul kernel: ") + e.what());
+  }
+}
+
+}  // namespace jaxla_qmm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaQuantMatmul, jaxla_qmm::QmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // codes
+                                  .Arg<ffi::AnyBuffer>()  // scales
+                                  .Arg<ffi::AnyBuffer>()  // offsets
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("format")
+                                  .Attr<int64_t>("columns")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("path"));
+
+namespace {
+
+PyObject* registrations(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  PyObject* cap = PyCapsule_New(reinterpret_cast<void*>(&JaxlaQuantMatmul), nullptr, nullptr);
+  if (cap == nullptr || PyDict_SetItemString(d, "jaxla_quant_matmul", cap) != 0) {
+    Py_XDECREF(cap);
+    Py_DECREF(d);
+    return nullptr;
+  }
+  Py_DECREF(cap);
+  return d;
+}
+
+// ({name: path index} of every path compiled in, [names this CPU can run, best first]).
+PyObject* paths(PyObject*, PyObject*) {
+  PyObject* all = PyDict_New();
+  PyObject* ok = PyList_New(0);
+  if (all == nullptr || ok == nullptr) {
+    Py_XDECREF(all);
+    Py_XDECREF(ok);
+    return nullptr;
+  }
+  for (int64_t p = jaxla_qmm::kNumPaths - 1; p >= 0; --p) {
+    PyObject* idx = PyLong_FromLongLong(p);
+    PyObject* name = PyUnicode_FromString(jaxla_qmm::kPaths[p].name);
+    bool fail = idx == nullptr || name == nullptr || PyDict_SetItem(all, name, idx) != 0 ||
+                (jaxla_qmm::path_supported(p) && PyList_Append(ok, name) != 0);
+    Py_XDECREF(idx);
+    Py_XDECREF(name);
+    if (fail) {
+      Py_DECREF(all);
+      Py_DECREF(ok);
+      return nullptr;
+    }
+  }
+  return Py_BuildValue("(NN)", all, ok);
+}
+
+PyMethodDef methods[] = {
+    {"registrations", registrations, METH_NOARGS, "FFI targets: {name: capsule}."},
+    {"paths", paths, METH_NOARGS,
+     "({name: path attribute} of the compiled code paths, [names this CPU runs, best first])."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_qmm",
+                      "jaxla's fused dequantize-and-multiply CPU kernel.", -1, methods, nullptr,
+                      nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cpu_qmm() { return PyModule_Create(&module); }
