@@ -161,6 +161,12 @@ PATH_CASES = [
     dict(shape=(2, 37, 4, 2, 16, 24), kw=dict(is_causal=True)),
     dict(shape=(1, 50, 2, 1, 40, 8), kw=dict(local_window_size=(9, 3))),
     dict(shape=(2, 29, 2, 2, 8, 40), kw=dict(lengths=True, segments=True)),
+    # Tiles of many register blocks (40 positions × 3 heads = 10 blocks of 12 rows, some straddling
+    # positions; 96 keys = several panels) on the band's edges, where each register block works
+    # on its own key range: causal + window, lengths that end inside a tile, T a multiple of no tile.
+    dict(shape=(2, 101, 6, 2, 16, 24), kw=dict(is_causal=True, local_window_size=(33, 0),
+                                              lengths=True),
+         tiles=(jaxla.ChunkedBlockSizes(block_q=40, block_k=96),)),
 ]
 
 
@@ -189,7 +195,8 @@ def test_every_path_matches_the_float64_reference(path, case, rng):
         ref["q_seg"] = ref["kv_seg"] = seg
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out)]
     # Several block_k values: 16 is rounded up to a 32-key panel on AVX-512.
-    for tiles in (SMALL, jaxla.ChunkedBlockSizes(block_q=7, block_k=48)):
+    tile_sizes = PATH_CASES[case].get("tiles", (SMALL, jaxla.ChunkedBlockSizes(block_q=7, block_k=48)))
+    for tiles in tile_sizes:
         out, lse, grads = _run_path(path, *f32, tiles, **kw)
         want = np_attention(q, k, v, d_out=d_out, **ref)
         np.testing.assert_allclose(out, want.out, atol=2e-5, rtol=1e-4)
