@@ -346,3 +346,44 @@ def test_every_path_decodes_against_the_reference(path, rng):
             want = np_attention(q, k, v_ref, kv_len=lens)
             np.testing.assert_allclose(out, want.out, atol=2e-5, rtol=1e-4)
             np.testing.assert_allclose(lse, want.lse, atol=2e-5, rtol=1e-5)
+
+
+@needs_bf16_dot
+def test_bf16_backward_matches_the_reference(rng):
+    """bf16 inputs run the backward GEMMs in bf16 too (P and dS rounded to bf16): gradients within
+    bf16 tolerance of the float64 ones. G = 3 gives tiles of an odd number of rows (pairs of rows
+    with a missing partner), the lengths odd key counts, the 40 × 96 tiles several register blocks
+    on the band's edge; causal + window with lengths, then segments."""
+    from jaxla.attention import _base
+    from jaxla.attention._args import canonical_args
+    from tests.attention_cases import np_attention
+
+    b, t, n, kh, h, hv = 2, 53, 3, 1, 32, 64
+    q, k, v, d_out = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
+                      for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv), (b, t, n, hv)))
+    lens = np.array([t, 38], np.int32)
+    seg = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
+    cases = [(dict(is_causal=True, local_window_size=(20, 0), key_value_seq_lengths=lens),
+              dict(causal=True, window=(20, 0), kv_len=lens), jaxla.ChunkedBlockSizes(5, 48)),
+             (dict(is_causal=True, segment_ids=seg), dict(causal=True, q_seg=seg, kv_seg=seg),
+              jaxla.ChunkedBlockSizes(40, 96))]
+    f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, d_out)]
+    for kw, ref, tiles in cases:
+        def grads(q, k, v, d_out, kw=kw, tiles=tiles):
+            def fwd(q, k, v):
+                args = canonical_args(q, k, v, **kw)
+                return _base.run(functools.partial(_cpu.attend, path="avx512", block_sizes=tiles),
+                                 args)[0]
+            return jax.vjp(fwd, q, k, v)[1](d_out)
+
+        f = jax.jit(grads)
+        call = [line for line in f.lower(q, k, v, d_out).as_text().splitlines()
+                if "@jaxla_attention_bwd" in line]
+        assert len(call) == 1 and "x32xbf16>" in call[0], call  # the kernel got bf16 operands
+        want = np_attention(*f64[:3], d_out=f64[3], **ref)
+        for got, exp in zip(f(q, k, v, d_out), (want.dq, want.dk, want.dv), strict=True):
+            assert got.dtype == jnp.bfloat16
+            got = np.asarray(got.astype(jnp.float32))
+            scale = np.abs(exp).max()
+            np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3 * scale)
+            assert np.sqrt(np.mean((got - exp) ** 2)) < 4e-3 * np.sqrt(np.mean(exp ** 2))

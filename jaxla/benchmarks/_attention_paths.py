@@ -81,6 +81,7 @@ def _backend(build: str | None):
     for name, capsule in ext.registrations().items():
         jax.ffi.register_ffi_target(names[name], capsule, platform="cpu")
     mod._cpu_ext, mod._PATH_IDS, mod._SUPPORTED = ext, ids, tuple(supported)
+    mod._BF16_BACKWARD = bool(getattr(ext, "BF16_BACKWARD", 0))
     mod._FWD, mod._BWD = names["jaxla_attention_fwd"], names["jaxla_attention_bwd"]
     mod._PATH, mod._PATH_ERROR, mod._registered = mod._SUPPORTED[0], None, True
     _BUILDS[build] = mod
