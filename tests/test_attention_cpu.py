@@ -351,24 +351,27 @@ def test_every_path_decodes_against_the_reference(path, rng):
 @needs_bf16_dot
 def test_bf16_backward_matches_the_reference(rng):
     """bf16 inputs run the backward GEMMs in bf16 too (P and dS rounded to bf16): gradients within
-    bf16 tolerance of the float64 ones. G = 3 gives tiles of an odd number of rows (pairs of rows
-    with a missing partner), the lengths odd key counts, the 40 × 96 tiles several register blocks
-    on the band's edge; causal + window with lengths, then segments."""
+    bf16 tolerance of the float64 ones. Heads (N, K) = (3, 1): q rows read in place and tiles of an
+    odd number of rows (pairs of rows with a missing partner); (2, 2): in place at a stride; (4, 2):
+    copied. Odd key counts from the lengths; 40-position tiles span several register blocks on the
+    band's edge. Causal + window with lengths, causal with segments, a window."""
     from jaxla.attention import _base
     from jaxla.attention._args import canonical_args
     from tests.attention_cases import np_attention
 
-    b, t, n, kh, h, hv = 2, 53, 3, 1, 32, 64
-    q, k, v, d_out = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
-                      for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv), (b, t, n, hv)))
+    b, t, h, hv = 2, 53, 32, 64
     lens = np.array([t, 38], np.int32)
     seg = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
-    cases = [(dict(is_causal=True, local_window_size=(20, 0), key_value_seq_lengths=lens),
+    cases = [((3, 1), dict(is_causal=True, local_window_size=(20, 0), key_value_seq_lengths=lens),
               dict(causal=True, window=(20, 0), kv_len=lens), jaxla.ChunkedBlockSizes(5, 48)),
-             (dict(is_causal=True, segment_ids=seg), dict(causal=True, q_seg=seg, kv_seg=seg),
-              jaxla.ChunkedBlockSizes(40, 96))]
-    f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, d_out)]
-    for kw, ref, tiles in cases:
+             ((2, 2), dict(is_causal=True, segment_ids=seg), dict(causal=True, q_seg=seg, kv_seg=seg),
+              jaxla.ChunkedBlockSizes(40, 96)),
+             ((4, 2), dict(local_window_size=(9, 30)), dict(window=(9, 30)),
+              jaxla.ChunkedBlockSizes(7, 32))]
+    for (n, kh), kw, ref, tiles in cases:
+        q, k, v, d_out = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
+                          for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv), (b, t, n, hv)))
+
         def grads(q, k, v, d_out, kw=kw, tiles=tiles):
             def fwd(q, k, v):
                 args = canonical_args(q, k, v, **kw)
@@ -380,6 +383,7 @@ def test_bf16_backward_matches_the_reference(rng):
         call = [line for line in f.lower(q, k, v, d_out).as_text().splitlines()
                 if "@jaxla_attention_bwd" in line]
         assert len(call) == 1 and "x32xbf16>" in call[0], call  # the kernel got bf16 operands
+        f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, d_out)]
         want = np_attention(*f64[:3], d_out=f64[3], **ref)
         for got, exp in zip(f(q, k, v, d_out), (want.dq, want.dk, want.dv), strict=True):
             assert got.dtype == jnp.bfloat16
