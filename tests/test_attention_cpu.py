@@ -391,3 +391,22 @@ def test_bf16_backward_matches_the_reference(rng):
             scale = np.abs(exp).max()
             np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3 * scale)
             assert np.sqrt(np.mean((got - exp) ** 2)) < 4e-3 * np.sqrt(np.mean(exp ** 2))
+
+
+@needs_kernel
+def test_attention_paths_compares_another_build(tmp_path):
+    """The interleaved benchmark loads a second copy of the extension (e.g. the previous build) as
+    a variant beside this one; its FFI targets are registered under their own names."""
+    from jaxla.benchmarks import _attention_paths as ap
+
+    copy = tmp_path / "prev" / "_cpu_ext.so"
+    copy.parent.mkdir()
+    shutil.copy(_cpu._cpu_ext.__file__, copy)
+    other = ap.parse_variant(f"{copy}:portable@8x32")
+    assert (other.build, other.path, other.tiles, other.label) == (str(copy), "portable", (8, 32),
+                                                                    "prev:portable@8x32")
+    assert ap._backend(other.build) is not _cpu and ap._backend(other.build)._FWD != _cpu._FWD
+    lines = ap.compare("fwd", 16, 1, [other, ap.parse_variant("portable")])
+    assert len(lines) == 5 and all("CPU" in line for line in lines[1:]), lines
+    with pytest.raises(ValueError, match="is not a file"):
+        ap.parse_variant(f"{tmp_path}/missing.so:portable")
