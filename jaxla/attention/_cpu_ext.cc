@@ -229,8 +229,8 @@ using namespace jaxla_common;
 #pragma GCC pop_options
 #endif
 
-// AVX-512 again, with AVX512-BF16 for both passes on bf16 inputs (forward_bf16, backward_bf16); only called
-// where the CPU has avx512bf16, the f32 functions of this copy are never used.
+// AVX-512 again, with AVX512-BF16 for both passes on bf16 inputs (forward_bf16, backward_bf16);
+// only called where the CPU has avx512bf16, the f32 functions of this copy are never used.
 #if defined(__clang__)
 #pragma clang attribute push(                                                                    \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))), \
