@@ -352,10 +352,9 @@ def test_every_path_decodes_against_the_reference(path, rng):
 def test_bf16_backward_matches_the_reference(rng):
     """bf16 inputs run the backward GEMMs in bf16 too (P and dS rounded to bf16): gradients within
     bf16 tolerance of the float64 ones. Heads (N, K) = (3, 1): q rows read in place and tiles of an
-    odd number of rows (pairs of rows with a missing partner); (2, 2) and (4, 2): rows copied, one
-    or two heads per kv head. Odd key counts from the lengths; 40-position tiles span several
-    register blocks on the band's edge. Causal + window with lengths, causal with segments, a
-    window."""
+    odd number of rows (pairs of rows with a missing partner); (2, 2): in place at a stride; (4, 2):
+    copied. Odd key counts from the lengths; 40-position tiles span several register blocks on the
+    band's edge. Causal + window with lengths, causal with segments, a window."""
     from jaxla.attention import _base
     from jaxla.attention._args import canonical_args
     from tests.attention_cases import np_attention
