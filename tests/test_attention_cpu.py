@@ -161,6 +161,12 @@ PATH_CASES = [
     dict(shape=(2, 37, 4, 2, 16, 24), kw=dict(is_causal=True)),
     dict(shape=(1, 50, 2, 1, 40, 8), kw=dict(local_window_size=(9, 3))),
     dict(shape=(2, 29, 2, 2, 8, 40), kw=dict(lengths=True, segments=True)),
+    # Tiles of many register blocks (40 positions × 3 heads = 10 blocks of 12 rows, some straddling
+    # positions; 96 keys = several panels) on the band's edges, where each register block works
+    # on its own key range: causal + window, lengths that end inside a tile, T a multiple of no tile.
+    dict(shape=(2, 101, 6, 2, 16, 24), kw=dict(is_causal=True, local_window_size=(33, 0),
+                                              lengths=True),
+         tiles=(jaxla.ChunkedBlockSizes(block_q=40, block_k=96),)),
 ]
 
 
@@ -189,7 +195,8 @@ def test_every_path_matches_the_float64_reference(path, case, rng):
         ref["q_seg"] = ref["kv_seg"] = seg
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out)]
     # Several block_k values: 16 is rounded up to a 32-key panel on AVX-512.
-    for tiles in (SMALL, jaxla.ChunkedBlockSizes(block_q=7, block_k=48)):
+    tile_sizes = PATH_CASES[case].get("tiles", (SMALL, jaxla.ChunkedBlockSizes(block_q=7, block_k=48)))
+    for tiles in tile_sizes:
         out, lse, grads = _run_path(path, *f32, tiles, **kw)
         want = np_attention(q, k, v, d_out=d_out, **ref)
         np.testing.assert_allclose(out, want.out, atol=2e-5, rtol=1e-4)
@@ -339,3 +346,67 @@ def test_every_path_decodes_against_the_reference(path, rng):
             want = np_attention(q, k, v_ref, kv_len=lens)
             np.testing.assert_allclose(out, want.out, atol=2e-5, rtol=1e-4)
             np.testing.assert_allclose(lse, want.lse, atol=2e-5, rtol=1e-5)
+
+
+@needs_bf16_dot
+def test_bf16_backward_matches_the_reference(rng):
+    """bf16 inputs run the backward GEMMs in bf16 too (P and dS rounded to bf16): gradients within
+    bf16 tolerance of the float64 ones. Heads (N, K) = (3, 1): q rows read in place and tiles of an
+    odd number of rows (pairs of rows with a missing partner); (2, 2): in place at a stride; (4, 2):
+    copied. Odd key counts from the lengths; 40-position tiles span several register blocks on the
+    band's edge. Causal + window with lengths, causal with segments, a window."""
+    from jaxla.attention import _base
+    from jaxla.attention._args import canonical_args
+    from tests.attention_cases import np_attention
+
+    b, t, h, hv = 2, 53, 32, 64
+    lens = np.array([t, 38], np.int32)
+    seg = np.sort(rng.integers(0, 3, size=(b, t)), axis=1).astype(np.int32)
+    cases = [((3, 1), dict(is_causal=True, local_window_size=(20, 0), key_value_seq_lengths=lens),
+              dict(causal=True, window=(20, 0), kv_len=lens), jaxla.ChunkedBlockSizes(5, 48)),
+             ((2, 2), dict(is_causal=True, segment_ids=seg), dict(causal=True, q_seg=seg, kv_seg=seg),
+              jaxla.ChunkedBlockSizes(40, 96)),
+             ((4, 2), dict(local_window_size=(9, 30)), dict(window=(9, 30)),
+              jaxla.ChunkedBlockSizes(7, 32))]
+    for (n, kh), kw, ref, tiles in cases:
+        q, k, v, d_out = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
+                          for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv), (b, t, n, hv)))
+
+        def grads(q, k, v, d_out, kw=kw, tiles=tiles):
+            def fwd(q, k, v):
+                args = canonical_args(q, k, v, **kw)
+                return _base.run(functools.partial(_cpu.attend, path="avx512", block_sizes=tiles),
+                                 args)[0]
+            return jax.vjp(fwd, q, k, v)[1](d_out)
+
+        f = jax.jit(grads)
+        call = [line for line in f.lower(q, k, v, d_out).as_text().splitlines()
+                if "@jaxla_attention_bwd" in line]
+        assert len(call) == 1 and "x32xbf16>" in call[0], call  # the kernel got bf16 operands
+        f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, d_out)]
+        want = np_attention(*f64[:3], d_out=f64[3], **ref)
+        for got, exp in zip(f(q, k, v, d_out), (want.dq, want.dk, want.dv), strict=True):
+            assert got.dtype == jnp.bfloat16
+            got = np.asarray(got.astype(jnp.float32))
+            scale = np.abs(exp).max()
+            np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3 * scale)
+            assert np.sqrt(np.mean((got - exp) ** 2)) < 4e-3 * np.sqrt(np.mean(exp ** 2))
+
+
+@needs_kernel
+def test_attention_paths_compares_another_build(tmp_path):
+    """The interleaved benchmark loads a second copy of the extension (e.g. the previous build) as
+    a variant beside this one; its FFI targets are registered under their own names."""
+    from jaxla.benchmarks import _attention_paths as ap
+
+    copy = tmp_path / "prev" / "_cpu_ext.so"
+    copy.parent.mkdir()
+    shutil.copy(_cpu._cpu_ext.__file__, copy)
+    other = ap.parse_variant(f"{copy}:portable@8x32")
+    assert (other.build, other.path, other.tiles, other.label) == (str(copy), "portable", (8, 32),
+                                                                    "prev:portable@8x32")
+    assert ap._backend(other.build) is not _cpu and ap._backend(other.build)._FWD != _cpu._FWD
+    lines = ap.compare("fwd", 16, 1, [other, ap.parse_variant("portable")])
+    assert len(lines) == 5 and all("CPU" in line for line in lines[1:]), lines
+    with pytest.raises(ValueError, match="is not a file"):
+        ap.parse_variant(f"{tmp_path}/missing.so:portable")

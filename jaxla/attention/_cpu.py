@@ -5,7 +5,7 @@ logsumexp) in float32, each run as whole tiles per thread on XLA's CPU thread po
 causal/window band, per-batch lengths and segment ids; arguments they do not cover (a bias or mask
 array, a logit soft cap, head dims that are not a multiple of 8, float64) go to ``"chunked"``.
 bfloat16/float16 inputs are computed in float32 and cast back, except that on a CPU with AVX512-BF16
-the avx512 path's forward pass takes bfloat16 q, k, v as they are (bf16 dot products accumulated in
+the avx512 path takes bfloat16 q, k, v as they are in both passes (bf16 dot products accumulated in
 float32, float32 softmax; ``_bf16_forward``).
 
 The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
@@ -53,6 +53,9 @@ ENV_VAR = "JAXLA_CPU_KERNEL"
 # What the extension's C++ side numbers each path (its `path` attribute), and those this CPU runs.
 _PATH_IDS, _SUPPORTED = _cpu_ext.paths() if _cpu_ext is not None else ({}, [])
 _SUPPORTED = tuple(_SUPPORTED)
+# Whether the backward kernel takes bf16 operands where the forward one does (_bf16_forward); a
+# build without the attribute computes the backward pass in f32.
+_BF16_BACKWARD = bool(getattr(_cpu_ext, "BF16_BACKWARD", 0))
 
 
 def _choose_path(env: str | None) -> tuple[str | None, str | None]:
@@ -163,11 +166,16 @@ def _attention_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
 def _attention_bwd(cfg, res, cotangents):
     q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2 = res
     dtypes = q.dtype, k.dtype, v.dtype  # bf16 when the forward pass took bf16 (see _bf16_forward)
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     d_out, d_lse = cotangents
-    d_out = d_out.astype(jnp.float32)
+    if q.dtype == jnp.bfloat16 and _BF16_BACKWARD:
+        # The backward kernel's GEMMs in bf16 too (_bf16_forward). d_out is the cotangent of the
+        # bf16 output cast to f32 (attend), so rounding it back to bf16 loses nothing.
+        d_out = d_out.astype(jnp.bfloat16)
+    else:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        d_out = d_out.astype(jnp.float32)
     # d lse / d logits is the probability row, so the residual's cotangent shifts delta.
-    delta = jnp.sum(d_out * out, axis=-1) - d_lse.astype(jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1) - d_lse.astype(jnp.float32)
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
               jax.ShapeDtypeStruct(v.shape, jnp.float32))
     call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="broadcast_all")
@@ -191,7 +199,9 @@ def _bf16_forward(args: AttentionArgs, path: str) -> bool:
 
     The products of bf16 values are exact in f32 and accumulate in f32; the softmax is f32 and the
     probabilities are rounded to bf16 for P·V (2^-9 relative), below the bf16 output's own rounding.
-    The backward pass stays f32. Needs H and Hv multiples of 32 and a positive scale.
+    The backward pass then runs its GEMMs in bf16 too (q, k, v, dO as they are; P and dS rounded to
+    bf16 for Pᵀ·dO, dSᵀ·Q and dS·K; f32 softmax and accumulation). Needs H and Hv multiples of 32
+    and a positive scale.
     """
     return (path == "avx512" and args.dtype == jnp.bfloat16 and bf16_dot()
             and args.head_dim % 32 == 0 and args.value_head_dim % 32 == 0 and args.scale > 0)

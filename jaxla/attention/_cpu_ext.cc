@@ -20,8 +20,9 @@
 // target pragma, while this file is compiled for the baseline target (setup.py passes no -m flags):
 //   0 "portable" (the baseline: SSE2 on x86-64, whatever the compiler targets elsewhere),
 //   1 "avx2"     (AVX2 + FMA; x86-64 only), 2 "avx512" (AVX-512 F/BW/DQ/VL; x86-64 only).
-// On a CPU with AVX512-BF16 the avx512 path also takes bf16 q, k, v in the forward pass (a fourth
-// copy, compiled with avx512bf16, holds that code: forward_bf16); everything else is f32.
+// On a CPU with AVX512-BF16 the avx512 path also takes bf16 q, k, v (and dout) in the forward and
+// backward passes (a fourth copy, compiled with avx512bf16, holds that code: forward_bf16,
+// backward_bf16); everything else is f32.
 // paths() lists those this CPU can run, best first; jaxla picks the first (or the one the
 // JAXLA_CPU_KERNEL environment variable names) and passes it to every call as the `path` attribute,
 // which the handlers check again, so no call runs instructions the CPU lacks.
@@ -224,8 +225,8 @@ using namespace jaxla_common;
 #pragma GCC pop_options
 #endif
 
-// AVX-512 again, with AVX512-BF16 for the forward pass on bf16 inputs (forward_bf16); only called
-// where the CPU has avx512bf16, the f32 functions of this copy are never used.
+// AVX-512 again, with AVX512-BF16 for both passes on bf16 inputs (forward_bf16, backward_bf16);
+// only called where the CPU has avx512bf16, the f32 functions of this copy are never used.
 #if defined(__clang__)
 #pragma clang attribute push(                                                                    \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))), \
@@ -336,9 +337,24 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return err;
   if (pr.h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxla attention kernel: H must be a multiple of 8");
-  for (const ffi::AnyBuffer* x : {&q, &k, &v, &dout, &lse2, &delta})
-    if (x->element_type() != ffi::DataType::F32)
-      return ffi::Error::InvalidArgument("jaxla attention backward kernel: operands must be f32");
+  // q, k, v, dout all f32, or all bf16 (AVX512-BF16 GEMMs, as in the forward pass); lse2, delta f32.
+  const bool is_bf16 = q.element_type() == ffi::DataType::BF16;
+  for (const ffi::AnyBuffer* x : {&k, &v, &dout})
+    if (x->element_type() != q.element_type())
+      return ffi::Error::InvalidArgument("jaxla attention backward kernel: q, k, v, dout must all be "
+                                         "f32 or all bf16");
+  if (!is_bf16 && q.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("jaxla attention backward kernel: operands must be f32 or bf16");
+  if (lse2.element_type() != ffi::DataType::F32 || delta.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("jaxla attention backward kernel: lse2 and delta must be f32");
+#if JAXLA_X86
+  if (is_bf16 && (path != 2 || !bf16_dot_supported() || pr.h % 32 != 0 || pr.hv % 32 != 0))
+#else
+  if (is_bf16)
+#endif
+    return ffi::Error::InvalidArgument(
+        "jaxla attention backward kernel: bf16 operands need the avx512 path on a CPU with "
+        "AVX512-BF16 and H, Hv multiples of 32");
   BwdArgs a{};
   a.q = reinterpret_cast<const float*>(q.untyped_data());
   a.k = reinterpret_cast<const float*>(k.untyped_data());
@@ -370,7 +386,24 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     const int64_t lo = (c % nchunks) * chunk;
     std::fill(base + lo, base + std::min(dq_size, lo + chunk), 0.0f);
   });
-  kern.backward(pool, pr, a, bufs.data());
+  if (is_bf16) {
+#if JAXLA_X86
+    using path_avx512bf16::bf16;
+    path_avx512bf16::BwdArgsBf16 ab{};
+    ab.q = reinterpret_cast<const bf16*>(q.untyped_data());
+    ab.k = reinterpret_cast<const bf16*>(k.untyped_data());
+    ab.v = reinterpret_cast<const bf16*>(v.untyped_data());
+    ab.dout = reinterpret_cast<const bf16*>(dout.untyped_data());
+    ab.lse2 = a.lse2;
+    ab.delta = a.delta;
+    ab.scale = a.scale;
+    ab.dk = a.dk;
+    ab.dv = a.dv;
+    path_avx512bf16::backward_bf16(pool, pr, ab, bufs.data());
+#endif
+  } else {
+    kern.backward(pool, pr, a, bufs.data());
+  }
   if (workers > 1) {
     parallel_for(pool, nchunks, [&](int64_t c, int64_t) {
       const int64_t lo = c * chunk, hi = std::min(dq_size, lo + chunk);
@@ -529,4 +562,12 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_ext", "jaxla's compiled CPU a
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__cpu_ext() { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu_ext() {
+  PyObject* m = PyModule_Create(&module);
+  // Whether the backward kernel takes bf16 q, k, v, dout where the forward one does (bf16_dot).
+  if (m != nullptr && PyModule_AddIntConstant(m, "BF16_BACKWARD", 1) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

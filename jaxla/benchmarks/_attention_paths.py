@@ -7,15 +7,24 @@ best of the rounds is reported, so the ratios between variants are taken under t
     python -m jaxla.benchmarks._attention_paths fwd 2048 5 avx512 avx512:bf16 avx2
     python -m jaxla.benchmarks._attention_paths fwd+bwd 2048 3 avx512@96x256 avx512@96x512
 
-A variant is ``PATH[:bf16][@ROWSxKEYS]``: a code path from ``jaxla.attention._cpu.supported_paths()``,
-bf16 inputs instead of f32, and the kernel's tiles (query rows × keys; default: the path's own).
+A variant is ``[BUILD.so:]PATH[:bf16][@ROWSxKEYS]``: another build of the extension to run instead of
+this checkout's (e.g. a copy of the previous ``_cpu_ext*.so``, so old and new kernels are compared
+under the same load), a code path from ``supported_paths()``, bf16 inputs instead of f32, and the
+kernel's tiles (query rows × keys; default: the path's own).
+
+    python -m jaxla.benchmarks._attention_paths fwd 2048 5 /tmp/old/_cpu_ext.so:avx512 avx512
 Shapes: B = 1, N = K = 8, H = 64 (the suite's headline case), causal and not. Prints one line per
-variant and mask: best time, GFLOP/s (FlashAttention convention) and the fraction of the ceiling.
+variant and mask: best time, GFLOP/s (FlashAttention convention), the fraction of the ceiling, and
+the least CPU time of the process (all threads) over the rounds: the work done, which time slicing
+by other processes on a loaded machine leaves nearly alone (thread-pool spinning included).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
+import os
 import sys
 import time
 from typing import NamedTuple
@@ -29,28 +38,67 @@ from jaxla.benchmarks import harness
 from jaxla.benchmarks import specs_attention as specs
 
 USAGE = ("usage: python -m jaxla.benchmarks._attention_paths fwd|fwd+bwd T ROUNDS "
-         "PATH[:bf16][@ROWSxKEYS] ...")
+         "[BUILD.so:]PATH[:bf16][@ROWSxKEYS] ...")
 
 
 class Variant(NamedTuple):
     path: str
     bf16: bool
     tiles: tuple[int, int] | None
+    build: str | None = None  # another build's .so file, or None for this checkout's
 
     @property
     def label(self) -> str:
         tiles = "" if self.tiles is None else f"@{self.tiles[0]}x{self.tiles[1]}"
-        return f"{self.path}{':bf16' if self.bf16 else ''}{tiles}"
+        build = "" if self.build is None else os.path.basename(os.path.dirname(self.build)) + ":"
+        return f"{build}{self.path}{':bf16' if self.bf16 else ''}{tiles}"
+
+
+_BUILDS: dict[str, object] = {}  # .so file -> the copy of jaxla.attention._cpu bound to it
+
+
+def _backend(build: str | None):
+    """jaxla.attention._cpu, or for ``build`` a copy of it bound to that .so (FFI targets renamed)."""
+    from jaxla.attention import _cpu
+
+    if build is None:
+        return _cpu
+    if build in _BUILDS:
+        return _BUILDS[build]
+    if not os.path.isfile(build):
+        raise ValueError(f"build {build!r} is not a file")
+    tag = f"jaxla_bench_build{len(_BUILDS)}"
+    # The extension's init function is PyInit__cpu_ext, so its module name must end in _cpu_ext.
+    loader = importlib.machinery.ExtensionFileLoader(f"{tag}._cpu_ext", build)
+    ext = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(ext)
+    spec = importlib.util.spec_from_file_location(f"{tag}._cpu", _cpu.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up there)
+    spec.loader.exec_module(mod)
+    ids, supported = ext.paths()
+    names = {"jaxla_attention_fwd": f"{tag}_fwd", "jaxla_attention_bwd": f"{tag}_bwd"}
+    for name, capsule in ext.registrations().items():
+        jax.ffi.register_ffi_target(names[name], capsule, platform="cpu")
+    mod._cpu_ext, mod._PATH_IDS, mod._SUPPORTED = ext, ids, tuple(supported)
+    mod._BF16_BACKWARD = bool(getattr(ext, "BF16_BACKWARD", 0))
+    mod._FWD, mod._BWD = names["jaxla_attention_fwd"], names["jaxla_attention_bwd"]
+    mod._PATH, mod._PATH_ERROR, mod._registered = mod._SUPPORTED[0], None, True
+    _BUILDS[build] = mod
+    return mod
 
 
 def parse_variant(text: str) -> Variant:
-    from jaxla.attention import _cpu
-
+    build = None
+    if ".so:" in text:
+        build, _, text = text.rpartition(".so:")
+        build += ".so"
+    cpu = _backend(build)
     spec, _, tiles = text.partition("@")
     path, _, dtype = spec.partition(":")
-    if path not in _cpu.supported_paths():
+    if path not in cpu.supported_paths():
         raise ValueError(f"variant {text!r}: path {path!r} is not one this CPU runs "
-                         f"({list(_cpu.supported_paths())})")
+                         f"({list(cpu.supported_paths())})")
     if dtype not in ("", "bf16"):
         raise ValueError(f"variant {text!r}: the dtype suffix must be ':bf16', got {dtype!r}")
     block = None
@@ -62,11 +110,11 @@ def parse_variant(text: str) -> Variant:
         if not (1 <= rows <= 4096 and 16 <= keys <= 8192):
             raise ValueError(f"variant {text!r}: tiles {rows}x{keys} out of range (1-4096 x 16-8192)")
         block = (rows, keys)
-    return Variant(path, dtype == "bf16", block)
+    return Variant(path, dtype == "bf16", block, build)
 
 
 def _compiled(variant: Variant, t: int, causal: bool, backward: bool):
-    from jaxla.attention import _base, _cpu
+    from jaxla.attention import _base
     from jaxla.attention._args import canonical_args
 
     hd = specs.HEADLINE
@@ -75,7 +123,7 @@ def _compiled(variant: Variant, t: int, causal: bool, backward: bool):
     q, k, v, do = (jnp.asarray(rng.standard_normal((hd["B"], t, n, hd["H"]), np.float32), dtype)
                    for n in (hd["N"], hd["K"], hd["K"], hd["N"]))
     tiles = None if variant.tiles is None else jaxla.ChunkedBlockSizes(*variant.tiles)
-    attend = functools.partial(_cpu.attend, path=variant.path, block_sizes=tiles)
+    attend = functools.partial(_backend(variant.build).attend, path=variant.path, block_sizes=tiles)
 
     def fwd(q, k, v):
         return _base.run(attend, canonical_args(q, k, v, is_causal=causal))[0]
@@ -101,12 +149,14 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
         for causal in (False, True):
             fns[(var, causal)] = _compiled(var, t, causal, mode == "fwd+bwd")
     best = dict.fromkeys(fns, float("inf"))
+    cpu = dict.fromkeys(fns, float("inf"))  # the process's CPU time (all threads) of the same calls
     for _ in range(rounds):
         for key, fn in fns.items():
             jax.block_until_ready(fn())  # warm: caches and thread pool
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
             best[key] = min(best[key], time.perf_counter() - t0)
+            cpu[key] = min(cpu[key], time.process_time() - c0)
     mm_flops = harness.matmul_flops(n, n, n)
     ceiling = max(mm_flops / best["xla"], mm_flops / best["numpy"])
     hd = specs.HEADLINE
@@ -118,7 +168,8 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
             flops = harness.attention_flops(hd["B"], hd["N"], t, t, hd["H"], causal=causal,
                                             backward=mode == "fwd+bwd")
             lines.append(f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
-                         f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling")
+                         f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling "
+                         f"(CPU {cpu[(var, causal)] * 1e3:8.1f} ms)")
     return lines
 
 
