@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxla import _cpu_dispatch
 from jaxla.attention import _reference, _vma
 from jaxla.attention._args import AttentionArgs
 
@@ -49,7 +50,7 @@ else:
 
 _FWD, _BWD = "jaxla_attention_fwd", "jaxla_attention_bwd"
 _registered = False
-ENV_VAR = "JAXLA_CPU_KERNEL"
+ENV_VAR = _cpu_dispatch.ENV_VAR
 # What the extension's C++ side numbers each path (its `path` attribute), and those this CPU runs.
 _PATH_IDS, _SUPPORTED = _cpu_ext.paths() if _cpu_ext is not None else ({}, [])
 _SUPPORTED = tuple(_SUPPORTED)
@@ -59,17 +60,9 @@ _BF16_BACKWARD = bool(getattr(_cpu_ext, "BF16_BACKWARD", 0))
 
 
 def _choose_path(env: str | None) -> tuple[str | None, str | None]:
-    """(path, None) for the path calls use, or (None, why not) when ``env`` names one we cannot run."""
-    if env is None or env.strip() == "":
-        return (_SUPPORTED[0] if _SUPPORTED else None), None
-    name = env.strip().lower()
-    if name not in _PATH_IDS:
-        return None, (f"{ENV_VAR}={env!r} is not a CPU kernel path; expected one of "
-                      f"{sorted(_PATH_IDS)} (this CPU runs {list(_SUPPORTED)})")
-    if name not in _SUPPORTED:
-        return None, (f"{ENV_VAR}={env!r} asks for a path this CPU cannot run (it lacks the "
-                      f"instructions); this CPU runs {list(_SUPPORTED)}")
-    return name, None
+    """(path, None) for the path calls use, or (None, why not) when ``env`` names one we cannot run
+    (the rule every compiled jaxla kernel follows: :func:`jaxla._cpu_dispatch.choose_path`)."""
+    return _cpu_dispatch.choose_path(env, _PATH_IDS, _SUPPORTED)
 
 
 _PATH, _PATH_ERROR = _choose_path(os.environ.get(ENV_VAR)) if _cpu_ext is not None else (None, None)
