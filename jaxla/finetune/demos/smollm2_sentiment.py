@@ -639,7 +639,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         "prompts_truncated": prompts.truncated, "epochs": sched.epochs,
         "files": {"model": str(model_file), "model_sha256": model_sha, "data": str(data_file),
                   "data_sha256": data_sha},
-        "base_bytes": int(packed), "base_quantized": True,
+        "base_bytes": int(packed), "base_float32_bytes": int(4 * count.frozen),
         "trainable_params": count.trainable, "frozen_params": count.frozen,
         "trainable_fraction": count.trainable / total_params,
         "adapter": _steps.describe_lora(cfg.lora),
