@@ -90,12 +90,15 @@ class SmolLM2SentimentConfig:
     loss: str = field(default="full_vocab", metadata=choice("full_vocab", "two_way"))
     max_length: int = field(default=64, metadata={"check": (lambda v: v >= 4, "a value >= 4")})
     buckets: int = field(default=3, metadata=POS)
-    eval_batch: int = field(default=32, metadata=POS)
+    # Operational keys (reports only: a run may resume with other values): the batch of the
+    # held-out evaluations and the generations after training.
+    eval_batch: int = field(default=32, metadata={**POS, "operational": True})
     eval_every: int = field(default=20, metadata=NONNEG)
     eval_subset: int = field(default=128, metadata=POS)
     generations: int = field(default=4, metadata={
-        "check": (lambda v: 0 <= v <= _MAX_GENERATIONS, f"an integer in [0, {_MAX_GENERATIONS}]")})
-    generation_tokens: int = field(default=4, metadata=POS)
+        "check": (lambda v: 0 <= v <= _MAX_GENERATIONS, f"an integer in [0, {_MAX_GENERATIONS}]"),
+        "operational": True})
+    generation_tokens: int = field(default=4, metadata={**POS, "operational": True})
 
 
 # ----------------------------------------------------------------------------------------------
