@@ -299,3 +299,16 @@ def test_real_files_zero_shot_on_a_few_prompts():
     ev = demo._evaluate(score, model.params, {}, buckets, y, 16)
     # The frozen model is far better than chance zero-shot (0.80 on 300 prompts with transformers).
     assert np.mean(ev.pred == y) >= 0.6 and 0.0 < ev.label_mass < 1.0
+
+
+def test_benchmark_rows_know_the_demo():
+    from jaxla.benchmarks import finetune as suite
+    from jaxla.benchmarks import specs_finetune
+
+    assert suite.demo_config_path("smollm2_sentiment") == "smollm2_sentiment"
+    assert specs_finetune.TARGET_SMOLLM2_S == 360.0
+    missing = suite.smollm2_missing_files()
+    cached = _cached("smollm2-135m-instruct") and _cached("vader-sentiment")
+    assert (missing is None) == cached
+    if not cached:
+        assert "jaxla download" in missing

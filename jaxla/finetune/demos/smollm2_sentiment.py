@@ -93,7 +93,7 @@ class SmolLM2SentimentConfig:
     # Operational keys (reports only: a run may resume with other values): the batch of the
     # held-out evaluations and the generations after training.
     eval_batch: int = field(default=32, metadata={**POS, "operational": True})
-    eval_every: int = field(default=20, metadata=NONNEG)
+    eval_every: int = field(default=25, metadata=NONNEG)
     eval_subset: int = field(default=128, metadata=POS)
     generations: int = field(default=4, metadata={
         "check": (lambda v: 0 <= v <= _MAX_GENERATIONS, f"an integer in [0, {_MAX_GENERATIONS}]"),
@@ -219,23 +219,23 @@ def memory(cfg) -> list[MemoryTerm]:
     """Rough upper estimate of the bytes a run needs.
 
     The packed model (SmolLM2-135M Q4_1 + its Q8_0 embedding: 98 MB) read twice (file and device
-    copy), plus its embedding table decoded to float32 once per program (49,152 × 576 × 4 B,
-    twice: the lookup and the tied head): 0.5 GB. One training step: per token of
-    ``B · max_length`` about 30 activations of width D=576, 6 of width F=1536 and the attention
-    row per layer, kept for the backward pass and its gradient (×2), 30 layers, float32; plus one
-    layer's kernels decoded to float32 (14 MB) per live layer. The held-out subset's forward (no
-    gradients) is smaller. Tokens and adapters are a few MB.
+    copy), plus its embedding table decoded to float32 (49,152 × 576 × 4 B) for the lookup and the
+    tied head: 0.3 GB. One training step: per token of ``B · max_length`` about 8 activations of
+    width D=576, 4 of width F=1536 and the attention row per layer, kept for the backward pass
+    (30 layers, float32, ×2 for the gradients), and the layers' kernels decoded to float32 as
+    residuals of the backward pass (106 M × 4 B, ×2). An evaluation batch (no gradients) keeps
+    one layer's activations live (×4 for XLA's temporaries).
     """
     sc, b = cfg.smollm2_sentiment, cfg.train.batch_size
     t = sc.max_length
-    per_token = 2 * 4 * 30 * (30 * 576 + 6 * 1536 + 9 * t)
+    width = 8 * 576 + 4 * 1536
+    rows = max(sc.eval_batch, sc.eval_subset if sc.eval_every else 0)
     return [
-        MemoryTerm("the packed model and decoded embedding", 2 * 98_000_000 + 2 * 4 * 49152 * 576,
+        MemoryTerm("the packed model and decoded embedding", 2 * 98_000_000 + 4 * 49152 * 576,
                    ("smollm2_sentiment.model",)),
-        MemoryTerm("one step's activations", b * t * per_token,
-                   ("train.batch_size", "smollm2_sentiment.max_length")),
-        MemoryTerm("evaluation batches", 4 * 30 * (30 * 576 + 6 * 1536) * t
-                   * max(sc.eval_batch, sc.eval_subset if sc.eval_every else 0),
+        MemoryTerm("one step's activations", b * t * 2 * 4 * 30 * (width + 9 * t)
+                   + 2 * 4 * 106_000_000, ("train.batch_size", "smollm2_sentiment.max_length")),
+        MemoryTerm("evaluation batches", 4 * 4 * rows * t * (width + 9 * t),
                    ("smollm2_sentiment.eval_batch", "smollm2_sentiment.eval_subset")),
     ]
 
