@@ -383,9 +383,8 @@ def _confusion(y: np.ndarray, pred: np.ndarray) -> list[list[int]]:
 
 
 def _generate(config, params, tokenizer, adapters_list, seqs: list[np.ndarray], m: int
-              ) -> tuple[list[list[str]], float]:
+              ) -> list[list[str]]:
     """Greedy continuations (``m`` tokens) of ``seqs`` under each adapter set (one program)."""
-    t0 = time.perf_counter()
     width = max(s.size for s in seqs)
     ids = np.zeros((len(seqs), width), np.int32)
     mask = np.zeros((len(seqs), width), bool)
@@ -397,7 +396,7 @@ def _generate(config, params, tokenizer, adapters_list, seqs: list[np.ndarray], 
         new = np.asarray(models.generate(config, params, ids, attention_mask=mask, max_new_tokens=m,
                                          adapters=ads))
         out.append([tokenizer.decode(row.tolist(), skip_special_tokens=False) for row in new])
-    return out, time.perf_counter() - t0
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,7 +574,7 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
     gen_rows: list[dict[str, Any]] = []
     if sc.generations:
         picked = list(range(min(sc.generations, held.size)))
-        (before, after), _ = _generate(config, params, tokenizer, [adapters0, trained],
+        before, after = _generate(config, params, tokenizer, [adapters0, trained],
                                        [prompts.seqs[held[i]] for i in picked], sc.generation_tokens)
         for k, i in enumerate(picked):
             gen_rows.append({"text": texts[held[i]], "label": LABELS[int(y_held[i])],
@@ -639,7 +638,8 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
                          "negative": [sc.negative, label_ids[1]]},
         "loss": sc.loss, "split": sizes, "bucket_lengths": list(lengths),
         "bucket_sizes_train": [int(x.shape[0]) for x in bt.ids],
-        "prompts_truncated": prompts.truncated, "epochs": sched.epochs,
+        "prompts_truncated": prompts.truncated, "prompt_tokens": prompts.tokens,
+        "epochs": sched.epochs,
         "files": {"model": str(model_file), "model_sha256": model_sha, "data": str(data_file),
                   "data_sha256": data_sha},
         "base_bytes": int(packed), "base_float32_bytes": int(4 * count.frozen),
