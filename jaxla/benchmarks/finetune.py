@@ -11,10 +11,11 @@ Each demo runs twice:
 ``--quick`` runs both demos at toy sizes with ``run.fast_compile`` (and only the default demo as a
 fresh process) to validate the suite, not to measure it.
 
-The real-data demo ``minilm_sentiment`` (all-MiniLM-L6-v2 on VADER movie snippets) runs only in a
-full run, in-process and as a fresh process, and only when its files are downloaded
-(``jaxla download all-minilm-l6-v2``, ``jaxla download vader-sentiment``); otherwise its row says
-it was skipped and why.
+The real-data demos ``minilm_sentiment`` (all-MiniLM-L6-v2 on VADER movie snippets, < 2 min) and
+``smollm2_sentiment`` (QLoRA on SmolLM2-135M-Instruct, Q4_1 base, < 6 min) run only in a full run,
+in-process and as a fresh process, and only when their files are downloaded (``jaxla download
+all-minilm-l6-v2 smollm2-135m-instruct vader-sentiment``); otherwise their rows say they were
+skipped and why.
 
 Configs: the default demo is jaxla's built-in default config (the same as ``configs/lowrank.toml``);
 the tiny LM demo runs its built-in config ``tiny_lm`` (``jaxla/finetune/demos/tiny_lm.toml``), so
@@ -70,6 +71,12 @@ def _in_process(name: str, config: str | None, overrides: list[str], *, check: b
         })
     if "relative_error" in m:
         quality = {"rel_err": m["relative_error"]}
+    elif "accuracy_adapted" in m:
+        quality = {"accuracy_adapted": m["accuracy_adapted"],
+                   "accuracy_zero_shot": m["accuracy_zero_shot"],
+                   "train_tokens_per_s": m["train_tokens_per_s"]}
+        if check:  # the adapted model must beat the frozen model's zero-shot accuracy
+            quality["ok"] = bool(m["accuracy_adapted"] > m["accuracy_zero_shot"])
     elif "pearson_r_lora" in m:
         quality = {"pearson_r_lora": m["pearson_r_lora"], "pearson_r_probe": m["pearson_r_probe"]}
         if check:  # the LoRA model must beat the linear probe
@@ -123,6 +130,7 @@ def run(*, quick: bool) -> list[dict]:
         rows.append(_fresh_process("tiny_lm", tiny_cfg, tiny, specs_finetune.TARGET_TINY_LM_S))
     if not quick:
         rows += _minilm_rows()
+        rows += _smollm2_rows()
     return rows
 
 
@@ -137,11 +145,31 @@ def _minilm_rows() -> list[dict]:
             _fresh_process(name, cfg, specs_finetune.FULL_MINILM, specs_finetune.TARGET_MINILM_S)]
 
 
+def _smollm2_rows() -> list[dict]:
+    """The QLoRA demo, in-process and as a fresh process, when its files are downloaded."""
+    name = "smollm2_sentiment"
+    missing = smollm2_missing_files()
+    if missing:
+        return [{"name": f"{name} (not run)", "skipped": missing}]
+    cfg = demo_config_path(name)
+    return [*_in_process(name, cfg, specs_finetune.FULL_SMOLLM2, check=True),
+            _fresh_process(name, cfg, specs_finetune.FULL_SMOLLM2, specs_finetune.TARGET_SMOLLM2_S)]
+
+
+def smollm2_missing_files() -> str | None:
+    """Why the SmolLM2 demo cannot run here (its model or data is not downloaded), or None."""
+    return _missing_files(("smollm2-135m-instruct", "vader-sentiment"))
+
+
 def minilm_missing_files() -> str | None:
     """Why the MiniLM demo cannot run here (its model or data is not downloaded), or None."""
+    return _missing_files(("all-minilm-l6-v2", "vader-sentiment"))
+
+
+def _missing_files(names: tuple[str, ...]) -> str | None:
     from jaxla.models import _download
 
-    for what in ("all-minilm-l6-v2", "vader-sentiment"):
+    for what in names:
         try:
             _download.resolve(what)
         except FileNotFoundError as e:

@@ -7,7 +7,9 @@ Reusable by any demo that trains on tokenized sentences (MiniLM sentiment, a dec
   (``tokens.npz``), keyed by the sha256 of the data file and of the tokenizer, so a resumed run
   reads the same ids instead of tokenizing again;
 - :func:`bucketize` — pad each sequence to the smallest of a few bucket lengths (``(N_b, T_b)`` id
-  and mask arrays per bucket), so a model compiles one program per bucket, not per length;
+  and mask arrays per bucket), so a model compiles one program per bucket, not per length; on the
+  right (encoders) or on the left (decoders scoring the last position);
+- :func:`fit_bucket_lengths` — the few bucket lengths that waste the least padding on given data;
 - :func:`batch_schedule` — every training step's bucket and example indices, drawn from
   ``(seed, epoch)``: step ``s`` always sees the same examples, so a run resumed from step ``s``
   replays an uninterrupted one exactly.
@@ -31,6 +33,7 @@ __all__ = [
     "Schedule",
     "batch_schedule",
     "bucketize",
+    "fit_bucket_lengths",
     "sha256_file",
     "split",
     "tokenize_cached",
@@ -157,15 +160,20 @@ class Buckets(NamedTuple):
     index: tuple[np.ndarray, ...]
 
 
-def bucketize(seqs: Sequence[np.ndarray], lengths: Sequence[int], *, pad_id: int = 0) -> Buckets:
-    """Puts each sequence in the shortest bucket that holds it (right padding with ``pad_id``).
+def bucketize(seqs: Sequence[np.ndarray], lengths: Sequence[int], *, pad_id: int = 0,
+              pad_side: str = "right") -> Buckets:
+    """Puts each sequence in the shortest bucket that holds it, padded with ``pad_id``.
 
+    ``pad_side="right"`` puts the padding after each sequence; ``"left"`` before it, so every row's
+    last token sits in the last column (a decoder's next-token logits are then those of column -1).
     Empty buckets are kept (with zero rows) so a bucket's number means the same for any data.
 
     Raises:
-      ValueError: the lengths are not increasing positive integers, or a sequence is longer than
-        the last one.
+      ValueError: the lengths are not increasing positive integers, a sequence is longer than
+        the last one, or ``pad_side`` is neither "right" nor "left".
     """
+    if pad_side not in ("right", "left"):
+        raise ValueError(f"pad_side must be 'right' or 'left', got {pad_side!r}")
     lengths = tuple(lengths)
     if not lengths or any(not isinstance(t, int) or t < 1 for t in lengths) or list(
             lengths) != sorted(set(lengths)):
@@ -181,12 +189,56 @@ def bucketize(seqs: Sequence[np.ndarray], lengths: Sequence[int], *, pad_id: int
         x = np.full((rows.size, t), pad_id, np.int32)
         m = np.zeros((rows.size, t), bool)
         for r, i in enumerate(rows):
-            x[r, :sizes[i]] = seqs[i]
-            m[r, :sizes[i]] = True
+            cols = slice(0, sizes[i]) if pad_side == "right" else slice(t - sizes[i], t)
+            x[r, cols] = seqs[i]
+            m[r, cols] = True
         ids.append(x)
         mask.append(m)
         index.append(rows)
     return Buckets(lengths, tuple(ids), tuple(mask), tuple(index))
+
+
+def fit_bucket_lengths(sizes: Sequence[int], buckets: int, *, multiple: int = 8) -> tuple[int, ...]:
+    """At most ``buckets`` lengths that hold every size with the fewest padding tokens in total.
+
+    Candidate lengths are the sizes rounded up to a multiple of ``multiple`` (the largest bucket is
+    exactly the largest size, so no bucket is longer than the data needs); the choice is exact
+    (dynamic programming over the few candidates) and depends only on the sizes.
+
+    Raises:
+      ValueError: no sizes, a size < 1, or ``buckets`` / ``multiple`` < 1.
+    """
+    sizes = np.asarray(list(sizes), np.int64)
+    if not sizes.size or sizes.min() < 1:
+        raise ValueError(f"fit_bucket_lengths needs sizes >= 1, got {sizes[:8].tolist()}")
+    if not (isinstance(buckets, int) and buckets >= 1 and isinstance(multiple, int)
+            and multiple >= 1):
+        raise ValueError(f"buckets and multiple must be integers >= 1, got {buckets!r}, {multiple!r}")
+    top = int(sizes.max())
+    cands = np.unique(np.minimum(-(-sizes // multiple) * multiple, top))
+    # rows[j]: how many sizes fit in cands[j] but not in cands[j - 1].
+    rows = np.bincount(np.searchsorted(cands, sizes, side="left"), minlength=cands.size)
+    m = cands.size
+    k = min(buckets, m)
+    # best[c][j]: least padded total of the sizes up to cands[j] with c buckets, the last cands[j].
+    inf = np.iinfo(np.int64).max // 4
+    best = np.full((k + 1, m), inf, np.int64)
+    prev = np.full((k + 1, m), -1, np.int64)
+    cum = np.concatenate([[0], np.cumsum(rows)])
+    for j in range(m):
+        best[1, j] = int(cum[j + 1]) * int(cands[j])
+    for c in range(2, k + 1):
+        for j in range(m):
+            for i in range(j):
+                cost = best[c - 1, i] + int(cum[j + 1] - cum[i + 1]) * int(cands[j])
+                if cost < best[c, j]:
+                    best[c, j], prev[c, j] = cost, i
+    c = int(np.argmin(best[1:, m - 1])) + 1  # fewer buckets when more would not help
+    out, j = [], m - 1
+    while j >= 0 and c >= 1:
+        out.append(int(cands[j]))
+        j, c = int(prev[c, j]), c - 1
+    return tuple(reversed(out))
 
 
 class Schedule(NamedTuple):
