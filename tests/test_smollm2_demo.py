@@ -207,7 +207,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tiny_files, whole, tmp_path):
     ("smollm2_sentiment.max_length=80", r"smollm2_sentiment\.max_length = 80 .* at most 64"),
     ("lora.targets=nothing_here", r"lora\.targets"),
     ("lora.init=pissa", r"lora\.init"),
-    ("mesh.data=2", r"mesh\.data"),
+    ("mesh.model=7", r"mesh\.model = 7"),
     ("smollm2_sentiment.prompt=no slot", r"smollm2_sentiment\.prompt"),
 ])
 def test_config_errors(tiny_files, tmp_path, override, match):

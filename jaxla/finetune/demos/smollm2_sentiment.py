@@ -50,7 +50,7 @@ import numpy as np
 
 from jaxla import data as _data
 from jaxla import lora, models, quant, spectral
-from jaxla.finetune import _checkpoints, _runner, _steps, _text
+from jaxla.finetune import _checkpoints, _mesh, _runner, _steps, _text
 from jaxla.finetune._config import NONNEG, POS, choice
 from jaxla.finetune._demo import Demo, MemoryTerm
 from jaxla.finetune._errors import ConfigError
@@ -106,7 +106,7 @@ class SmolLM2SentimentConfig:
 
 
 def validate(cfg) -> None:
-    """Cross-key checks (ConfigError): the LoRA variants the Llama forward applies, a 1×1 mesh."""
+    """Cross-key checks (ConfigError): the LoRA variants the Llama forward applies."""
     sc = cfg.smollm2_sentiment
     if cfg.lora.init not in ("kaiming", "gaussian"):
         raise ConfigError(f"config key lora.init = {cfg.lora.init!r} is not supported by "
@@ -116,9 +116,6 @@ def validate(cfg) -> None:
         if value != ok:
             raise ConfigError(f"config key {key} = {value!r} is not supported by smollm2_sentiment "
                               f"(the Llama forward applies plain LoRA): expected {ok!r}.")
-    if (cfg.mesh.data, cfg.mesh.model) != (1, 1):
-        raise ConfigError(f"config keys mesh.data, mesh.model = {cfg.mesh.data}, {cfg.mesh.model}: "
-                          "smollm2_sentiment runs on one device; expected 1, 1.")
     if sc.positive == sc.negative:
         raise ConfigError(f"config keys smollm2_sentiment.positive and .negative are both "
                           f"{sc.positive!r}: expected two different label strings.")
@@ -201,8 +198,10 @@ def _param_shapes(config: _llama.LlamaConfig) -> dict[str, Any]:
 
 
 def preflight(cfg) -> None:
-    """The model and data exist, the prompt fits the context, ``lora.targets`` select kernels."""
+    """The model and data exist, the prompt fits the context, ``lora.targets`` select kernels,
+    ``mesh.model`` divides the heads (ConfigError)."""
     config = _read_config(_model_file(cfg))
+    _mesh.model_rules(config, cfg.mesh)
     _data_file(cfg)
     sc = cfg.smollm2_sentiment
     if sc.max_length + sc.generation_tokens > config.max_position_embeddings:
@@ -524,7 +523,8 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
         def branch(j):
             def f(adapters):
                 return _label_loss(config, label_ids, sc.loss, frozen["params"], adapters,
-                                   frozen["ids"][j][rows], frozen["mask"][j][rows],
+                                   _mesh.constrain_batch(frozen["ids"][j][rows], ctx.mesh),
+                                   _mesh.constrain_batch(frozen["mask"][j][rows], ctx.mesh),
                                    frozen["y"][j][rows], weight)
             return f
 
@@ -558,7 +558,8 @@ def run(ctx: _runner.RunContext) -> dict[str, Any]:
 
     res = _runner.train_phase(
         ctx, phase="adapt", init_state=init_state, init_args=(adapters0,), frozen=frozen,
-        step_fn=step_fn, steps=cfg.train.steps, items_per_step=cfg.train.batch_size)
+        step_fn=step_fn, steps=cfg.train.steps, items_per_step=cfg.train.batch_size,
+        rules=_mesh.model_rules(config, cfg.mesh))
     title = (f"smollm2_sentiment: {model_file.name} (quantized base) + LoRA r={cfg.lora.rank} "
              f"on {sc.corpus} sentiment")
     if res.interrupted:
