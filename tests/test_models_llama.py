@@ -566,3 +566,30 @@ def test_smollm2_real_file():
     assert "Paris" in answer, answer
     colors = tok.decode(out[1].tolist(), skip_special_tokens=True).lower()
     assert sum(c in colors for c in ("red", "blue", "yellow", "green")) >= 2, colors
+
+
+def test_quantized_layers_are_read_in_place_with_the_same_outputs(checkpoints, monkeypatch):
+    """A kept-quantized base's stacked kernels reach the fused kernel whole with the layer index
+    (no per-layer copy of the slice); forward logits equal the sliced path's bitwise, and
+    generate's cache decode equals greedy decoding by full forwards."""
+    from jaxla.models import _llama
+    from jaxla.quant import _fused
+
+    _hf, _, directory = checkpoints["qwen2_bias"]  # biases: the in-place path adds them too
+    targets = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate",
+                                          "mlp/up", "mlp/down")]
+    model = models.quantize(models.load(directory), format="q4_1", targets=targets)
+    fused = _fused.layer_reason(model.params["layers"]["attn"]["q"]["w"], 10) is None
+    ids = jnp.asarray(IDS[:, :7])
+    out = models.generate(model.config, model.params, ids, max_new_tokens=3)
+    assert out[0].tolist() == greedy_by_forward(model, IDS[0, :7].tolist(), 3)
+    gen_jaxpr = str(jax.make_jaxpr(lambda p: models.generate(model.config, p, ids,
+                                                             max_new_tokens=3))(model.params))
+    assert ("jaxla_quant_matmul_layer" in gen_jaxpr) == fused
+
+    def forward(params):
+        return jax.jit(lambda p: models.forward(model.config, p, ids))(params)
+
+    in_place = forward(model.params)
+    monkeypatch.setattr(_llama, "split_in_place", lambda layers, rows: (dict(layers), {}))
+    np.testing.assert_array_equal(in_place, forward(model.params))

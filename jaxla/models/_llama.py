@@ -38,7 +38,7 @@ from jaxla import _norms
 from jaxla.attention._api import dot_product_attention
 from jaxla.attention._rope import apply_rope
 from jaxla.models._family import Family, TensorSource, take
-from jaxla.models._layers import dense, layer_adapters
+from jaxla.models._layers import dense, join_layer, layer_adapters, split_in_place
 from jaxla.quant import _fused, _qarray
 
 __all__ = ["FAMILY", "LlamaConfig", "RopeScaling", "config_from_hf", "forward", "params_from_hf",
@@ -432,8 +432,12 @@ def run(config: LlamaConfig, params: Mapping[str, Any], inputs: Inputs, *,
     x = embed_tokens(config, params, inputs.input_ids).astype(params["layers"]["attn_norm"]["scale"].dtype)
     segments = None if inputs.attention_mask is None else inputs.attention_mask.astype(jnp.int32)
 
+    # Stacked quantized kernels the fused kernel reads in place (a scanned slice would be copied).
+    scanned, kept = split_in_place(params["layers"], int(np.prod(inputs.input_ids.shape)))
+
     def step(x, xs):
-        layer, layer_ad = xs
+        layer, layer_ad, index = xs
+        layer = join_layer(layer, kept, index)
         q, k, v = qkv(config, layer, layer_ad, x, inputs.positions)
         # Padding is its own segment: real tokens never see it, and a pad row still sees itself
         # (causal), so no row is empty and no NaN appears.
@@ -441,7 +445,8 @@ def run(config: LlamaConfig, params: Mapping[str, Any], inputs: Inputs, *,
                                          local_window_size=window(config))
         return finish_layer(config, layer, layer_ad, x, attended), ((k, v) if return_kv else None)
 
-    x, kv = jax.lax.scan(step, x, (params["layers"], per_layer))
+    x, kv = jax.lax.scan(step, x, (scanned, per_layer,
+                                   jnp.arange(config.num_layers, dtype=jnp.int32)))
     logits = logits_of(config, params, adapters, x[:, -1:] if last_only else x)
     return (logits, kv) if return_kv else logits
 
