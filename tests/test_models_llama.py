@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -593,3 +594,36 @@ def test_quantized_layers_are_read_in_place_with_the_same_outputs(checkpoints, m
     in_place = forward(model.params)
     monkeypatch.setattr(_llama, "split_in_place", lambda layers, rows: (dict(layers), {}))
     np.testing.assert_array_equal(in_place, forward(model.params))
+
+
+def test_remat_and_the_chunked_head_loss_keep_values_and_gradients(checkpoints):
+    """forward(remat=True) and the quant benchmark's lean loss (remat per layer, the vocabulary
+    head in checkpointed chunks) give the plain forward's loss and adapter gradients."""
+    from jaxla.benchmarks import quant as quant_bench
+    from jaxla.models import _llama
+
+    _, _, directory = checkpoints["smollm_tied"]  # tied head: logits_of on the embedding table
+    model = models.load(directory)
+    adapters = lora.init(jax.random.key(1), model.params, rank=2, alpha=4.0,
+                         targets=("layers/attn/q/w", "layers/mlp/up/w"), stack_axes=1)
+    adapters = {k: dataclasses.replace(v, b=0.3 * jax.random.normal(jax.random.key(2), v.b.shape))
+                for k, v in adapters.items()}
+    ids = jnp.asarray(np.tile(IDS, (2, 1)))
+
+    def plain(ad, remat):
+        logits = _llama.forward(model.config, model.params, ids[:, :-1], adapters=ad, remat=remat)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    def lean(ad):
+        return quant_bench._lean_loss(model.config, model.params, ad, ids)
+
+    results = jax.jit(lambda ad: [jax.value_and_grad(f)(ad) for f in (
+        lambda a: plain(a, False), lambda a: plain(a, True), lean)])(adapters)
+    (want, want_grads), *others = results
+    for loss, grads in others:
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        for k in want_grads:  # the same sums in another order: f32 rounding of the largest
+            for got, ref in ((grads[k].a, want_grads[k].a), (grads[k].b, want_grads[k].b)):
+                np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    with pytest.raises(TypeError, match="remat must be a bool"):
+        _llama.forward(model.config, model.params, ids, remat="yes")
