@@ -372,6 +372,79 @@ def _step_child(kind: str) -> dict:
             "floor_rss": floor, "loaded_rss": loaded, "params_bytes": quant.tree_nbytes(model.params)}
 
 
+def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
+    """Per-token wall and CPU milliseconds of SmolLM2's decode step (one jitted loop of ``tokens``
+    steps over a 116-slot cache, the cache donated), f32 and Q4_1 bases interleaved: the whole step,
+    the Q4_1 step with the stacked kernels sliced per layer (the layout before the in-place layer
+    product), and ablations without the vocabulary head and/or the attention (a profiling probe:
+    the ablated pieces are swapped out while tracing). ``python -c "from jaxla.benchmarks.quant
+    import decode_breakdown as d; d()"``."""
+    import contextlib
+
+    from jaxla.models import _generate
+
+    path = specs_models.smollm2_file()
+    bases = {"f32": models.load(path).params, "q4_1": models.load(path, keep_quantized=True).params}
+    config = models.load(path, keep_quantized=True).config
+    s, shape = 116, (config.num_layers, 1, 116, config.num_kv_heads, config.head_dim)
+    valid = jnp.ones((1, s), bool)
+
+    @contextlib.contextmanager
+    def ablated(attention, head):
+        saved = _generate.dot_product_attention, _llama.logits_of
+        if not attention:
+            _generate.dot_product_attention = lambda q, k, v, **kw: q
+        if not head:
+            _llama.logits_of = lambda config, p, a, x: x
+        try:
+            yield
+        finally:
+            _generate.dot_product_attention, _llama.logits_of = saved
+
+    def loop(in_place, attention, head):
+        def run(p, ck, cv, tok):
+            def body(i, carry):
+                ck, cv, tok = carry
+                logits, cache = _generate._decode_step(
+                    config, p, {}, tok, jnp.array([84]), {"k": ck, "v": cv}, valid, 84,
+                    in_place=in_place)
+                return cache["k"], cache["v"], (jnp.argmax(logits, -1) % 100).astype(jnp.int32)
+            with ablated(attention, head):
+                return jax.lax.fori_loop(0, tokens, body, (ck, cv, tok))
+        return jax.jit(run, donate_argnums=(1, 2))
+
+    variants = {}
+    for base in bases:
+        variants[base, "step"] = loop(True, True, True)
+        if base == "q4_1":
+            variants[base, "step, kernels sliced per layer"] = loop(False, True, True)
+        variants[base, "no head"] = loop(True, True, False)
+        variants[base, "no attention"] = loop(True, False, True)
+        variants[base, "no head, no attention"] = loop(True, False, False)
+
+    def args():
+        return jnp.zeros(shape), jnp.zeros(shape), jnp.array([5], jnp.int32)
+
+    for (base, _), f in variants.items():
+        jax.block_until_ready(f(bases[base], *args()))
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, f in variants.items():
+            a = jax.block_until_ready(args())
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(f(bases[k[0]], *a))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    rows = [{"name": f"decode step {base}: {what}",
+             "wall_ms": statistics.median(wall[base, what]) / tokens * 1e3,
+             "cpu_ms": statistics.median(cpu[base, what]) / tokens * 1e3, "load": _load()}
+            for base, what in variants]
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
 _CHILDREN = {"step": _step_child, "decode_off": lambda _arg: _decode_off()}
 
 

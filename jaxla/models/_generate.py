@@ -32,8 +32,9 @@ from jaxla.models._layers import join_layer, layer_adapters, split_in_place
 __all__ = ["format_chat", "generate"]
 
 
-def _decode_step(config, params, adapters, token, position, cache, valid, slot):
-    """Logits (B, V) for one new token per row at cache ``slot``, and the updated cache."""
+def _decode_step(config, params, adapters, token, position, cache, valid, slot, *, in_place=True):
+    """Logits (B, V) for one new token per row at cache ``slot``, and the updated cache.
+    ``in_place=False`` scans sliced quantized kernels (the old layout, for the benchmark's probe)."""
     per_layer = layer_adapters(adapters)
     x = _llama.embed_tokens(config, params, token[:, None]).astype(
         params["layers"]["attn_norm"]["scale"].dtype)
@@ -46,7 +47,8 @@ def _decode_step(config, params, adapters, token, position, cache, valid, slot):
     mask = visible[:, None, None, :]  # (B, 1, 1, S)
 
     # The fused kernel reads stacked quantized kernels in place (a scanned slice would be copied).
-    scanned, kept = split_in_place(params["layers"], token.shape[0])
+    scanned, kept = (split_in_place(params["layers"], token.shape[0]) if in_place
+                     else (params["layers"], {}))
 
     def step(carry, xs):
         x, ck, cv = carry
