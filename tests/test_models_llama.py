@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -432,3 +433,63 @@ def test_smollm2_real_file():
     assert "Paris" in answer, answer
     colors = tok.decode(out[1].tolist(), skip_special_tokens=True).lower()
     assert sum(c in colors for c in ("red", "blue", "yellow", "green")) >= 2, colors
+
+
+def test_quantized_layers_are_read_in_place_with_the_same_outputs(checkpoints, monkeypatch):
+    """A kept-quantized base's stacked kernels reach the fused kernel whole with the layer index
+    (no per-layer copy of the slice); forward logits equal the sliced path's bitwise, and
+    generate's cache decode equals greedy decoding by full forwards."""
+    from jaxla.models import _llama
+    from jaxla.quant import _fused
+
+    _hf, _, directory = checkpoints["qwen2_bias"]  # biases: the in-place path adds them too
+    targets = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate",
+                                          "mlp/up", "mlp/down")]
+    model = models.quantize(models.load(directory), format="q4_1", targets=targets)
+    fused = _fused.layer_reason(model.params["layers"]["attn"]["q"]["w"], 10) is None
+    ids = jnp.asarray(IDS[:, :7])
+    out = models.generate(model.config, model.params, ids, max_new_tokens=3)
+    assert out[0].tolist() == greedy_by_forward(model, IDS[0, :7].tolist(), 3)
+    gen_jaxpr = str(jax.make_jaxpr(lambda p: models.generate(model.config, p, ids,
+                                                             max_new_tokens=3))(model.params))
+    assert ("jaxla_quant_matmul_layer" in gen_jaxpr) == fused
+
+    def forward(params):
+        return jax.jit(lambda p: models.forward(model.config, p, ids))(params)
+
+    in_place = forward(model.params)
+    monkeypatch.setattr(_llama, "split_in_place", lambda layers, rows: (dict(layers), {}))
+    np.testing.assert_array_equal(in_place, forward(model.params))
+
+
+def test_remat_and_the_chunked_head_loss_keep_values_and_gradients(checkpoints):
+    """forward(remat=True) and the quant benchmark's lean loss (remat per layer, the vocabulary
+    head in checkpointed chunks) give the plain forward's loss and adapter gradients."""
+    from jaxla.benchmarks import quant as quant_bench
+    from jaxla.models import _llama
+
+    _, _, directory = checkpoints["smollm_tied"]  # tied head: logits_of on the embedding table
+    model = models.load(directory)
+    adapters = lora.init(jax.random.key(1), model.params, rank=2, alpha=4.0,
+                         targets=("layers/attn/q/w", "layers/mlp/up/w"), stack_axes=1)
+    adapters = {k: dataclasses.replace(v, b=0.3 * jax.random.normal(jax.random.key(2), v.b.shape))
+                for k, v in adapters.items()}
+    ids = jnp.asarray(np.tile(IDS, (2, 1)))
+
+    def plain(ad, remat):
+        logits = _llama.forward(model.config, model.params, ids[:, :-1], adapters=ad, remat=remat)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    def lean(ad):
+        return quant_bench._lean_loss(model.config, model.params, ad, ids)
+
+    results = jax.jit(lambda ad: [jax.value_and_grad(f)(ad) for f in (
+        lambda a: plain(a, False), lambda a: plain(a, True), lean)])(adapters)
+    (want, want_grads), *others = results
+    for loss, grads in others:
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        for k in want_grads:  # the same sums in another order: f32 rounding of the largest
+            for got, ref in ((grads[k].a, want_grads[k].a), (grads[k].b, want_grads[k].b)):
+                np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    with pytest.raises(TypeError, match="remat must be a bool"):
+        _llama.forward(model.config, model.params, ids, remat="yes")

@@ -149,3 +149,40 @@ def test_env_variable_selects_the_path():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     assert out == ["portable", "None"]
+
+
+def test_layer_product_reads_a_stacked_layer_in_place(rng):
+    """layer_product(x, stack, i) equals rows_product(x, stack[i]) bitwise inside lax.scan (the
+    kernel reads layer i where it lies), with gradients to x only; the stack is never sliced."""
+    stacks = {"q4_1": quant.quantize(rng.standard_normal((3, 64, 32)).astype(np.float32),
+                                     format="q4_1", stack_axes=1),
+              "int4": quant.quantize(rng.standard_normal((3, 64, 32)).astype(np.float32),
+                                     format="int4", block_size=32, stack_axes=1)}
+    x = jnp.asarray(rng.standard_normal((2, 64)).astype(np.float32))
+
+    def both(stacks, x):
+        def body(h, i):
+            ys = [(_fused.layer_product(h, q, i), _fused.rows_product(h, _fused._take_layer(q, i)))
+                  for q in stacks.values()]
+            return h, ys
+        return jax.lax.scan(body, x, jnp.arange(3, dtype=jnp.int32))[1]
+
+    for in_place, sliced in jax.jit(both)(stacks, x):
+        np.testing.assert_array_equal(in_place, sliced)
+    hlo = jax.jit(lambda q, x: jax.lax.scan(
+        lambda h, i: (h, _fused.layer_product(h, q, i)), x, jnp.arange(3, dtype=jnp.int32))[1]
+    ).lower(stacks["q4_1"], x).compile().as_text()
+    assert "jaxla_quant_matmul_layer" in hlo and "u8[1,32,2,20]" not in hlo  # no slice of codes
+    q = stacks["q4_1"]
+    dx = jax.grad(lambda x: jnp.sum(_fused.layer_product(x, q, jnp.int32(1)) ** 2))(x)
+    want = jax.grad(lambda x: jnp.sum(_fused.rows_product(x, _fused._take_layer(q, 1)) ** 2))(x)
+    np.testing.assert_allclose(dx, want, rtol=1e-6, atol=1e-6)
+    assert "stacking axes ()" in _fused.layer_reason(_fused._take_layer(q, 0), 1)
+    nested = quant.quantize(rng.standard_normal((2, 2, 64, 32)).astype(np.float32), format="q4_0",
+                            stack_axes=2)
+    with pytest.raises(ValueError, match="one axis"):
+        _fused.layer_product(x, nested, 0)
+    with pytest.raises(ValueError, match="integer scalar"):
+        _fused.layer_product(x, q, jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match=r"\(\.\.\., C\) with C = 64"):
+        _fused.layer_product(x[:, :32], q, 0)

@@ -42,6 +42,7 @@ import optax
 
 from jaxla import lora, models, quant
 from jaxla.benchmarks import harness, specs_models
+from jaxla.models import _llama
 
 KERNELS = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
                                      "mlp/down")]
@@ -247,7 +248,29 @@ def _prompt_ids(vocab: int) -> np.ndarray:
                                          jnp.int32))
 
 
-def _step_setup(dense, params, shape):
+HEAD_CHUNK = 128  # tokens per chunk of the lean step's vocabulary head
+
+
+def _lean_loss(config, p, a, ids):
+    """The mean next-token loss with each layer rematerialised (``remat=True``) and the (tokens ×
+    V) head applied ``HEAD_CHUNK`` tokens at a time under ``jax.checkpoint``, so only one chunk's
+    logits are ever live (the full head is 512 × 49152 f32 = 96 MiB per copy)."""
+    inputs = _llama.check_inputs(config, ids[:, :-1], None, None)
+    h = _llama.run(config, p, inputs, adapters=a, remat=True, head=False)      # (B, T, D)
+    labels = ids[:, 1:].reshape(-1)
+    n = labels.shape[0]
+    chunk = HEAD_CHUNK if n % HEAD_CHUNK == 0 else n
+    hs = h.reshape(n // chunk, 1, chunk, h.shape[-1])
+
+    @jax.checkpoint
+    def chunk_loss(h, labels):
+        logits = _llama.logits_of(config, p, a, h)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
+    return jax.lax.map(lambda hl: chunk_loss(*hl), (hs, labels.reshape(-1, chunk))).sum() / n
+
+
+def _step_setup(dense, params, shape, lean: bool = False):
     batch, tokens, rank = shape
     config = dense.config
     ids = jax.random.randint(jax.random.key(2), (batch, tokens + 1), 0, config.vocab_size, jnp.int32)
@@ -259,6 +282,8 @@ def _step_setup(dense, params, shape):
     opt = optax.adam(1e-3)
 
     def loss(p, a, ids):
+        if lean:
+            return _lean_loss(config, p, a, ids)
         logits = models.forward(config, p, ids[:, :-1], adapters=a)
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
@@ -280,18 +305,40 @@ def _step_rows(dense, q41, label, quick) -> list[dict]:
                  "met": ratio <= 1.5,
                  "ok": abs(losses["QLoRA q4_1"] - losses["f32 LoRA"]) <= 1e-3 * abs(losses["f32 LoRA"])})
     if not quick:
-        peaks = {kind: _child_json("step", kind) for kind in ("f32", "q4_1")}
+        kinds = ("f32", "q4_1", "f32 lean", "q4_1 lean")
+        peaks = {kind: _child_json("step", kind) for kind in kinds}
         for kind, got in peaks.items():
-            rows.append({"name": f"fresh process: load + 3 train steps, {kind} base",
-                         "peak_rss_mib": got["peak_rss"] / 2**20 if got else None,
-                         "step_s": got["step_s"] if got else None,
-                         "temp_mib": got["temp_bytes"] / 2**20 if got else None,
+            def mib(key, got=got):
+                return (got[key] / 2**20 if got else None)
+            rows.append({"name": f"fresh process: load + 3 train steps, {kind} base"
+                                 + (" (remat per layer, head in chunks of "
+                                    f"{HEAD_CHUNK} tokens)" if "lean" in kind else ""),
+                         "peak_rss_mib": mib("peak_rss"), "runtime_floor_mib": mib("floor_rss"),
+                         "after_load_mib": mib("loaded_rss"), "params_mib": mib("params_bytes"),
+                         "temp_mib": mib("temp_bytes"), "step_s": got["step_s"] if got else None,
+                         "loss": got["loss"] if got else None,
                          "ok": bool(got) and np.isfinite(got["loss"])})
-        if peaks["f32"] and peaks["q4_1"]:
-            r = peaks["q4_1"]["peak_rss"] / peaks["f32"]["peak_rss"]
-            rows.append({"name": "peak RSS QLoRA / f32 LoRA", "ratio": r, "target": "<=0.5x",
-                         "met": r <= 0.5, "ok": True})
+        for suffix in ("", " lean"):
+            f32, q41 = peaks["f32" + suffix], peaks["q4_1" + suffix]
+            if f32 and q41:
+                r = q41["peak_rss"] / f32["peak_rss"]
+                rows.append({"name": f"peak RSS QLoRA / f32 LoRA{suffix}", "ratio": r,
+                             "target": "<=0.5x", "met": r <= 0.5,
+                             "ok": abs(q41["loss"] - f32["loss"]) <= 1e-3 * abs(f32["loss"])})
+        if peaks["q4_1 lean"] and peaks["f32"]:
+            r = peaks["q4_1 lean"]["peak_rss"] / peaks["f32"]["peak_rss"]
+            rows.append({"name": "peak RSS lean QLoRA / plain f32 LoRA", "ratio": r,
+                         "target": "<=0.5x", "met": r <= 0.5, "ok": True})
     return rows
+
+
+def _rss_bytes() -> int:
+    """This process's VmRSS now."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _peak_rss_bytes() -> int:
@@ -305,9 +352,15 @@ def _peak_rss_bytes() -> int:
 
 
 def _step_child(kind: str) -> dict:
-    """In a fresh process: load the base, compile the train step, run it 3 times."""
-    model = models.load(specs_models.smollm2_file(), keep_quantized=kind == "q4_1")
-    step, adapters, state, ids = _step_setup(model, model.params, (STEP_BATCH, STEP_TOKENS, STEP_RANK))
+    """In a fresh process: load the base, compile the train step, run it 3 times. ``kind`` is
+    ``"f32"`` or ``"q4_1"``, with `` lean`` for the rematerialised step with the chunked head."""
+    base, _, variant = kind.partition(" ")
+    jax.block_until_ready(jnp.ones(8) + 1)  # the runtime started: the floor before any weights
+    floor = _rss_bytes()
+    model = models.load(specs_models.smollm2_file(), keep_quantized=base == "q4_1")
+    loaded = _rss_bytes()
+    step, adapters, state, ids = _step_setup(model, model.params, (STEP_BATCH, STEP_TOKENS, STEP_RANK),
+                                             lean=variant == "lean")
     temp = step.lower(model.params, adapters, state, ids).compile().memory_analysis()
     times = []
     for _ in range(3):
@@ -315,7 +368,81 @@ def _step_child(kind: str) -> dict:
         adapters, state, loss = jax.block_until_ready(step(model.params, adapters, state, ids))
         times.append(time.perf_counter() - t0)
     return {"peak_rss": _peak_rss_bytes(), "step_s": statistics.median(times[1:]),
-            "loss": float(loss), "temp_bytes": getattr(temp, "temp_size_in_bytes", 0)}
+            "loss": float(loss), "temp_bytes": getattr(temp, "temp_size_in_bytes", 0),
+            "floor_rss": floor, "loaded_rss": loaded, "params_bytes": quant.tree_nbytes(model.params)}
+
+
+def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
+    """Per-token wall and CPU milliseconds of SmolLM2's decode step (one jitted loop of ``tokens``
+    steps over a 116-slot cache, the cache donated), f32 and Q4_1 bases interleaved: the whole step,
+    the Q4_1 step with the stacked kernels sliced per layer (the layout before the in-place layer
+    product), and ablations without the vocabulary head and/or the attention (a profiling probe:
+    the ablated pieces are swapped out while tracing). ``python -c "from jaxla.benchmarks.quant
+    import decode_breakdown as d; d()"``."""
+    import contextlib
+
+    from jaxla.models import _generate
+
+    path = specs_models.smollm2_file()
+    bases = {"f32": models.load(path).params, "q4_1": models.load(path, keep_quantized=True).params}
+    config = models.load(path, keep_quantized=True).config
+    s, shape = 116, (config.num_layers, 1, 116, config.num_kv_heads, config.head_dim)
+    valid = jnp.ones((1, s), bool)
+
+    @contextlib.contextmanager
+    def ablated(attention, head):
+        saved = _generate.dot_product_attention, _llama.logits_of
+        if not attention:
+            _generate.dot_product_attention = lambda q, k, v, **kw: q
+        if not head:
+            _llama.logits_of = lambda config, p, a, x: x
+        try:
+            yield
+        finally:
+            _generate.dot_product_attention, _llama.logits_of = saved
+
+    def loop(in_place, attention, head):
+        def run(p, ck, cv, tok):
+            def body(i, carry):
+                ck, cv, tok = carry
+                logits, cache = _generate._decode_step(
+                    config, p, {}, tok, jnp.array([84]), {"k": ck, "v": cv}, valid, 84,
+                    in_place=in_place)
+                return cache["k"], cache["v"], (jnp.argmax(logits, -1) % 100).astype(jnp.int32)
+            with ablated(attention, head):
+                return jax.lax.fori_loop(0, tokens, body, (ck, cv, tok))
+        return jax.jit(run, donate_argnums=(1, 2))
+
+    variants = {}
+    for base in bases:
+        variants[base, "step"] = loop(True, True, True)
+        if base == "q4_1":
+            variants[base, "step, kernels sliced per layer"] = loop(False, True, True)
+        variants[base, "no head"] = loop(True, True, False)
+        variants[base, "no attention"] = loop(True, False, True)
+        variants[base, "no head, no attention"] = loop(True, False, False)
+
+    def args():
+        return jnp.zeros(shape), jnp.zeros(shape), jnp.array([5], jnp.int32)
+
+    for (base, _), f in variants.items():
+        jax.block_until_ready(f(bases[base], *args()))
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, f in variants.items():
+            a = jax.block_until_ready(args())
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(f(bases[k[0]], *a))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    rows = [{"name": f"decode step {base}: {what}",
+             "wall_ms": statistics.median(wall[base, what]) / tokens * 1e3,
+             "cpu_ms": statistics.median(cpu[base, what]) / tokens * 1e3, "load": _load()}
+            for base, what in variants]
+    for row in rows:
+        print(json.dumps(row))
+    return rows
 
 
 _CHILDREN = {"step": _step_child, "decode_off": lambda _arg: _decode_off()}

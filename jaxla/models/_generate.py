@@ -27,13 +27,14 @@ from jax.typing import ArrayLike
 from jaxla.attention._api import dot_product_attention
 from jaxla.models import _llama
 from jaxla.models._family import Model
-from jaxla.models._layers import layer_adapters
+from jaxla.models._layers import join_layer, layer_adapters, split_in_place
 
 __all__ = ["format_chat", "generate"]
 
 
-def _decode_step(config, params, adapters, token, position, cache, valid, slot):
-    """Logits (B, V) for one new token per row at cache ``slot``, and the updated cache."""
+def _decode_step(config, params, adapters, token, position, cache, valid, slot, *, in_place=True):
+    """Logits (B, V) for one new token per row at cache ``slot``, and the updated cache.
+    ``in_place=False`` scans sliced quantized kernels (the old layout, for the benchmark's probe)."""
     per_layer = layer_adapters(adapters)
     x = _llama.embed_tokens(config, params, token[:, None]).astype(
         params["layers"]["attn_norm"]["scale"].dtype)
@@ -45,9 +46,14 @@ def _decode_step(config, params, adapters, token, position, cache, valid, slot):
         visible = visible & (key_slot > slot - config.sliding_window)[None, :]
     mask = visible[:, None, None, :]  # (B, 1, 1, S)
 
+    # The fused kernel reads stacked quantized kernels in place (a scanned slice would be copied).
+    scanned, kept = (split_in_place(params["layers"], token.shape[0]) if in_place
+                     else (params["layers"], {}))
+
     def step(carry, xs):
         x, ck, cv = carry
         layer, layer_ad, index = xs
+        layer = join_layer(layer, kept, index)
         q, k, v = _llama.qkv(config, layer, layer_ad, x, position[:, None])
         ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (index, 0, slot, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (index, 0, slot, 0, 0))
@@ -58,7 +64,7 @@ def _decode_step(config, params, adapters, token, position, cache, valid, slot):
 
     indices = jnp.arange(config.num_layers, dtype=jnp.int32)
     (x, ck, cv), _ = jax.lax.scan(step, (x, cache["k"], cache["v"]),
-                                  (params["layers"], per_layer, indices))
+                                  (scanned, per_layer, indices))
     logits = _llama.logits_of(config, params, adapters, x)[:, 0]
     return logits, {"k": ck, "v": cv}
 

@@ -38,7 +38,7 @@ from jaxla import _norms
 from jaxla.attention._api import dot_product_attention
 from jaxla.attention._rope import apply_rope
 from jaxla.models._family import Family, TensorSource, take
-from jaxla.models._layers import dense, layer_adapters
+from jaxla.models._layers import dense, join_layer, layer_adapters, split_in_place
 from jaxla.quant import _fused, _qarray
 
 __all__ = ["FAMILY", "LlamaConfig", "RopeScaling", "config_from_hf", "forward", "params_from_hf",
@@ -424,16 +424,23 @@ def window(config: LlamaConfig) -> tuple[int, int] | None:
 
 def run(config: LlamaConfig, params: Mapping[str, Any], inputs: Inputs, *,
         adapters: Mapping[str, Any] | None = None, return_kv: bool = False,
-        last_only: bool = False):
+        last_only: bool = False, remat: bool = False, head: bool = True):
     """The decoder over checked inputs: logits (B, T, V) float32 ((B, 1, V) of the last token with
     ``last_only``), and with ``return_kv`` the stacked rotated keys and values (L, B, T, K, H) of
-    every layer (a generation cache's prefill)."""
+    every layer (a generation cache's prefill). ``remat`` recomputes each layer in the backward
+    pass (``jax.checkpoint``) instead of keeping its activations; ``head=False`` returns the
+    residual stream (B, T, D) before the final norm instead of logits (for a chunked loss that
+    applies :func:`logits_of` itself)."""
     per_layer = layer_adapters(adapters)
     x = embed_tokens(config, params, inputs.input_ids).astype(params["layers"]["attn_norm"]["scale"].dtype)
     segments = None if inputs.attention_mask is None else inputs.attention_mask.astype(jnp.int32)
 
+    # Stacked quantized kernels the fused kernel reads in place (a scanned slice would be copied).
+    scanned, kept = split_in_place(params["layers"], int(np.prod(inputs.input_ids.shape)))
+
     def step(x, xs):
-        layer, layer_ad = xs
+        layer, layer_ad, index = xs
+        layer = join_layer(layer, kept, index)
         q, k, v = qkv(config, layer, layer_ad, x, inputs.positions)
         # Padding is its own segment: real tokens never see it, and a pad row still sees itself
         # (causal), so no row is empty and no NaN appears.
@@ -441,14 +448,18 @@ def run(config: LlamaConfig, params: Mapping[str, Any], inputs: Inputs, *,
                                          local_window_size=window(config))
         return finish_layer(config, layer, layer_ad, x, attended), ((k, v) if return_kv else None)
 
-    x, kv = jax.lax.scan(step, x, (params["layers"], per_layer))
-    logits = logits_of(config, params, adapters, x[:, -1:] if last_only else x)
+    if remat:  # one layer's input is kept per layer; the rest is recomputed in the backward pass
+        step = jax.checkpoint(step, prevent_cse=False)
+    x, kv = jax.lax.scan(step, x, (scanned, per_layer,
+                                   jnp.arange(config.num_layers, dtype=jnp.int32)))
+    x = x[:, -1:] if last_only else x
+    logits = logits_of(config, params, adapters, x) if head else x
     return (logits, kv) if return_kv else logits
 
 
 def forward(config: LlamaConfig, params: Mapping[str, Any], input_ids: ArrayLike, *,
             attention_mask: ArrayLike | None = None, positions: ArrayLike | None = None,
-            adapters: Mapping[str, Any] | None = None) -> jax.Array:
+            adapters: Mapping[str, Any] | None = None, remat: bool = False) -> jax.Array:
     """Logits of a Llama-family decoder.
 
     Dimension legend: B batch, T tokens, V vocabulary.
@@ -462,14 +473,18 @@ def forward(config: LlamaConfig, params: Mapping[str, Any], input_ids: ArrayLike
         from real tokens and the padded rows' logits are meaningless.
       positions: int (B, T); by default the count of real tokens before each token.
       adapters: ``jaxla.lora`` adapters over ``params`` (applied factored inside the scan).
+      remat: recompute each layer in the backward pass (``jax.checkpoint`` per layer) instead of
+        keeping its activations: less memory for a training step, the same values.
 
     Returns:
       (B, T, V) float32 logits.
     """
     if not isinstance(config, LlamaConfig):
         raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+    if not isinstance(remat, bool):
+        raise TypeError(f"remat must be a bool, got {remat!r}")
     return run(config, params, check_inputs(config, input_ids, attention_mask, positions),
-               adapters=adapters)
+               adapters=adapters, remat=remat)
 
 
 FAMILY = Family(

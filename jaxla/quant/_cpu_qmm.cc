@@ -28,6 +28,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -200,9 +201,15 @@ ffi::Error invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("jaxla quantized matmul kernel: " + what);
 }
 
+// `stack` matrices lie one after another in codes/scales/offsets; the product uses matrix `index`
+// (1 and 0 for the plain target), so a layer of a stacked QArray is read in place, never copied.
 ffi::Error QmmBody(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
                    ffi::AnyBuffer offsets, ffi::Result<ffi::AnyBuffer> y, int64_t format,
-                   int64_t columns, int64_t block, int64_t path) {
+                   int64_t columns, int64_t block, int64_t path, int64_t stack, int64_t index) {
+  if (stack <= 0) return invalid("stack must be positive");
+  if (index < 0 || index >= stack)
+    return invalid("layer index " + std::to_string(index) + " outside [0, " + std::to_string(stack) +
+                   ")");
   if (!path_supported(path))
     return invalid("code path " + std::to_string(path) + " is not one this CPU supports");
   if (format < 0 || format >= kNumFormats) return invalid("unknown format " + std::to_string(format));
@@ -217,7 +224,9 @@ ffi::Error QmmBody(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
   a.columns = columns;
   a.block = block;
   a.m = xn / columns;
-  const int64_t nc = static_cast<int64_t>(codes.element_count());
+  const int64_t nc_all = static_cast<int64_t>(codes.element_count());
+  if (nc_all % stack) return invalid("codes do not split into the stacked matrices");
+  const int64_t nc = nc_all / stack;
   const bool gguf = format <= kQ4_1;
   int64_t row_bytes = columns;  // int8
   if (gguf) {
@@ -232,15 +241,17 @@ ffi::Error QmmBody(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
   a.r = nc / row_bytes;
   const int64_t per_row = format == kInt8 ? 1 : columns / block;
   if (!gguf && (scales.element_type() != ffi::DataType::F32 ||
-                static_cast<int64_t>(scales.element_count()) != a.r * per_row))
+                static_cast<int64_t>(scales.element_count()) != stack * a.r * per_row))
     return invalid("scales must be f32 with one value per row (int8) or per block");
   if (format == kInt4 && (offsets.element_type() != ffi::DataType::F32 ||
-                          static_cast<int64_t>(offsets.element_count()) != a.r * per_row))
+                          static_cast<int64_t>(offsets.element_count()) != stack * a.r * per_row))
     return invalid("int4 offsets must be f32 with one value per block");
   if (static_cast<int64_t>(y->element_count()) != a.m * a.r) return invalid("y of the wrong size");
-  a.codes = reinterpret_cast<const uint8_t*>(codes.untyped_data());
+  a.codes = reinterpret_cast<const uint8_t*>(codes.untyped_data()) + index * nc;
   a.scales = reinterpret_cast<const float*>(scales.untyped_data());
   a.offsets = reinterpret_cast<const float*>(offsets.untyped_data());
+  if (!gguf) a.scales += index * a.r * per_row;
+  if (format == kInt4) a.offsets += index * a.r * per_row;
   a.y = reinterpret_cast<float*>(y->untyped_data());
   if (a.m == 0 || a.r == 0) return ffi::Error::Success();
   a.xs = (columns + 31) / 32 * 32;
@@ -263,7 +274,23 @@ ffi::Error QmmImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
                    ffi::AnyBuffer offsets, ffi::Result<ffi::AnyBuffer> y, int64_t format,
                    int64_t columns, int64_t block, int64_t path) {
   try {
-    return QmmBody(pool, x, codes, scales, offsets, y, format, columns, block, path);
+    return QmmBody(pool, x, codes, scales, offsets, y, format, columns, block, path, 1, 0);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jaxla quantized matmul kernel: ") + e.what());
+  }
+}
+
+// The same product for matrix `index` (an s32 scalar operand) of `stack` stacked matrices: inside a
+// loop over layers the whole stack is the operand, so XLA does not copy the layer's slice out first.
+ffi::Error QmmLayerImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer index,
+                        ffi::AnyBuffer codes, ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
+                        ffi::Result<ffi::AnyBuffer> y, int64_t format, int64_t columns, int64_t block,
+                        int64_t path, int64_t stack) {
+  if (index.element_type() != ffi::DataType::S32 || index.element_count() != 1)
+    return invalid("the layer index must be one int32");
+  const int64_t i = *reinterpret_cast<const int32_t*>(index.untyped_data());
+  try {
+    return QmmBody(pool, x, codes, scales, offsets, y, format, columns, block, path, stack, i);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxla quantized matmul kernel: ") + e.what());
   }
@@ -284,18 +311,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaQuantMatmul, jaxla_qmm::QmmImpl,
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("path"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaQuantMatmulLayer, jaxla_qmm::QmmLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // index
+                                  .Arg<ffi::AnyBuffer>()  // codes (stack, ...)
+                                  .Arg<ffi::AnyBuffer>()  // scales
+                                  .Arg<ffi::AnyBuffer>()  // offsets
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("format")
+                                  .Attr<int64_t>("columns")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("path")
+                                  .Attr<int64_t>("stack"));
+
 namespace {
 
 PyObject* registrations(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
   if (d == nullptr) return nullptr;
-  PyObject* cap = PyCapsule_New(reinterpret_cast<void*>(&JaxlaQuantMatmul), nullptr, nullptr);
-  if (cap == nullptr || PyDict_SetItemString(d, "jaxla_quant_matmul", cap) != 0) {
-    Py_XDECREF(cap);
-    Py_DECREF(d);
-    return nullptr;
+  const std::pair<const char*, void*> targets[] = {
+      {"jaxla_quant_matmul", reinterpret_cast<void*>(&JaxlaQuantMatmul)},
+      {"jaxla_quant_matmul_layer", reinterpret_cast<void*>(&JaxlaQuantMatmulLayer)},
+  };
+  for (const auto& [name, fn] : targets) {
+    PyObject* cap = PyCapsule_New(fn, nullptr, nullptr);
+    if (cap == nullptr || PyDict_SetItemString(d, name, cap) != 0) {
+      Py_XDECREF(cap);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(cap);
   }
-  Py_DECREF(cap);
   return d;
 }
 

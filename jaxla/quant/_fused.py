@@ -51,9 +51,10 @@ else:
     _IMPORT_ERROR = None
 
 __all__ = ["MAX_FUSED_ROWS", "available", "decoded_product", "fused_reason", "kernel_path",
-           "product", "rows_product", "supported_paths"]
+           "layer_product", "layer_reason", "product", "rows_product", "supported_paths"]
 
 _TARGET = "jaxla_quant_matmul"
+_LAYER_TARGET = "jaxla_quant_matmul_layer"
 _FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "int8": 3, "int4": 4, "nf4": 5}
 OFF_VAR = "JAXLA_FUSED_QMM"
 # Rows of X up to which the fused kernel runs; above, the jnp path's decode is amortised over the
@@ -94,6 +95,20 @@ def kernel_path() -> str | None:
 
 def fused_reason(q: QArray, rows: int) -> str | None:
     """None when ``x · Rowsᵀ`` of ``q`` for ``rows`` rows of X runs in the fused kernel, else why not."""
+    return _reason(q, rows, stacked=False)
+
+
+def layer_reason(q: QArray, rows: int) -> str | None:
+    """None when :func:`layer_product` runs layer ``i`` of the stacked ``q`` (L, ...) in place for
+    ``rows`` rows of X, else why not."""
+    if len(q.stack_shape) != 1:
+        return f"the QArray must stack matrices along one axis, got stacking axes {q.stack_shape}"
+    if q.scale_scales is not None:
+        return "double-quantized nf4 scales are decoded per call (index a layer first)"
+    return _reason(q, rows, stacked=True)
+
+
+def _reason(q: QArray, rows: int, *, stacked: bool) -> str | None:
     platform = jax.default_backend()
     if platform != "cpu":
         return f"it runs on CPU only (the default backend is {platform})"
@@ -102,7 +117,7 @@ def fused_reason(q: QArray, rows: int) -> str | None:
         return reason
     if q.format not in _FORMAT_IDS:
         return f"format {q.format!r} has no fused kernel (it has {tuple(_FORMAT_IDS)})"
-    if q.stack_shape:
+    if q.stack_shape and not stacked:
         return f"the QArray stacks matrices {q.stack_shape}; index a layer first"
     if q.format in ("nf4", "int4") and (q.block_size % 32 or q.columns % 32):
         return f"{q.format} blocks of {q.block_size} (the kernel reads chunks of 32 values)"
@@ -293,3 +308,77 @@ def rows_product(x: jax.Array, q: QArray, *, path: str | None = None) -> jax.Arr
     cfg = _Config(format=_FORMAT_IDS[q.format], columns=q.columns, block=q.block_size,
                   rows=q.rows, path=_PATH_IDS[path])
     return _product(cfg, x.astype(jnp.float32), jax.tree.map(jax.lax.stop_gradient, q))
+
+
+# ----------------------------------------------------------------------------------------------
+# One layer of a stacked QArray, read in place. Inside ``lax.scan`` over layers, XLA:CPU copies each
+# layer's slice of a stacked operand out into a buffer of its own before a custom call (measured:
+# every kernel of SmolLM2 copied once per decoded token, 66 MB written and read again); passing the
+# whole stack with the layer's index lets the kernel offset its pointers instead.
+
+
+def _layer_call(cfg: _Config, stack: int, x: jax.Array, index: jax.Array, q: QArray) -> jax.Array:
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], cfg.rows), jnp.float32)
+    call = jax.ffi.ffi_call(_LAYER_TARGET, out, vmap_method="sequential")
+    return call(x, index, *_operands(q), format=np.int64(cfg.format), columns=np.int64(cfg.columns),
+                block=np.int64(cfg.block), path=np.int64(cfg.path), stack=np.int64(stack))
+
+
+def _take_layer(q: QArray, index: jax.Array) -> QArray:
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, 0, keepdims=False), q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _layer(cfg: _Config, stack: int, x: jax.Array, index: jax.Array, q: QArray) -> jax.Array:
+    return _layer_call(cfg, stack, x, index, q)
+
+
+def _layer_fwd(cfg, stack, x, index, q):
+    return _layer_call(cfg, stack, x, index, q), (index, q)
+
+
+def _layer_bwd(cfg, stack, res, dy):
+    del cfg, stack
+    index, q = res
+    dx = _rows_grad(_take_layer(q, index), dy, jnp.float32, None)
+    return dx, np.zeros(np.shape(index), jax.dtypes.float0), _zero_cotangent(q)
+
+
+_layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+def layer_product(x: jax.Array, q: QArray, index: jax.Array) -> jax.Array:
+    """``x · Rowsᵀ`` of layer ``index`` of a stacked QArray, in float32 through the fused kernel,
+    reading that layer's blocks where they lie in the stack (no copy of the slice).
+
+    Equals ``rows_product(x, q[index])`` exactly (the same kernel on the same bytes).
+
+    Args:
+      x: ``(..., C)`` floating (computed in float32).
+      q: a :class:`QArray` stacked along one axis, ``(L, ...)`` with stored rows ``(R, C)`` per layer.
+      index: an int scalar in [0, L) (traced is fine; out of range is an error of the kernel).
+
+    Returns:
+      ``(..., R)`` float32; gradients to ``x`` only.
+
+    Raises:
+      ValueError: :func:`layer_reason` (ignoring the row limit) says the kernel cannot run it, or
+        ``x`` does not fit ``q``.
+    """
+    x = jnp.asarray(x)
+    if not isinstance(q, QArray):
+        raise TypeError(f"q must be a jaxla.quant.QArray, got {type(q).__name__}")
+    reason = layer_reason(q, 0)
+    if reason is not None:
+        raise ValueError(f"the fused quantized matmul cannot run this layer product: {reason}")
+    if x.ndim < 1 or x.shape[-1] != q.columns:
+        raise ValueError(f"x must be (..., C) with C = {q.columns} (the stored rows of {q!r}), got "
+                         f"shape {tuple(x.shape)}")
+    index = jnp.asarray(index)
+    if index.shape != () or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"index must be an integer scalar, got {index.dtype} {index.shape}")
+    _register()
+    cfg = _Config(format=_FORMAT_IDS[q.format], columns=q.columns, block=q.block_size,
+                  rows=q.rows, path=_PATH_IDS[_PATH])
+    return _layer(cfg, q.stack_shape[0], x.astype(jnp.float32), index.astype(jnp.int32),
+                  jax.tree.map(jax.lax.stop_gradient, q))
