@@ -34,7 +34,7 @@ def _ext_modules():
         Extension(
             "jaxla.attention._cpu_ext",
             sources=["jaxla/attention/_cpu_ext.cc"],
-            depends=["jaxla/attention/_cpu_kernels.inc", "jaxla/_cpu_dispatch.h"],
+            depends=["jaxla/attention/_cpu_kernels.inc", "jaxla/_cpu_dispatch.h", "jaxla/_cpu_parallel.h"],
             include_dirs=[include],
             language="c++",
             extra_compile_args=flags,
@@ -43,7 +43,7 @@ def _ext_modules():
         Extension(
             "jaxla.quant._cpu_qmm",
             sources=["jaxla/quant/_cpu_qmm.cc"],
-            depends=["jaxla/quant/_cpu_qmm_kernels.inc", "jaxla/_cpu_dispatch.h"],
+            depends=["jaxla/quant/_cpu_qmm_kernels.inc", "jaxla/_cpu_dispatch.h", "jaxla/_cpu_parallel.h"],
             include_dirs=[include],
             language="c++",
             extra_compile_args=flags,

@@ -49,6 +49,7 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "../_cpu_dispatch.h"  // path_supported, bf16_dot_supported, JAXLA_X86
+#include "../_cpu_parallel.h"  // num_workers, parallel_for
 
 namespace ffi = xla::ffi;
 
@@ -56,49 +57,8 @@ namespace jaxla_common {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-int64_t num_workers(ffi::ThreadPool& pool, int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
-}
-
-// Runs body(item, worker) for item in [0, n) on the caller (worker 0) and the XLA thread pool
-// (workers 1 .. num_workers(pool, n) - 1), returning when all are done. Helpers that start late find
-// no work and never touch the caller's data, so a busy pool cannot deadlock the call.
-template <typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> ids{1};
-    std::mutex mu;
-    std::condition_variable cv;
-    int active = 0;
-    bool closed = false;
-    const Body* body;
-    int64_t n;
-  };
-  auto state = std::make_shared<State>();
-  state->body = &body;
-  state->n = n;
-  auto drain = [](State& s, int64_t worker) {
-    for (int64_t i = s.next.fetch_add(1); i < s.n; i = s.next.fetch_add(1)) (*s.body)(i, worker);
-  };
-  int64_t helpers = num_workers(pool, n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([state, drain]() {
-      {
-        std::lock_guard<std::mutex> lock(state->mu);
-        if (state->closed) return;
-        ++state->active;
-      }
-      drain(*state, state->ids.fetch_add(1));
-      std::lock_guard<std::mutex> lock(state->mu);
-      if (--state->active == 0) state->cv.notify_all();
-    });
-  }
-  drain(*state, 0);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->closed = true;
-  state->cv.wait(lock, [&] { return state->active == 0; });
-}
+using jaxla_parallel::num_workers;
+using jaxla_parallel::parallel_for;
 
 struct Problem {
   int64_t bt, t, s, n, kh, g, h, hv;

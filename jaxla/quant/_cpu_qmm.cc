@@ -34,6 +34,7 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "../_cpu_dispatch.h"
+#include "../_cpu_parallel.h"  // num_workers, parallel_for
 
 #if JAXLA_X86
 #include <immintrin.h>
@@ -64,47 +65,8 @@ struct QmmArgs {
   float* y;
 };
 
-int64_t num_workers(ffi::ThreadPool& pool, int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
-}
-
-// Runs body(item, worker) for item in [0, n) on the caller and XLA's thread pool, returning when
-// all are done; helpers that start late find no work (as in the attention kernel's parallel_for).
-template <typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    int active = 0;
-    bool closed = false;
-    const Body* body;
-    int64_t n;
-  };
-  auto state = std::make_shared<State>();
-  state->body = &body;
-  state->n = n;
-  auto drain = [](State& s, int64_t worker) {
-    for (int64_t i = s.next.fetch_add(1); i < s.n; i = s.next.fetch_add(1)) (*s.body)(i, worker);
-  };
-  const int64_t helpers = num_workers(pool, n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([state, drain, h]() {
-      {
-        std::lock_guard<std::mutex> lock(state->mu);
-        if (state->closed) return;
-        ++state->active;
-      }
-      drain(*state, h + 1);
-      std::lock_guard<std::mutex> lock(state->mu);
-      if (--state->active == 0) state->cv.notify_all();
-    });
-  }
-  drain(*state, 0);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->closed = true;
-  state->cv.wait(lock, [&] { return state->active == 0; });
-}
+using jaxla_parallel::num_workers;
+using jaxla_parallel::parallel_for;
 
 }  // namespace jaxla_qmm
 
