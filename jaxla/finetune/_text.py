@@ -37,12 +37,29 @@ __all__ = [
     "sha256_file",
     "split",
     "tokenize_cached",
+    "vader_file",
 ]
 
 _SPLIT_TAG = 0x5E17
 _SHUFFLE_TAG = 0xBA7C
 CACHE_NAME = "tokens.npz"
 MAX_TOKENS = 1 << 28  # the cache is untrusted on reading: bound what it may make us allocate
+
+
+def vader_file(section: str, data: str, corpus: str) -> Path:
+    """The VADER ground-truth file ``<corpus>_GroundTruth.txt`` of ``data`` (a known download name
+    or a directory); a missing one is a ConfigError naming the config key ``<section>.data``."""
+    from jaxla.finetune._errors import ConfigError
+    from jaxla.models import _download
+
+    try:
+        path = _download.resolve(data) / f"{corpus}_GroundTruth.txt"
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key {section}.data = {data!r}: {e}") from None
+    if not path.is_file():
+        raise ConfigError(f"config key {section}.data = {data!r}: no {path.name} at "
+                          f"{path.parent} (for the default run `jaxla download vader-sentiment`).")
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:

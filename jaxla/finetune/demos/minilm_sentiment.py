@@ -125,14 +125,7 @@ def _model_dir(cfg) -> Path:
 
 def _data_file(cfg) -> Path:
     mc = cfg.minilm_sentiment
-    try:
-        path = _download.resolve(mc.data) / f"{mc.corpus}_GroundTruth.txt"
-    except FileNotFoundError as e:
-        raise ConfigError(f"config key minilm_sentiment.data = {mc.data!r}: {e}") from None
-    if not path.is_file():
-        raise ConfigError(f"config key minilm_sentiment.data = {mc.data!r}: no {path.name} at "
-                          f"{path.parent} (for the default run `jaxla download vader-sentiment`).")
-    return path
+    return _text.vader_file("minilm_sentiment", mc.data, mc.corpus)
 
 
 def _param_shapes(config: models.BertConfig) -> dict[str, Any]:

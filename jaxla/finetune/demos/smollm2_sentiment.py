@@ -145,14 +145,7 @@ def _model_file(cfg) -> Path:
 
 def _data_file(cfg) -> Path:
     sc = cfg.smollm2_sentiment
-    try:
-        path = _download.resolve(sc.data) / f"{sc.corpus}_GroundTruth.txt"
-    except FileNotFoundError as e:
-        raise ConfigError(f"config key smollm2_sentiment.data = {sc.data!r}: {e}") from None
-    if not path.is_file():
-        raise ConfigError(f"config key smollm2_sentiment.data = {sc.data!r}: no {path.name} at "
-                          f"{path.parent} (for the default run `jaxla download vader-sentiment`).")
-    return path
+    return _text.vader_file("smollm2_sentiment", sc.data, sc.corpus)
 
 
 def _read_config(path: Path) -> _llama.LlamaConfig:
