@@ -158,7 +158,9 @@ def _tensor_source(reader, path: Path, arch: str, layers: int, heads: int,
             raise ValueError(f"{path}: missing tensor {gguf_name!r}")
         tensor = by_gguf[gguf_name]
         try:
-            x = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+            # np.array copies: an F32 tensor decodes to a view of the memory-mapped file, and an
+            # array built on a view (JAX aliases host buffers on CPU) would keep the whole file mapped.
+            x = np.array(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         except Exception as e:
             raise ValueError(f"{path}: cannot decode tensor {gguf_name!r} ({e})") from None
         expected = tuple(int(n) for n in reversed(tensor.shape))
@@ -271,7 +273,7 @@ def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -
             return None
         fmt = _KEPT[tensor.tensor_type.name]
         block, nbytes = _qarray.GGUF_FORMATS[fmt]
-        raw = np.asarray(tensor.data)
+        raw = np.array(tensor.data)  # a copy: a view would keep the whole file mapped (and resident)
         if (tuple(int(n) for n in reversed(tensor.shape)) != (rows, columns) or columns % block
                 or raw.shape != (rows, columns // block * nbytes)):
             raise ValueError(f"{path}: tensor {gguf_name!r} ({tensor.tensor_type.name}, shape "
