@@ -158,9 +158,12 @@ def _tensor_source(reader, path: Path, arch: str, layers: int, heads: int,
             raise ValueError(f"{path}: missing tensor {gguf_name!r}")
         tensor = by_gguf[gguf_name]
         try:
-            # np.array copies: an F32 tensor decodes to a view of the memory-mapped file, and an
-            # array built on a view (JAX aliases host buffers on CPU) would keep the whole file mapped.
-            x = np.array(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+            x = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+            # An F32 tensor decodes to a view of the memory-mapped file, and an array built on a
+            # view (JAX aliases host buffers on CPU) would keep the whole file mapped: copy those
+            # only (copying every decoded tensor would leave freed copies resident).
+            if np.may_share_memory(x, tensor.data):
+                x = x.copy()
         except Exception as e:
             raise ValueError(f"{path}: cannot decode tensor {gguf_name!r} ({e})") from None
         expected = tuple(int(n) for n in reversed(tensor.shape))
