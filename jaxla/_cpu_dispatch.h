@@ -50,4 +50,37 @@ inline bool bf16_dot_supported() {
 
 }  // namespace jaxla_dispatch
 
+#ifdef Py_PYTHON_H  // the including module's Python side: paths() of both extensions
+namespace jaxla_dispatch {
+
+// ({name: path index} of the n paths compiled in, [names this CPU can run, best first]), or
+// nullptr with a Python error set; name_of(p) is path p's name.
+template <typename NameOf>
+PyObject* path_table(int64_t n, const NameOf& name_of) {
+  PyObject* all = PyDict_New();
+  PyObject* ok = PyList_New(0);
+  if (all == nullptr || ok == nullptr) {
+    Py_XDECREF(all);
+    Py_XDECREF(ok);
+    return nullptr;
+  }
+  for (int64_t p = n - 1; p >= 0; --p) {
+    PyObject* idx = PyLong_FromLongLong(p);
+    PyObject* name = PyUnicode_FromString(name_of(p));
+    bool fail = idx == nullptr || name == nullptr || PyDict_SetItem(all, name, idx) != 0 ||
+                (path_supported(p) && PyList_Append(ok, name) != 0);
+    Py_XDECREF(idx);
+    Py_XDECREF(name);
+    if (fail) {
+      Py_DECREF(all);
+      Py_DECREF(ok);
+      return nullptr;
+    }
+  }
+  return Py_BuildValue("(NN)", all, ok);
+}
+
+}  // namespace jaxla_dispatch
+#endif  // Py_PYTHON_H
+
 #endif  // JAXLA_CPU_DISPATCH_H_

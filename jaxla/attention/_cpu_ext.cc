@@ -478,27 +478,7 @@ PyObject* cpu_supported(PyObject*, PyObject*) {
 
 // {name: path index} of every path compiled in, and the names this CPU can run, best first.
 PyObject* paths(PyObject*, PyObject*) {
-  PyObject* all = PyDict_New();
-  PyObject* ok = PyList_New(0);
-  if (all == nullptr || ok == nullptr) {
-    Py_XDECREF(all);
-    Py_XDECREF(ok);
-    return nullptr;
-  }
-  for (int64_t p = kNumPaths - 1; p >= 0; --p) {
-    PyObject* idx = PyLong_FromLongLong(p);
-    PyObject* name = PyUnicode_FromString(kPaths[p].name);
-    bool fail = idx == nullptr || name == nullptr || PyDict_SetItem(all, name, idx) != 0 ||
-                (path_supported(p) && PyList_Append(ok, name) != 0);
-    Py_XDECREF(idx);
-    Py_XDECREF(name);
-    if (fail) {
-      Py_DECREF(all);
-      Py_DECREF(ok);
-      return nullptr;
-    }
-  }
-  return Py_BuildValue("(NN)", all, ok);
+  return jaxla_dispatch::path_table(kNumPaths, [](int64_t p) { return kPaths[p].name; });
 }
 
 PyObject* bf16_dot(PyObject*, PyObject*) {

@@ -311,27 +311,8 @@ PyObject* registrations(PyObject*, PyObject*) {
 
 // ({name: path index} of every path compiled in, [names this CPU can run, best first]).
 PyObject* paths(PyObject*, PyObject*) {
-  PyObject* all = PyDict_New();
-  PyObject* ok = PyList_New(0);
-  if (all == nullptr || ok == nullptr) {
-    Py_XDECREF(all);
-    Py_XDECREF(ok);
-    return nullptr;
-  }
-  for (int64_t p = jaxla_qmm::kNumPaths - 1; p >= 0; --p) {
-    PyObject* idx = PyLong_FromLongLong(p);
-    PyObject* name = PyUnicode_FromString(jaxla_qmm::kPaths[p].name);
-    bool fail = idx == nullptr || name == nullptr || PyDict_SetItem(all, name, idx) != 0 ||
-                (jaxla_qmm::path_supported(p) && PyList_Append(ok, name) != 0);
-    Py_XDECREF(idx);
-    Py_XDECREF(name);
-    if (fail) {
-      Py_DECREF(all);
-      Py_DECREF(ok);
-      return nullptr;
-    }
-  }
-  return Py_BuildValue("(NN)", all, ok);
+  return jaxla_dispatch::path_table(jaxla_qmm::kNumPaths,
+                                    [](int64_t p) { return jaxla_qmm::kPaths[p].name; });
 }
 
 PyMethodDef methods[] = {
