@@ -226,11 +226,7 @@ def quantize(w: Any, *, format: str, block_size: int | None = None, stack_axes: 
         return QArray(codes, scale, None, None, **kw)
     blocks = x.reshape(*x.shape[:-1], columns // block_size, block_size)
     if format == "nf4":
-        absmax = jnp.max(jnp.abs(blocks), axis=-1)                       # (..., R, nb)
-        safe = jnp.where(absmax == 0, jnp.ones_like(absmax), absmax)
-        normed = blocks / safe[..., None]
-        table = jnp.asarray(NF4_TABLE).reshape((1,) * normed.ndim + (16,))  # no rank promotion
-        codes = jnp.argmin(jnp.abs(normed[..., None] - table), axis=-1)
+        codes, absmax = _nf4_codes(blocks)                               # (..., R, nb, bs), (..., R, nb)
         packed = _pack_nibbles(codes.reshape(*x.shape))
         if not double_quant:
             return QArray(packed, absmax, None, None, **kw)
@@ -244,6 +240,19 @@ def quantize(w: Any, *, format: str, block_size: int | None = None, stack_axes: 
     safe = jnp.where(step == 0, jnp.ones_like(step), step)
     codes = jnp.clip(jnp.round((blocks - low[..., None]) / safe[..., None]), 0, 15)
     return QArray(_pack_nibbles(codes.reshape(*x.shape)), step, low, None, **kw)
+
+
+@jax.jit
+def _nf4_codes(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each block's absmax and the index of the NF4 value nearest each weight over it (the first on
+    a tie). Compiled so that XLA fuses the (..., 16) distances into the reduction: run op by op they
+    were materialised twice, 32 bytes of f32 per weight (a 30-layer stacked 576 x 1536 kernel
+    peaked at +3 GB)."""
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    safe = jnp.where(absmax == 0, jnp.ones_like(absmax), absmax)
+    normed = blocks / safe[..., None]
+    table = jnp.asarray(NF4_TABLE).reshape((1,) * normed.ndim + (16,))  # no rank promotion
+    return jnp.argmin(jnp.abs(normed[..., None] - table), axis=-1), absmax
 
 
 def _quantize_gguf(host: np.ndarray | None, shape: tuple[int, ...], kw: dict) -> QArray:
