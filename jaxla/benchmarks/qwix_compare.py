@@ -314,6 +314,9 @@ def _device_bytes(tree: Any) -> int:
 def numpy_nf4(w: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """qwix's NF4 of a kernel (I, O), transcribed in NumPy f32: per block of ``block`` rows along
     I the absmax scale, ``w / scale`` to the nearest table value (first on ties), times scale."""
+    if w.ndim != 2 or w.shape[0] % block:
+        raise ValueError(f"numpy_nf4 needs a kernel (I, O) with I a multiple of block={block}, "
+                         f"got shape {w.shape}")
     i, o = w.shape
     blocks = w.astype(np.float32).reshape(i // block, block, o)
     scale = np.abs(blocks).max(axis=1, keepdims=True)
@@ -601,16 +604,20 @@ def run(*, quick: bool, part: str = "all") -> list[dict]:
         return [{"name": f"qwix side skipped: flax/qwix not importable ({INSTALL})"}, *rows]
     if part in ("all", "time"):
         rows += _time_rows(quick)
-    if part in ("all", "memory") and not quick:
-        rows += _memory_rows()
+    if part in ("all", "memory"):
+        rows += [{"name": "memory rows: not in --quick (each loads SmolLM2 in a child process)"}
+                 ] if quick else _memory_rows()
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m jaxla.benchmarks.qwix_compare [--quick] [--json FILE] [--part PART]``."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m jaxla.benchmarks.qwix_compare", add_help=False)
     parser.add_argument("--part", choices=PARTS, default="all")
     known, rest = parser.parse_known_args(argv)
+    if {"-h", "--help"} & set(rest):
+        print("qwix_compare also takes --part {all,time,memory}: 'time' runs the checks and the "
+              "interleaved steps in this process, 'memory' the fresh child processes (default all)")
     return harness.main("qwix_compare", functools.partial(run, part=known.part), rest)
 
 
