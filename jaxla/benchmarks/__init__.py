@@ -39,6 +39,8 @@ SUITES: tuple[Entry, ...] = (
     Entry("finetune", "the configured fine-tune demos: compile, steps/s, fresh-process wall time"),
     Entry("models", "SmolLM2-135M prefill/decode tokens/s f32 and bf16, compile vs depth, peak RSS"),
     Entry("quant", "quantized bases: resident bytes per format, Q4_1 vs f32 decode, QLoRA step"),
+    Entry("qwix_compare", "qwix's QLoRA vs jaxla's on SmolLM2-135M (NF4, int4): step time, losses, "
+                          "peak RSS; needs flax and qwix"),
     Entry("sharding", "8 devices: per-device cost of partitioned kernels and sharded models, ring "
                       "attention memory vs T and step time"),
 )
