@@ -517,6 +517,63 @@ def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
     return rows
 
 
+def load_breakdown(kind: str = "q4_1") -> list[dict]:
+    """A profiling probe of what a GGUF load leaves resident, run in a fresh process: the steps of
+    ``jaxla.models._gguf.load_gguf`` one at a time (``kind`` ``"q4_1"``: keep_quantized, ``"f32"``:
+    decoded), each row the RSS / anonymous memory after it and the peak during it (VmHWM reset
+    between steps), then the reader dropped and the allocator trimmed (what ``load_gguf`` now does
+    at its end). ``python -c "from jaxla.benchmarks.quant import load_breakdown as b; b('f32')"``."""
+    import gc
+    from pathlib import Path
+
+    from jaxla.models import _gguf, _registry
+
+    def anonymous() -> int:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+
+    rows = []
+
+    def row(what):
+        rows.append({"name": f"load {kind}: {what}", "rss_mib": _rss_bytes() / 2**20,
+                     "anonymous_mib": anonymous() / 2**20, "peak_mib": _peak_rss_bytes() / 2**20})
+        print(json.dumps(rows[-1]))
+        _reset_peak()
+
+    import gguf  # noqa: F401 - imported by the load, counted in the floor
+    import tokenizers  # noqa: F401
+
+    jax.block_until_ready(jnp.ones(8) + 1)
+    row("runtime floor (jax, gguf and tokenizers imported)")
+    path = Path(specs_models.smollm2_file())
+    reader = _gguf._open(path)
+    row("GGUFReader (every field parsed)")
+    where = str(path)
+    meta = _gguf._Metadata(reader, where)
+    arch = meta.get("general.architecture", str)
+    family = _registry.for_gguf_architecture(arch, where)
+    hf = _gguf._hf_config(meta, arch, meta.list_len("tokenizer.ggml.tokens"),
+                          tied="output.weight" not in {t.name for t in reader.tensors})
+    config = family.config_from_hf(hf)
+    source = _gguf._tensor_source(reader, path, arch, config.num_layers, config.num_heads,
+                                  config.num_kv_heads)
+    params = (_gguf._kept_params(reader, path, config, source, jnp.float32) if kind == "q4_1"
+              else family.params_from_hf(config, source, jnp.float32))
+    row(f"params ({quant.tree_nbytes(params) / 2**20:.1f} MiB of arrays)")
+    tokenizer = _gguf.tokenizer_from_metadata(reader, where)
+    row("tokenizer")
+    del reader, meta, source
+    gc.collect()
+    row("reader dropped")
+    _gguf._release_freed_memory()
+    row("allocator trimmed (the end of load_gguf)")
+    del tokenizer
+    _gguf._release_freed_memory()
+    row("tokenizer dropped, trimmed")
+    del params
+    return rows
+
+
 _CHILDREN = {"step": _step_child, "decode_off": lambda _arg: _decode_off()}
 
 
