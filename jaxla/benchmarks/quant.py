@@ -517,6 +517,45 @@ def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
     return rows
 
 
+def head_blocks_probe(lean: bool = True, rounds: int = 7) -> dict:
+    """A probe of the row-block decode (``_fused.DECODE_BLOCK_BYTES``): the train step on the f32
+    base, on the Q4_1 base as it runs, and on the Q4_1 base with the tied head's table decoded
+    whole (the limit raised while tracing), timed interleaved round by round in one process (wall
+    and CPU medians), with each compiled step's XLA temp. ``python -c "from
+    jaxla.benchmarks.quant import head_blocks_probe as p; p(lean=False)"``."""
+    from jaxla.quant import _fused
+
+    path = specs_models.smollm2_file()
+    bases = {"f32": models.load(path), "q4_1": models.load(path, keep_quantized=True)}
+    fns, args, temp = {}, {}, {}
+    for name, base, limit in (("f32", "f32", None), ("q4_1, row blocks", "q4_1", None),
+                              ("q4_1, whole decode", "q4_1", 1 << 62)):
+        model, saved = bases[base], _fused.DECODE_BLOCK_BYTES
+        if limit is not None:
+            _fused.DECODE_BLOCK_BYTES = limit
+        try:
+            step, adapters, state, ids = _step_setup(model, model.params,
+                                                     (STEP_BATCH, STEP_TOKENS, STEP_RANK), lean=lean)
+            fns[name] = step.lower(model.params, adapters, state, ids).compile()
+        finally:
+            _fused.DECODE_BLOCK_BYTES = saved
+        args[name] = (model.params, adapters, state, ids)
+        temp[name] = fns[name].memory_analysis().temp_size_in_bytes / 2**20
+    losses = {k: float(jax.block_until_ready(f(*args[k]))[2]) for k, f in fns.items()}
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(f(*args[k]))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    out = {"lean": lean, "load": _load(), "temp_mib": temp, "loss": losses,
+           "wall_s": {k: statistics.median(v) for k, v in wall.items()},
+           "cpu_s": {k: statistics.median(v) for k, v in cpu.items()}}
+    print(json.dumps(out))
+    return out
+
+
 def load_breakdown(kind: str = "q4_1") -> list[dict]:
     """A profiling probe of what a GGUF load leaves resident, run in a fresh process: the steps of
     ``jaxla.models._gguf.load_gguf`` one at a time (``kind`` ``"q4_1"``: keep_quantized, ``"f32"``:
