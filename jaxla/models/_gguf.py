@@ -366,9 +366,10 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32, keep_quantized: boo
 def _release_freed_memory() -> None:
     """Hands the heap pages freed while loading back to the OS (glibc's ``malloc_trim``; nothing
     where the C library has none). The reader parses every vocabulary entry into its own NumPy view
-    (~160 MB of short-lived objects for SmolLM2's 49152 tokens and merges) and the tensors pass
-    through host copies; once freed, glibc kept ~85 MB of those pages resident after a
-    keep_quantized load and ~140 MB after an f32 one (measured: 2026-12-02 RESULTS.md)."""
+    (~160 MiB of short-lived objects for SmolLM2's 49152 tokens and merges) and the tensors pass
+    through host copies; once freed, glibc kept 35 MiB of those pages resident after a
+    keep_quantized load and 137 MiB after an f32 one (measured: benchmarks/RESULTS.md, 2026-12-02
+    02:40–03:13 UTC, ``benchmarks/quant.py: load_breakdown``)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
