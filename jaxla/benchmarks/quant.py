@@ -328,10 +328,11 @@ def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS) -> list[dict]:
     for kind, got in peaks.items():
         def mib(key, got=got):
             return got[key] / 2**20 if got and got[key] is not None else None
-        what = kind + (f" (remat per layer, head in chunks of {HEAD_CHUNK} tokens)"
-                       if "lean" in kind else "") + (
-            ", probe: malloc_trim after compile and step 1" if "trim" in kind else "")
-        rows.append({"name": f"fresh process: load + 4 train steps, {what} base",
+        base = kind.split(" ")[0]
+        what = (f", lean (remat per layer, head in chunks of {HEAD_CHUNK} tokens)"
+                if "lean" in kind else "") + (
+            "; probe: malloc_trim after compile and step 1" if "trim" in kind else "")
+        rows.append({"name": f"fresh process, {base} base: load + 4 train steps{what}",
                      "peak_rss_mib": mib("peak_rss"), "load_peak_mib": mib("load_peak"),
                      "compile_peak_mib": mib("compile_peak"), "steady_peak_mib": mib("steady_peak"),
                      "runtime_floor_mib": mib("floor_rss"), "after_load_mib": mib("loaded_rss"),
