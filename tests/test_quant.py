@@ -169,6 +169,45 @@ def test_linear_with_quantized_kernel_and_gradients():
         lora.linear({"w": quant.quantize(gaussian((64, 64)), format="int8")}, ad, x)
 
 
+def test_large_matrices_decode_one_block_of_rows_at_a_time(monkeypatch):
+    """Above DECODE_BLOCK_BYTES the jnp product and dX = dY · Rows (the fused kernel's backward too)
+    decode blocks of rows in a loop (with a tail block, or none): the same values as the float64
+    product within 4·eps32·(|x| @ |W|), and no whole decoded matrix in the compiled program."""
+    from jaxla.quant import _fused
+
+    monkeypatch.setattr(_fused, "DECODE_BLOCK_BYTES", 2048)  # 512 f32: blocks of a few rows
+    cases = [quant.quantize(gaussian((37, 64), 10), format="q8_0", axis=-1),  # a table: 4 x 8 + 5
+             quant.quantize(gaussian((64, 32), 11), format="q4_0"),           # 4 x 8, no tail
+             jax.jit(lambda w: quant.quantize(w, format="int4", block_size=32))(gaussian((64, 37), 12)),
+             jax.jit(lambda w: quant.quantize(w, format="nf4", block_size=32, double_quant=True))(
+                 gaussian((64, 37), 13))]
+    assert [_fused._row_blocks(q) for q in cases[:2]] == [(8, 4, 5), (8, 4, 0)]
+    x = jnp.asarray(gaussian((2, 3, 64), 14))
+    dys = [jnp.asarray(gaussian((2, 3, q.rows), 15 + i)) for i, q in enumerate(cases)]
+
+    def run(cases, x, dys):
+        out = []
+        for q, dy in zip(cases, dys, strict=True):
+            y, vjp = jax.vjp(lambda x, q=q: quant.decoded_product(x, q, compute=jnp.float32,
+                                                                   acc=jnp.float32), x)
+            out.append((y, vjp(dy)[0], _fused._rows_grad(q, dy, jnp.float32, None)))
+        return out
+
+    compiled = jax.jit(run).lower(cases, x, dys).compile()
+    hlo = compiled.as_text()
+    assert "while" in hlo and not any(f"f32[{q.rows},64]" in hlo for q in cases)
+    x64 = np.asarray(x, np.float64).reshape(6, 64)
+    for q, dy, (y, dx, dx_fused) in zip(cases, dys, compiled(cases, x, dys), strict=True):
+        w = np.asarray(quant.dequantize(q), np.float64)
+        rows = w if q.axis == -1 else w.T                                      # (R, C)
+        dy64 = np.asarray(dy, np.float64).reshape(6, -1)
+        for got, want, scale in ((y, x64 @ rows.T, np.abs(x64) @ np.abs(rows).T),
+                                 (dx, dy64 @ rows, np.abs(dy64) @ np.abs(rows)),
+                                 (dx_fused, dy64 @ rows, np.abs(dy64) @ np.abs(rows))):
+            err = np.abs(np.asarray(got, np.float64).reshape(want.shape) - want)
+            assert np.all(err <= 4 * np.finfo(np.float32).eps * scale + 1e-30), q
+
+
 def test_dora_on_a_quantized_base_equals_dora_on_its_dequantized_kernel():
     w = gaussian((64, 32), 6)
     x = jnp.asarray(gaussian((5, 64), 7))

@@ -14,9 +14,13 @@
   when ``llama_cpp`` imports (target >= 0.5x of it); prefill tokens/s of the prompt for each;
 * a QLoRA training step (batch 8 x 64 tokens, r = 8 on the attention and MLP kernels, Adam) on
   the Q4_1-kept base vs the same step on the f32 base (target <= 1.5x the time), and each one's
-  peak resident memory measured in its own fresh process (target QLoRA <= 0.5x). The peak is the
-  child's VmHWM: ``getrusage``'s ru_maxrss survives exec, so a child of a large benchmark process
-  reported the parent's peak for both bases (4913 MiB each, 2026-12-01).
+  peak resident memory measured in its own fresh process (target QLoRA <= 0.5x), plain and "lean"
+  (remat per layer, the head in chunks): the whole-process peak and, by resetting the high-water
+  mark between phases (``/proc/self/clear_refs``), the load-, compile- and steady-state (steps 2-4)
+  peaks, each as QLoRA / f32, also above the runtime floor; a probe pair of lean children hands
+  the allocator's freed pages back (``malloc_trim``) after the compile and step 1. The peaks are
+  the child's VmHWM: ``getrusage``'s ru_maxrss survives exec, so a child of a large benchmark
+  process reported the parent's peak for both bases (4913 MiB each, 2026-12-01).
 
 Timings on a shared machine are noisy: variants are interleaved round by round, medians reported,
 and the 1-minute load average is recorded with each timing row. Every row checks its numerics in
@@ -305,30 +309,57 @@ def _step_rows(dense, q41, label, quick) -> list[dict]:
                  "met": ratio <= 1.5,
                  "ok": abs(losses["QLoRA q4_1"] - losses["f32 LoRA"]) <= 1e-3 * abs(losses["f32 LoRA"])})
     if not quick:
-        kinds = ("f32", "q4_1", "f32 lean", "q4_1 lean")
-        peaks = {kind: _child_json("step", kind) for kind in kinds}
-        for kind, got in peaks.items():
-            def mib(key, got=got):
-                return (got[key] / 2**20 if got else None)
-            rows.append({"name": f"fresh process: load + 3 train steps, {kind} base"
-                                 + (" (remat per layer, head in chunks of "
-                                    f"{HEAD_CHUNK} tokens)" if "lean" in kind else ""),
-                         "peak_rss_mib": mib("peak_rss"), "runtime_floor_mib": mib("floor_rss"),
-                         "after_load_mib": mib("loaded_rss"), "params_mib": mib("params_bytes"),
-                         "temp_mib": mib("temp_bytes"), "step_s": got["step_s"] if got else None,
-                         "loss": got["loss"] if got else None,
-                         "ok": bool(got) and np.isfinite(got["loss"])})
-        for suffix in ("", " lean"):
-            f32, q41 = peaks["f32" + suffix], peaks["q4_1" + suffix]
-            if f32 and q41:
-                r = q41["peak_rss"] / f32["peak_rss"]
-                rows.append({"name": f"peak RSS QLoRA / f32 LoRA{suffix}", "ratio": r,
-                             "target": "<=0.5x", "met": r <= 0.5,
-                             "ok": abs(q41["loss"] - f32["loss"]) <= 1e-3 * abs(f32["loss"])})
-        if peaks["q4_1 lean"] and peaks["f32"]:
-            r = peaks["q4_1 lean"]["peak_rss"] / peaks["f32"]["peak_rss"]
-            rows.append({"name": "peak RSS lean QLoRA / plain f32 LoRA", "ratio": r,
-                         "target": "<=0.5x", "met": r <= 0.5, "ok": True})
+        rows += _peak_rows()
+    return rows
+
+
+# What each fresh child's peak measures (``_step_child``), in the order the phases run.
+PEAKS = {"whole": "whole-process peak (VmHWM: load + compile + 4 steps)",
+         "load": "load-phase peak (VmHWM after loading)",
+         "compile": "compile-phase peak (lowering + XLA compile of the step)",
+         "steady": "steady-state peak of train steps 2-4 (after compile + step 1)"}
+STEP_KINDS = ("f32", "q4_1", "f32 lean", "q4_1 lean", "f32 lean trim", "q4_1 lean trim")
+
+
+def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS) -> list[dict]:
+    """One fresh child per base and step (``_step_child``): its peaks, and QLoRA / f32 per peak."""
+    peaks = {kind: _child_json("step", kind) for kind in kinds}
+    rows = []
+    for kind, got in peaks.items():
+        def mib(key, got=got):
+            return got[key] / 2**20 if got and got[key] is not None else None
+        base = kind.split(" ")[0]
+        what = (f", lean (remat per layer, head in chunks of {HEAD_CHUNK} tokens)"
+                if "lean" in kind else "") + (
+            "; probe: malloc_trim after compile and step 1" if "trim" in kind else "")
+        rows.append({"name": f"fresh process, {base} base: load + 4 train steps{what}",
+                     "peak_rss_mib": mib("peak_rss"), "load_peak_mib": mib("load_peak"),
+                     "compile_peak_mib": mib("compile_peak"), "steady_peak_mib": mib("steady_peak"),
+                     "runtime_floor_mib": mib("floor_rss"), "after_load_mib": mib("loaded_rss"),
+                     "after_lowering_mib": mib("lowered_rss"),
+                     "after_compile_mib": mib("compiled_rss"),
+                     "before_step1_mib": mib("trimmed_rss"), "after_step1_mib": mib("stepped_rss"),
+                     "params_mib": mib("params_bytes"), "temp_mib": mib("temp_bytes"),
+                     "outputs_mib": mib("output_bytes"), "step_s": got["step_s"] if got else None,
+                     "loss": got["loss"] if got else None,
+                     "ok": bool(got) and np.isfinite(got["loss"])})
+    pairs = [("", "f32", "q4_1"), (" lean", "f32 lean", "q4_1 lean"),
+             (" (lean QLoRA / plain f32)", "f32", "q4_1 lean"),
+             (" lean, allocator trimmed (probe)", "f32 lean trim", "q4_1 lean trim")]
+    for suffix, f32_kind, q_kind in pairs:
+        f32, q41 = peaks.get(f32_kind), peaks.get(q_kind)
+        if not (f32 and q41):
+            continue
+        same = abs(q41["loss"] - f32["loss"]) <= 1e-3 * abs(f32["loss"])
+        for key, what in PEAKS.items():
+            field = "peak_rss" if key == "whole" else f"{key}_peak"
+            if q41[field] is None or f32[field] is None:  # no /proc/self/clear_refs here
+                continue
+            r = q41[field] / f32[field]
+            above = (q41[field] - q41["floor_rss"]) / (f32[field] - f32["floor_rss"])
+            rows.append({"name": f"{what}: QLoRA / f32 LoRA{suffix}", "ratio": r,
+                         "ratio_above_runtime_floor": above, "target": "<=0.5x", "met": r <= 0.5,
+                         "ok": same})
     return rows
 
 
@@ -351,25 +382,67 @@ def _peak_rss_bytes() -> int:
     return harness.peak_rss_bytes()
 
 
+def _reset_peak() -> bool:
+    """Resets this process's VmHWM to its current VmRSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _step_child(kind: str) -> dict:
-    """In a fresh process: load the base, compile the train step, run it 3 times. ``kind`` is
-    ``"f32"`` or ``"q4_1"``, with `` lean`` for the rematerialised step with the chunked head."""
-    base, _, variant = kind.partition(" ")
+    """In a fresh process: load the base, compile the train step, run it 4 times. ``kind`` is
+    ``"f32"`` or ``"q4_1"``, with `` lean`` for the rematerialised step with the chunked head, and
+    `` trim`` for a probe that also hands the allocator's freed pages back to the OS (glibc's
+    ``malloc_trim``, as loading does) after the compile and after step 1.
+
+    The high-water mark is read and reset between the phases, so each phase's peak is its own:
+    loading, compiling (lowering + XLA), step 1, steps 2-4 (the steady state); the whole-process
+    peak is the largest of them (the VmHWM a run without resets would report)."""
+    from jaxla.models._gguf import _release_freed_memory
+
+    base, *variants = kind.split(" ")
+    trim = _release_freed_memory if "trim" in variants else (lambda: None)
     jax.block_until_ready(jnp.ones(8) + 1)  # the runtime started: the floor before any weights
     floor = _rss_bytes()
     model = models.load(specs_models.smollm2_file(), keep_quantized=base == "q4_1")
-    loaded = _rss_bytes()
+    loaded, load_peak = _rss_bytes(), _peak_rss_bytes()
+    resets = _reset_peak()
     step, adapters, state, ids = _step_setup(model, model.params, (STEP_BATCH, STEP_TOKENS, STEP_RANK),
-                                             lean=variant == "lean")
-    temp = step.lower(model.params, adapters, state, ids).compile().memory_analysis()
+                                             lean="lean" in variants)
+    lowered = step.lower(model.params, adapters, state, ids)
+    lowered_rss = _rss_bytes()
+    compiled = lowered.compile()
+    del lowered
+    memory = compiled.memory_analysis()
+    compiled_rss, compile_peak = _rss_bytes(), _peak_rss_bytes()
+    trim()
+    trimmed_rss = _rss_bytes()
+    _reset_peak()
+    adapters, state, loss = jax.block_until_ready(compiled(model.params, adapters, state, ids))
+    first_peak = _peak_rss_bytes()
+    trim()
+    stepped_rss = _rss_bytes()
+    _reset_peak()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        adapters, state, loss = jax.block_until_ready(step(model.params, adapters, state, ids))
+        adapters, state, loss = jax.block_until_ready(compiled(model.params, adapters, state, ids))
         times.append(time.perf_counter() - t0)
-    return {"peak_rss": _peak_rss_bytes(), "step_s": statistics.median(times[1:]),
-            "loss": float(loss), "temp_bytes": getattr(temp, "temp_size_in_bytes", 0),
-            "floor_rss": floor, "loaded_rss": loaded, "params_bytes": quant.tree_nbytes(model.params)}
+    steady_peak = _peak_rss_bytes()
+    phases = (load_peak, compile_peak, first_peak, steady_peak)
+    return {"peak_rss": max(phases) if resets else steady_peak, "load_peak": load_peak,
+            "compile_peak": compile_peak if resets else None,
+            "steady_peak": steady_peak if resets else None,
+            "first_step_peak": first_peak if resets else None,
+            "step_s": statistics.median(times), "loss": float(loss),
+            "temp_bytes": getattr(memory, "temp_size_in_bytes", 0),
+            "output_bytes": getattr(memory, "output_size_in_bytes", 0),
+            "floor_rss": floor, "loaded_rss": loaded, "lowered_rss": lowered_rss,
+            "compiled_rss": compiled_rss, "trimmed_rss": trimmed_rss, "stepped_rss": stepped_rss,
+            "params_bytes": quant.tree_nbytes(model.params)}
 
 
 def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
@@ -442,6 +515,102 @@ def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
             for base, what in variants]
     for row in rows:
         print(json.dumps(row))
+    return rows
+
+
+def head_blocks_probe(lean: bool = True, rounds: int = 7) -> dict:
+    """A probe of the row-block decode (``_fused.DECODE_BLOCK_BYTES``): the train step on the f32
+    base, on the Q4_1 base as it runs, and on the Q4_1 base with the tied head's table decoded
+    whole (the limit raised while tracing), timed interleaved round by round in one process (wall
+    and CPU medians), with each compiled step's XLA temp. ``python -c "from
+    jaxla.benchmarks.quant import head_blocks_probe as p; p(lean=False)"``."""
+    from jaxla.quant import _fused
+
+    path = specs_models.smollm2_file()
+    bases = {"f32": models.load(path), "q4_1": models.load(path, keep_quantized=True)}
+    fns, args, temp = {}, {}, {}
+    for name, base, limit in (("f32", "f32", None), ("q4_1, row blocks", "q4_1", None),
+                              ("q4_1, whole decode", "q4_1", 1 << 62)):
+        model, saved = bases[base], _fused.DECODE_BLOCK_BYTES
+        if limit is not None:
+            _fused.DECODE_BLOCK_BYTES = limit
+        try:
+            step, adapters, state, ids = _step_setup(model, model.params,
+                                                     (STEP_BATCH, STEP_TOKENS, STEP_RANK), lean=lean)
+            fns[name] = step.lower(model.params, adapters, state, ids).compile()
+        finally:
+            _fused.DECODE_BLOCK_BYTES = saved
+        args[name] = (model.params, adapters, state, ids)
+        temp[name] = fns[name].memory_analysis().temp_size_in_bytes / 2**20
+    losses = {k: float(jax.block_until_ready(f(*args[k]))[2]) for k, f in fns.items()}
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(f(*args[k]))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    out = {"lean": lean, "load": _load(), "temp_mib": temp, "loss": losses,
+           "wall_s": {k: statistics.median(v) for k, v in wall.items()},
+           "cpu_s": {k: statistics.median(v) for k, v in cpu.items()}}
+    print(json.dumps(out))
+    return out
+
+
+def load_breakdown(kind: str = "q4_1") -> list[dict]:
+    """A profiling probe of what a GGUF load leaves resident, run in a fresh process: the steps of
+    ``jaxla.models._gguf.load_gguf`` one at a time (``kind`` ``"q4_1"``: keep_quantized, ``"f32"``:
+    decoded), each row the RSS / anonymous memory after it and the peak during it (VmHWM reset
+    between steps), then the reader dropped and the allocator trimmed (what ``load_gguf`` now does
+    at its end). ``python -c "from jaxla.benchmarks.quant import load_breakdown as b; b('f32')"``."""
+    import gc
+    from pathlib import Path
+
+    from jaxla.models import _gguf, _registry
+
+    def anonymous() -> int:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+
+    rows = []
+
+    def row(what):
+        rows.append({"name": f"load {kind}: {what}", "rss_mib": _rss_bytes() / 2**20,
+                     "anonymous_mib": anonymous() / 2**20, "peak_mib": _peak_rss_bytes() / 2**20})
+        print(json.dumps(rows[-1]))
+        _reset_peak()
+
+    import gguf  # noqa: F401 - imported by the load, counted in the floor
+    import tokenizers  # noqa: F401
+
+    jax.block_until_ready(jnp.ones(8) + 1)
+    row("runtime floor (jax, gguf and tokenizers imported)")
+    path = Path(specs_models.smollm2_file())
+    reader = _gguf._open(path)
+    row("GGUFReader (every field parsed)")
+    where = str(path)
+    meta = _gguf._Metadata(reader, where)
+    arch = meta.get("general.architecture", str)
+    family = _registry.for_gguf_architecture(arch, where)
+    hf = _gguf._hf_config(meta, arch, meta.list_len("tokenizer.ggml.tokens"),
+                          tied="output.weight" not in {t.name for t in reader.tensors})
+    config = family.config_from_hf(hf)
+    source = _gguf._tensor_source(reader, path, arch, config.num_layers, config.num_heads,
+                                  config.num_kv_heads)
+    params = (_gguf._kept_params(reader, path, config, source, jnp.float32) if kind == "q4_1"
+              else family.params_from_hf(config, source, jnp.float32))
+    row(f"params ({quant.tree_nbytes(params) / 2**20:.1f} MiB of arrays)")
+    tokenizer = _gguf.tokenizer_from_metadata(reader, where)
+    row("tokenizer")
+    del reader, meta, source
+    gc.collect()
+    row("reader dropped")
+    _gguf._release_freed_memory()
+    row("allocator trimmed (the end of load_gguf)")
+    del tokenizer
+    _gguf._release_freed_memory()
+    row("tokenizer dropped, trimmed")
+    del params
     return rows
 
 

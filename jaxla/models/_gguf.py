@@ -10,6 +10,7 @@ interleaved RoPE, and that permutation is undone here for the rotate-half layout
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from typing import Any
 
@@ -269,20 +270,43 @@ def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -
     by_gguf = {t.name: t for t in reader.tensors}
     dims = _llama._dims(config)
 
-    def raw_rows(gguf_name: str, rows: int, columns: int):
-        """The tensor's raw blocks (rows, bytes), or None when its type is not kept."""
+    def kept_format(gguf_name: str, rows: int, columns: int) -> str | None:
+        """The tensor's kept format, checked against (rows, columns) without reading its data, or
+        None when its type is not kept (or it is absent)."""
         tensor = by_gguf.get(gguf_name)
         if tensor is None or tensor.tensor_type.name not in _KEPT:
             return None
         fmt = _KEPT[tensor.tensor_type.name]
         block, nbytes = _qarray.GGUF_FORMATS[fmt]
-        raw = np.array(tensor.data)  # a copy: a view would keep the whole file mapped (and resident)
+        data = tuple(np.shape(tensor.data))
         if (tuple(int(n) for n in reversed(tensor.shape)) != (rows, columns) or columns % block
-                or raw.shape != (rows, columns // block * nbytes)):
+                or data != (rows, columns // block * nbytes)):
             raise ValueError(f"{path}: tensor {gguf_name!r} ({tensor.tensor_type.name}, shape "
-                             f"{tuple(reversed(tensor.shape))}, data {raw.shape}) does not fit "
+                             f"{tuple(reversed(tensor.shape))}, data {data}) does not fit "
                              f"({rows}, {columns}) from the model's config")
-        return fmt, raw
+        return fmt
+
+    def raw_stack(gguf_names: list[str], rows: int, columns: int, heads: int | None = None):
+        """(format, raw blocks (len(names), rows, bytes)) when every tensor has the same kept
+        format, else None. The blocks are copied out of the mapping (a view would keep the whole
+        file mapped, and resident) straight into one array: no per-tensor copy is made and freed,
+        since the freed copies stayed resident in the allocator (measured: 2026-12-02 RESULTS).
+        ``heads`` undoes llama.cpp's Q/K row permutation on whole rows of blocks while copying."""
+        formats = {kept_format(name, rows, columns) for name in gguf_names}
+        if len(formats) != 1 or None in formats:
+            return None
+        fmt = formats.pop()
+        nbytes = columns // _qarray.GGUF_FORMATS[fmt][0] * _qarray.GGUF_FORMATS[fmt][1]
+        out = np.empty((len(gguf_names), rows, nbytes), np.uint8)
+        for i, name in enumerate(gguf_names):
+            data = by_gguf[name].data
+            if heads is None:
+                out[i] = data
+            else:  # as _unpermute, written in place: (heads, 2, half, bytes) <- (heads, half, 2, ...)
+                half = rows // heads // 2
+                out[i].reshape(heads, 2, half, nbytes)[...] = (
+                    np.asarray(data).reshape(heads, half, 2, nbytes).swapaxes(1, 2))
+        return fmt, out
 
     def cast(x):
         return jnp.asarray(np.asarray(x, np.float32), dtype)
@@ -297,14 +321,10 @@ def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -
     for jpath, module, din, dout, bias in _llama._PROJECTIONS:
         group, name = jpath.split("/")
         rows, columns = dims[dout], dims[din]
-        kept = [raw_rows(f"blk.{i}.{gguf_of[module + '.weight']}", rows, columns)
-                for i in range(config.num_layers)]
-        formats = {k[0] if k else None for k in kept}
-        if len(formats) == 1 and None not in formats:
-            stacked = np.stack([k[1] for k in kept])                      # (L, O, bytes)
-            if jpath in heads:  # undo llama.cpp's Q/K row permutation on whole rows of blocks
-                stacked = np.stack([_unpermute(r, heads[jpath]) for r in stacked])
-            w = _qarray.from_gguf_blocks(stacked, formats.pop(), columns=columns, dtype=dtype)
+        kept = raw_stack([f"blk.{i}.{gguf_of[module + '.weight']}" for i in range(config.num_layers)],
+                         rows, columns, heads.get(jpath))                  # (L, O, bytes)
+        if kept is not None:
+            w = _qarray.from_gguf_blocks(kept[1], kept[0], columns=columns, dtype=dtype)
         else:
             w = cast(np.stack([take(source, f"model.layers.{i}.{module}.weight", (rows, columns)).T
                                for i in range(config.num_layers)]))
@@ -314,14 +334,15 @@ def _kept_params(reader, path: Path, config, source: TensorSource, dtype: Any) -
                                         for i in range(config.num_layers)]))
         layers[group][name] = entry
     d, v = config.hidden_size, config.vocab_size
-    table = raw_rows("token_embd.weight", v, d)
-    table = (_qarray.from_gguf_blocks(table[1], table[0], columns=d, axis=-1, dtype=dtype)
+    table = raw_stack(["token_embd.weight"], v, d)
+    table = (_qarray.from_gguf_blocks(table[1][0], table[0], columns=d, axis=-1, dtype=dtype)
              if table else cast(take(source, "model.embed_tokens.weight", (v, d))))
     params = {"embed": {"table": table}, "layers": layers,
               "norm": {"scale": cast(take(source, "model.norm.weight", (d,)))}}
     if not config.tie_word_embeddings:
-        head = raw_rows("output.weight", v, d)
-        params["lm_head"] = {"w": _qarray.from_gguf_blocks(head[1], head[0], columns=d, dtype=dtype)
+        head = raw_stack(["output.weight"], v, d)
+        params["lm_head"] = {"w": _qarray.from_gguf_blocks(head[1][0], head[0], columns=d,
+                                                           dtype=dtype)
                              if head else cast(take(source, "lm_head.weight", (v, d)).T)}
     return params
 
@@ -337,7 +358,27 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32, keep_quantized: boo
       ValueError: not GGUF, truncated, an unsupported architecture (the supported ones listed), an
         unsupported tensor type, tokenizer or option, a missing or mis-shaped tensor (named).
     """
-    path = Path(path)
+    model = _load(Path(path), dtype, keep_quantized)  # the reader and its parsed fields die here
+    _release_freed_memory()
+    return model
+
+
+def _release_freed_memory() -> None:
+    """Hands the heap pages freed while loading back to the OS (glibc's ``malloc_trim``; nothing
+    where the C library has none). The reader parses every vocabulary entry into its own NumPy view
+    (~160 MiB of short-lived objects for SmolLM2's 49152 tokens and merges) and the tensors pass
+    through host copies; once freed, glibc kept 35 MiB of those pages resident after a
+    keep_quantized load and 137 MiB after an f32 one (measured: benchmarks/RESULTS.md, 2026-12-02
+    02:40–03:13 UTC, ``benchmarks/quant.py: load_breakdown``)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
+def _load(path: Path, dtype: Any, keep_quantized: bool) -> Model:
     reader = _open(path)
     where = str(path)
     meta = _Metadata(reader, where)

@@ -19,7 +19,9 @@ as the attention kernel decides), the extension is built, the format is q8_0, q4
 nf4/int4 with blocks and rows of multiples of 32, the QArray is one matrix (inside ``lax.scan`` the
 per-layer slice is), and X has at most :data:`MAX_FUSED_ROWS` rows. Otherwise the jnp path runs.
 Gradients: ``dX = dY · Rows`` through the jnp decode (temporary, inside the backward program), none
-to the QArray. Under ``vmap`` the batch folds into X's rows; a batched QArray maps the kernel over
+to the QArray; a matrix whose decoded f32 rows exceed :data:`DECODE_BLOCK_BYTES` (the tied head's
+table) is decoded one block of rows at a time there and in :func:`decoded_product`, so no decoded
+copy of it exists at once. Under ``vmap`` the batch folds into X's rows; a batched QArray maps the kernel over
 its slices.
 
 The code path (``avx512``, ``avx2``, ``portable``) is chosen like the attention kernel's
@@ -33,7 +35,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +52,9 @@ except ImportError as e:  # pragma: no cover - depends on the build
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["MAX_FUSED_ROWS", "available", "decoded_product", "fused_reason", "kernel_path",
-           "layer_product", "layer_reason", "product", "rows_product", "supported_paths"]
+__all__ = ["DECODE_BLOCK_BYTES", "MAX_FUSED_ROWS", "available", "decoded_product", "fused_reason",
+           "kernel_path", "layer_product", "layer_reason", "product", "rows_product",
+           "supported_paths"]
 
 _TARGET = "jaxla_quant_matmul"
 _LAYER_TARGET = "jaxla_quant_matmul_layer"
@@ -190,11 +193,91 @@ def _zero_cotangent(q: QArray) -> QArray:
     return jax.tree.map(zero, q)
 
 
-def _rows_grad(q: QArray, dy: jax.Array, compute, precision) -> jax.Array:
-    """dX = dY · Rows, the rows decoded inside the backward program (a temporary, per call)."""
+# A decoded matrix above this many f32 bytes is decoded one block of rows at a time (the tied head's
+# Q8_0 table, 49152 x 576, is 108 MiB decoded; a layer kernel of SmolLM2 is at most 3.4 MiB).
+DECODE_BLOCK_BYTES = 8 << 20
+
+
+class _RowBlocks(NamedTuple):
+    size: int   # rows per block
+    count: int  # full blocks, decoded inside a loop
+    tail: int   # rows left after them, decoded once
+
+
+def _row_blocks(q: QArray) -> _RowBlocks | None:
+    """How to decode ``q``'s stored rows in blocks of at most :data:`DECODE_BLOCK_BYTES` f32 bytes,
+    or None when the whole decoded matrix is that small (``q`` unstacked: rows are every leaf's
+    axis 0)."""
+    total = q.rows * q.columns * 4
+    if total <= DECODE_BLOCK_BYTES or q.rows < 2:
+        return None
+    blocks = -(-total // DECODE_BLOCK_BYTES)
+    size = -(-q.rows // blocks)
+    return _RowBlocks(size, q.rows // size, q.rows % size)
+
+
+def _row_slice(q: QArray, start, size: int) -> QArray:
+    """Rows ``start : start + size`` of every leaf (``start`` may be traced)."""
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, start, size, axis=0), q)
+
+
+def _rows_dot(x: jax.Array, q: QArray, compute, acc, precision) -> jax.Array:
+    """``x (..., C) · Rowsᵀ -> (..., R)``, the rows decoded whole."""
+    rows = _decode_rows(q).astype(compute)                                 # (R, C)
+    return jax.lax.dot_general(x, rows, (((x.ndim - 1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=acc)
+
+
+def _grad_dot(dy: jax.Array, q: QArray, compute, precision) -> jax.Array:
+    """``dY (..., R) · Rows -> (..., C)`` in f32, the rows decoded whole."""
     rows = _decode_rows(q).astype(compute)
     return jax.lax.dot_general(dy.astype(compute), rows, (((dy.ndim - 1,), (0,)), ((), ())),
                                precision=precision, preferred_element_type=jnp.float32)
+
+
+def _rows_grad(q: QArray, dy: jax.Array, compute, precision) -> jax.Array:
+    """dX = dY · Rows, the rows decoded inside the backward program (a temporary, per call): whole,
+    or for a large matrix one block of rows at a time with the partial products summed in f32, so
+    at most one block is ever decoded."""
+    blocks = _row_blocks(q)
+    if blocks is None:
+        return _grad_dot(dy, q, compute, precision)
+    size = blocks.size
+
+    def body(i, total):
+        start = i * size
+        part = jax.lax.dynamic_slice_in_dim(dy, start, size, axis=-1)
+        return total + _grad_dot(part, _row_slice(q, start, size), compute, precision)
+
+    total = jnp.zeros((*dy.shape[:-1], q.columns), jnp.float32)
+    total = jax.lax.fori_loop(0, blocks.count, body, total)
+    if blocks.tail:
+        start = blocks.count * size
+        total = total + _grad_dot(dy[..., start:], _row_slice(q, start, blocks.tail), compute,
+                                  precision)
+    return total
+
+
+def _rows_product_decoded(x: jax.Array, q: QArray, compute, acc, precision) -> jax.Array:
+    """``x · Rowsᵀ`` through the jnp decode: whole, or for a large matrix one block of rows at a
+    time, each block's outputs written into their columns of the result."""
+    blocks = _row_blocks(q)
+    if blocks is None:
+        return _rows_dot(x, q, compute, acc, precision)
+    size = blocks.size
+
+    def body(i, out):
+        start = i * size
+        part = _rows_dot(x, _row_slice(q, start, size), compute, acc, precision)
+        return jax.lax.dynamic_update_slice_in_dim(out, part, start, axis=-1)
+
+    out = jnp.zeros((*x.shape[:-1], q.rows), acc)
+    out = jax.lax.fori_loop(0, blocks.count, body, out)
+    if blocks.tail:
+        start = blocks.count * size
+        tail = _rows_dot(x, _row_slice(q, start, blocks.tail), compute, acc, precision)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tail, start, axis=-1)
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -222,9 +305,7 @@ class _Decoded:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _decoded(cfg: _Decoded, x: jax.Array, q: QArray) -> jax.Array:
-    rows = _decode_rows(q).astype(cfg.compute)                            # (R, C)
-    return jax.lax.dot_general(x, rows, (((x.ndim - 1,), (1,)), ((), ())), precision=cfg.precision,
-                               preferred_element_type=cfg.acc)
+    return _rows_product_decoded(x, q, cfg.compute, cfg.acc, cfg.precision)
 
 
 def _decoded_fwd(cfg, x, q):
