@@ -244,24 +244,26 @@ def params_from_hf(config: LlamaConfig, source: TensorSource, dtype: Any) -> dic
     def cast(x):
         return jnp.asarray(np.asarray(x, np.float32), dtype)
 
-    layers: dict[str, Any] = {"attn_norm": [], "mlp_norm": [],
-                              **{path: {"w": [], "b": []} for path, *_ in _PROJECTIONS}}
-    for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        layers["attn_norm"].append(take(source, prefix + "input_layernorm.weight", (d,)))
-        layers["mlp_norm"].append(take(source, prefix + "post_attention_layernorm.weight", (d,)))
-        for path, module, din, dout, bias in _PROJECTIONS:
-            layers[path]["w"].append(take(source, f"{prefix}{module}.weight", (dims[dout], dims[din])).T)
-            if getattr(config, bias):
-                layers[path]["b"].append(take(source, f"{prefix}{module}.bias", (dims[dout],)))
-    stacked: dict[str, Any] = {"attn_norm": {"scale": cast(np.stack(layers["attn_norm"]))},
-                               "mlp_norm": {"scale": cast(np.stack(layers["mlp_norm"]))},
-                               "attn": {}, "mlp": {}}
-    for path, *_ in _PROJECTIONS:
+    def stacked_of(name: str, shape: tuple[int, ...], transpose: bool) -> jax.Array:
+        # One preallocated (L, ...) f32 stack filled a layer at a time: only one decoded tensor is
+        # ever alive beside it (decoding every layer and then np.stack-ing held the model twice).
+        out = np.empty((config.num_layers, *shape), np.float32)
+        for i in range(config.num_layers):
+            got = take(source, name.format(i=i), shape[::-1] if transpose else shape)
+            out[i] = got.T if transpose else got
+            del got
+        return cast(out)
+
+    prefix = "model.layers.{i}."
+    stacked: dict[str, Any] = {
+        "attn_norm": {"scale": stacked_of(prefix + "input_layernorm.weight", (d,), False)},
+        "mlp_norm": {"scale": stacked_of(prefix + "post_attention_layernorm.weight", (d,), False)},
+        "attn": {}, "mlp": {}}
+    for path, module, din, dout, bias in _PROJECTIONS:
         group, name = path.split("/")
-        entry = {"w": cast(np.stack(layers[path]["w"]))}
-        if layers[path]["b"]:
-            entry["b"] = cast(np.stack(layers[path]["b"]))
+        entry = {"w": stacked_of(f"{prefix}{module}.weight", (dims[din], dims[dout]), True)}
+        if getattr(config, bias):
+            entry["b"] = stacked_of(f"{prefix}{module}.bias", (dims[dout],), False)
         stacked[group][name] = entry
     params = {"embed": {"table": cast(take(source, "model.embed_tokens.weight", (v, d)))},
               "layers": stacked,
