@@ -2,7 +2,8 @@
 
 * resident parameter bytes of the whole model for f32, bf16, the GGUF's Q4_1 kept as loaded, NF4
   and int8 (kernels and the embedding table quantized), each as a fraction of f32 (target: 4-bit
-  formats <= 0.17x);
+  formats <= 0.17x); when the file's embedding is wider than 4 bits (SmolLM2's is Q8_0), the
+  same with it requantized to q4_1, and what that does to the next-token log-probabilities;
 * the fused dequantize-and-multiply CPU kernel (``jaxla.quant._fused``) on one Q4_1 MLP kernel and
   the Q8_0 embedding table used as the tied head: time and GB/s of packed bytes per call against
   the machine's copy bandwidth (read + write, ``harness.copy_bandwidth``), and against the jnp
@@ -97,6 +98,15 @@ def _bytes_rows(dense: models.Model, q41: models.Model) -> list[dict]:
         "int8 (kernels + embedding)": models.quantize(dense, format="int8",
                                                       targets=[*KERNELS, "embed/table"]).params,
     }
+    table = q41.params["embed"]["table"]
+    requantized = None
+    if quant.is_qarray(table) and table.format != "q4_1":
+        # The GGUF stores its tied embedding in a wider format (SmolLM2's: Q8_0); what the bytes
+        # would be were it 4-bit too, and what that costs the head.
+        requantized = {**q41.params, "embed": {"table": quant.quantize(
+            quant.dequantize(table), format="q4_1", axis=table.axis)}}
+        variants[f"q4_1 throughout (the file's {table.format} embedding requantized to q4_1)"] = (
+            requantized)
     rows = []
     for name, params in variants.items():
         n = quant.tree_nbytes(params)
@@ -104,7 +114,33 @@ def _bytes_rows(dense: models.Model, q41: models.Model) -> list[dict]:
         rows.append({"name": f"resident params, {name}", "mib": n / 2**20, "vs_f32": n / f32,
                      "target": "<=0.17x f32" if four_bit else "",
                      "met": (n / f32 <= 0.17) if four_bit else "", "ok": n > 0})
+    if requantized is not None:
+        rows.append(_requantized_head_row(q41, requantized))
     return rows
+
+
+_PASSAGE = ("The quick brown fox jumps over the lazy dog. Linear algebra is the study of vectors, "
+            "matrices and the maps between them; a low-rank update adds the product of two thin "
+            "matrices to a frozen weight, so only a small fraction of the parameters is trained.")
+
+
+def _requantized_head_row(q41: models.Model, requantized: dict) -> dict:
+    """Next-token agreement and log-probability change over an English passage (the random-token
+    benchmark prompt when the model has no tokenizer) between the file's embedding and its q4_1
+    requantization (the same kernels, so only the table differs)."""
+    if q41.tokenizer is not None:
+        prompt = jnp.asarray([q41.tokenizer.encode(_PASSAGE).ids], jnp.int32)
+    else:
+        prompt = _prompt(q41.config, False)
+    forward = jax.jit(lambda p, ids: jax.nn.log_softmax(models.forward(q41.config, p, ids), -1))
+    before, after = (np.asarray(forward(p, prompt))[0] for p in (q41.params, requantized))
+    top = before.argmax(-1)
+    rows = np.arange(top.shape[0])
+    return {"name": f"q4_1 throughout vs as loaded, {prompt.shape[1]}-token passage: greedy next "
+                    "token equal (fraction), mean |change| of its log-probability",
+            "top1_agree": float((after.argmax(-1) == top).mean()),
+            "mean_abs_dlogp": float(np.abs(after[rows, top] - before[rows, top]).mean()),
+            "ok": bool(np.isfinite(after).all())}
 
 
 def _load() -> float:
