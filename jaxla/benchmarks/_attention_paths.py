@@ -37,6 +37,8 @@ import jaxla
 from jaxla.benchmarks import harness
 from jaxla.benchmarks import specs_attention as specs
 
+_OPENBLAS_SPIN_S = 0.3  # longer than OpenBLAS's spin after a call (2^28 cycles by default)
+
 USAGE = ("usage: python -m jaxla.benchmarks._attention_paths fwd|fwd+bwd T ROUNDS "
          "[BUILD.so:]PATH[:bf16][@ROWSxKEYS] ...")
 
@@ -157,6 +159,11 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
             jax.block_until_ready(fn())
             best[key] = min(best[key], time.perf_counter() - t0)
             cpu[key] = min(cpu[key], time.process_time() - c0)
+            if key == "numpy":
+                # OpenBLAS's threads spin for a while (~0.1 s) after each call before they sleep:
+                # without this pause they took a core from the next variant (the first one listed
+                # ran up to 1.25x slower than an identical build listed after it).
+                time.sleep(_OPENBLAS_SPIN_S)
     mm_flops = harness.matmul_flops(n, n, n)
     ceiling = max(mm_flops / best["xla"], mm_flops / best["numpy"])
     hd = specs.HEADLINE
