@@ -16,7 +16,9 @@ kernel's tiles (query rows × keys; default: the path's own).
 Shapes: B = 1, N = K = 8, H = 64 (the suite's headline case), causal and not. Prints one line per
 variant and mask: best time, GFLOP/s (FlashAttention convention), the fraction of the ceiling, and
 the least CPU time of the process (all threads) over the rounds: the work done, which time slicing
-by other processes on a loaded machine leaves nearly alone (thread-pool spinning included).
+by other processes on a loaded machine leaves nearly alone (thread-pool spinning included). The
+causal line ends with its rate over the non-causal one of the same variant (per useful FLOP: the
+FlashAttention convention counts causal FLOPs as half).
 """
 
 from __future__ import annotations
@@ -170,13 +172,18 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
     lines = [f"ceiling {ceiling / 1e9:.0f} GFLOP/s (XLA {mm_flops / best['xla'] / 1e9:.0f}, "
              f"NumPy {mm_flops / best['numpy'] / 1e9:.0f}); {rounds} rounds, best of each"]
     for var in variants:
+        rate = {}
         for causal in (False, True):
             s = best[(var, causal)]
             flops = harness.attention_flops(hd["B"], hd["N"], t, t, hd["H"], causal=causal,
                                             backward=mode == "fwd+bwd")
-            lines.append(f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
-                         f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling "
-                         f"(CPU {cpu[(var, causal)] * 1e3:8.1f} ms)")
+            rate[causal] = flops / s
+            line = (f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
+                    f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling "
+                    f"(CPU {cpu[(var, causal)] * 1e3:8.1f} ms)")
+            if causal:  # issue 20: causal at least as efficient per useful FLOP as non-causal
+                line += f" {rate[True] / rate[False]:.2f}x non-causal per FLOP"
+            lines.append(line)
     return lines
 
 
