@@ -408,5 +408,7 @@ def test_attention_paths_compares_another_build(tmp_path):
     assert ap._backend(other.build) is not _cpu and ap._backend(other.build)._FWD != _cpu._FWD
     lines = ap.compare("fwd", 16, 1, [other, ap.parse_variant("portable")])
     assert len(lines) == 5 and all("CPU" in line for line in lines[1:]), lines
+    # Each variant's causal line (the second of its two) compares its rate with the non-causal one.
+    assert [("x non-causal per FLOP" in line) for line in lines[1:]] == [False, True] * 2, lines
     with pytest.raises(ValueError, match="is not a file"):
         ap.parse_variant(f"{tmp_path}/missing.so:portable")

@@ -16,7 +16,9 @@ kernel's tiles (query rows × keys; default: the path's own).
 Shapes: B = 1, N = K = 8, H = 64 (the suite's headline case), causal and not. Prints one line per
 variant and mask: best time, GFLOP/s (FlashAttention convention), the fraction of the ceiling, and
 the least CPU time of the process (all threads) over the rounds: the work done, which time slicing
-by other processes on a loaded machine leaves nearly alone (thread-pool spinning included).
+by other processes on a loaded machine leaves nearly alone (thread-pool spinning included). The
+causal line ends with its rate over the non-causal one of the same variant (per useful FLOP: the
+FlashAttention convention counts causal FLOPs as half).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import numpy as np
 import jaxla
 from jaxla.benchmarks import harness
 from jaxla.benchmarks import specs_attention as specs
+
+_OPENBLAS_SPIN_S = 0.3  # longer than OpenBLAS's spin after a call (2^28 cycles by default)
 
 USAGE = ("usage: python -m jaxla.benchmarks._attention_paths fwd|fwd+bwd T ROUNDS "
          "[BUILD.so:]PATH[:bf16][@ROWSxKEYS] ...")
@@ -157,19 +161,29 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
             jax.block_until_ready(fn())
             best[key] = min(best[key], time.perf_counter() - t0)
             cpu[key] = min(cpu[key], time.process_time() - c0)
+            if key == "numpy":
+                # OpenBLAS's threads spin for a while (~0.1 s) after each call before they sleep:
+                # without this pause they took a core from the next variant (the first one listed
+                # ran up to 1.25x slower than an identical build listed after it).
+                time.sleep(_OPENBLAS_SPIN_S)
     mm_flops = harness.matmul_flops(n, n, n)
     ceiling = max(mm_flops / best["xla"], mm_flops / best["numpy"])
     hd = specs.HEADLINE
     lines = [f"ceiling {ceiling / 1e9:.0f} GFLOP/s (XLA {mm_flops / best['xla'] / 1e9:.0f}, "
              f"NumPy {mm_flops / best['numpy'] / 1e9:.0f}); {rounds} rounds, best of each"]
     for var in variants:
+        rate = {}
         for causal in (False, True):
             s = best[(var, causal)]
             flops = harness.attention_flops(hd["B"], hd["N"], t, t, hd["H"], causal=causal,
                                             backward=mode == "fwd+bwd")
-            lines.append(f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
-                         f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling "
-                         f"(CPU {cpu[(var, causal)] * 1e3:8.1f} ms)")
+            rate[causal] = flops / s
+            line = (f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
+                    f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / ceiling:5.2f} of ceiling "
+                    f"(CPU {cpu[(var, causal)] * 1e3:8.1f} ms)")
+            if causal:  # issue 20: causal at least as efficient per useful FLOP as non-causal
+                line += f" {rate[True] / rate[False]:.2f}x non-causal per FLOP"
+            lines.append(line)
     return lines
 
 
