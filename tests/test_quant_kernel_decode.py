@@ -9,7 +9,6 @@ split; tolerance ``4·eps32·(|x| @ |W|)`` as in tests/test_quant_fused.py.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
