@@ -6,6 +6,7 @@
 // the f32 copy it writes. Here every thread takes whole groups of stored rows, decodes each chunk of
 // 32 values into registers and multiplies it into every row of X at once (f32 fused multiply-adds,
 // f32 accumulation): the blocks stream from memory once per call and no decoded matrix exists.
+// Small products (a decode step's, kSerialWork) run on the calling thread alone.
 //
 // Layouts (row-major): x (..., C) f32, every leading dimension folded into M rows; the stored rows
 // of the QArray: GGUF q8_0/q4_0/q4_1 blocks uint8 (R, C/32, bytes per block), int8 codes (R, C) with
