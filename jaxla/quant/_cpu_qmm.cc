@@ -6,6 +6,7 @@
 // the f32 copy it writes. Here every thread takes whole groups of stored rows, decodes each chunk of
 // 32 values into registers and multiplies it into every row of X at once (f32 fused multiply-adds,
 // f32 accumulation): the blocks stream from memory once per call and no decoded matrix exists.
+// Small products (a decode step's, kSerialWork) run on the calling thread alone.
 //
 // Layouts (row-major): x (..., C) f32, every leading dimension folded into M rows; the stored rows
 // of the QArray: GGUF q8_0/q4_0/q4_1 blocks uint8 (R, C/32, bytes per block), int8 codes (R, C) with
@@ -48,6 +49,12 @@ namespace jaxla_qmm {
 constexpr int64_t kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3, kInt4 = 4, kNF4 = 5;
 constexpr int64_t kNumFormats = 6;
 constexpr int64_t kRowsPerItem = 16;  // stored rows per work item (a multiple of every JAXLA_RO)
+// Products of fewer weights x rows of X than this run on the calling thread alone. Handing work to
+// XLA's pool costs a wake-up of a helper and of the caller (tens of microseconds in a VM), more
+// than a decode product takes: SmolLM2's 210 per-token layer products (M = 1, 0.1-0.9 M weights
+// each) took 7.9 ms per token split over 2 threads and 4.9 ms on one (same kernel, same process,
+// interleaved). 4 M is ~0.15 ms of work on one AVX-512 core.
+constexpr int64_t kSerialWork = int64_t{1} << 22;
 
 // QLoRA's NormalFloat-4 values (jaxla.quant.NF4_TABLE).
 alignas(64) const float kNF4Table[16] = {
@@ -75,6 +82,7 @@ using jaxla_parallel::parallel_for;
 #define JAXLA_VBYTES 16
 #define JAXLA_RO 2
 #define JAXLA_MT 2
+#define JAXLA_PF 4
 namespace qmm_portable {
 using namespace jaxla_qmm;
 #include "_cpu_qmm_kernels.inc"
@@ -82,6 +90,7 @@ using namespace jaxla_qmm;
 #undef JAXLA_VBYTES
 #undef JAXLA_RO
 #undef JAXLA_MT
+#undef JAXLA_PF
 
 #if JAXLA_X86
 #if defined(__clang__)
@@ -91,8 +100,9 @@ using namespace jaxla_qmm;
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define JAXLA_VBYTES 32
-#define JAXLA_RO 2
+#define JAXLA_RO 4
 #define JAXLA_MT 4
+#define JAXLA_PF 16
 namespace qmm_avx2 {
 using namespace jaxla_qmm;
 #include "_cpu_qmm_kernels.inc"
@@ -100,6 +110,7 @@ using namespace jaxla_qmm;
 #undef JAXLA_VBYTES
 #undef JAXLA_RO
 #undef JAXLA_MT
+#undef JAXLA_PF
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -116,6 +127,7 @@ using namespace jaxla_qmm;
 #define JAXLA_VBYTES 64
 #define JAXLA_RO 4
 #define JAXLA_MT 8
+#define JAXLA_PF 16
 namespace qmm_avx512 {
 using namespace jaxla_qmm;
 #include "_cpu_qmm_kernels.inc"
@@ -123,6 +135,7 @@ using namespace jaxla_qmm;
 #undef JAXLA_VBYTES
 #undef JAXLA_RO
 #undef JAXLA_MT
+#undef JAXLA_PF
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -217,15 +230,25 @@ ffi::Error QmmBody(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer codes,
   a.y = reinterpret_cast<float*>(y->untyped_data());
   if (a.m == 0 || a.r == 0) return ffi::Error::Success();
   a.xs = (columns + 31) / 32 * 32;
-  std::unique_ptr<float[]> padded;
-  if (a.xs == columns) {
-    a.x = reinterpret_cast<const float*>(x.untyped_data());
+  const float* src = reinterpret_cast<const float*>(x.untyped_data());
+  std::unique_ptr<float[]> copy;
+  if (format == kInt4 || format == kNF4) {
+    // The kernel reads a chunk's 32 nibbles lows first (_cpu_qmm_kernels.inc), i.e. the chunk's
+    // even values then its odd ones in jaxla's paired order: X's chunks are permuted alike.
+    copy.reset(new float[a.m * a.xs]);
+    for (int64_t i = 0; i < a.m * a.xs; i += 32)
+      for (int64_t j = 0; j < 16; ++j) {
+        copy[i + j] = src[i + 2 * j];
+        copy[i + 16 + j] = src[i + 2 * j + 1];
+      }
+    a.x = copy.get();
+  } else if (a.xs == columns) {
+    a.x = src;
   } else {  // int8 rows of any length: X is zero-padded to whole chunks, as the last chunk's codes
-    padded.reset(new float[a.m * a.xs]());
-    const float* src = reinterpret_cast<const float*>(x.untyped_data());
-    for (int64_t i = 0; i < a.m; ++i) std::memcpy(padded.get() + i * a.xs, src + i * columns,
+    copy.reset(new float[a.m * a.xs]());
+    for (int64_t i = 0; i < a.m; ++i) std::memcpy(copy.get() + i * a.xs, src + i * columns,
                                                   columns * sizeof(float));
-    a.x = padded.get();
+    a.x = copy.get();
   }
   kPaths[path].qmm(pool, a);
   return ffi::Error::Success();
