@@ -32,6 +32,7 @@ of the real file (no subprocesses).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -526,6 +527,15 @@ def scaling_param_count(config: models.LlamaConfig) -> int:
     return norms + sum(int(np.prod(shape)) for shape, _ in _synthetic_leaves(config).values())
 
 
+_decode = jax.jit(quant.dequantize)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(whole: jax.Array, piece: jax.Array, start) -> jax.Array:
+    """``whole`` with ``piece`` written in place from row ``start`` of its first axis."""
+    return jax.lax.dynamic_update_slice_in_dim(whole, piece, start, 0)
+
+
 def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
                      format: str = SCALING_FORMAT) -> models.Model:
     """A model of ``config`` with random weights from ``jax.random.key(seed)``, the RMSNorm scales
@@ -541,9 +551,6 @@ def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
     f32 stack and several host copies of it)."""
     if base not in ("random", "f32", format):
         raise ValueError(f"base must be 'random', 'f32' or {format!r}, got {base!r}")
-    put = jax.jit(lambda whole, piece, start: jax.lax.dynamic_update_slice_in_dim(
-        whole, piece, start, 0), donate_argnums=0)
-    decode = jax.jit(quant.dequantize)
     flat = {}
     for index, (path, (shape, std)) in enumerate(_synthetic_leaves(config).items()):
         table = path == "embed/table"
@@ -556,10 +563,10 @@ def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
             if base != "random":
                 q = quant.quantize(w, format=format, stack_axes=0 if table else 1,
                                    axis=-1 if table else -2)
-                w = q if base == format else decode(q)
+                w = q if base == format else _decode(q)
             if whole is None:
                 whole = jax.tree.map(lambda x, n=shape[0]: jnp.zeros((n, *x.shape[1:]), x.dtype), w)
-            whole = jax.tree.map(lambda whole, w, start=start: put(whole, w, start), whole, w)
+            whole = jax.tree.map(lambda whole, w, start=start: _put(whole, w, start), whole, w)
             del w
         flat[path] = jax.block_until_ready(whole)
     n, d = config.num_layers, config.hidden_size
