@@ -355,4 +355,11 @@ def test_quant_scaling_flag_bounds_its_children_by_free_memory(tmp_path, capsys,
             assert any(n.startswith(f"synthetic {size}, {kind}: skipped, needs ~") for n in names)
     assert [r["size"] for r in payload["rows"] if "size" in r] == [
         f"none of {', '.join(qbench.SCALING_RUN)}"] * 2
-    assert "--scaling" in qbench.main.__doc__ and capsys.readouterr().out
+    capsys.readouterr()
+    assert qbench.main(["--scaling", "--sizes", "1.5B", "--json", str(tmp_path / "s.json")]) == 0
+    names = [r["name"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]]
+    assert names[0].startswith("synthetic 1.5B: D=2304") and "none of 1.5B" in capsys.readouterr().out
+    for argv in (["--sizes", "1B"], ["--scaling", "--sizes", "7B"]):
+        with pytest.raises(SystemExit) as info:
+            qbench.main(argv)
+        assert info.value.code == 2 and "--sizes" in capsys.readouterr().err

@@ -633,7 +633,7 @@ def run_scaling(*, quick: bool, sizes: tuple[str, ...] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m jaxla.benchmarks.quant [--quick] [--json FILE] [--scaling]``."""
+    """``python -m jaxla.benchmarks.quant [--quick] [--json FILE] [--scaling [--sizes SIZE ...]]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m jaxla.benchmarks.quant",
@@ -644,10 +644,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of the suite: QLoRA / f32 peak memory of the lean step on "
                              f"synthetic SmolLM2-shaped models of {', '.join(SCALING_RUN)} "
                              "parameters, a fresh process per child (minutes; needs ~9 GiB free)")
+    parser.add_argument("--sizes", nargs="+", metavar="SIZE", choices=[*SCALING_SIZES, *SCALING_QUICK],
+                        help=f"with --scaling: these sizes instead ({', '.join(SCALING_SIZES)}; "
+                             f"{', '.join(SCALING_QUICK)} is --quick's)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.sizes and not args.scaling:
+        parser.error("--sizes goes with --scaling")
     rest = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
     if args.scaling:
-        return harness.main("quant_scaling", run_scaling, rest)
+        sizes = tuple(dict.fromkeys(args.sizes)) if args.sizes else None
+        return harness.main("quant_scaling", functools.partial(run_scaling, sizes=sizes), rest)
     return harness.main("quant", run, rest)
 
 
