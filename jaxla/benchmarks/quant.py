@@ -47,7 +47,7 @@ import optax
 
 from jaxla import lora, models, quant
 from jaxla.benchmarks import harness, specs_models
-from jaxla.models import _llama
+from jaxla.models import _gguf, _llama
 
 KERNELS = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
                                      "mlp/down")]
@@ -548,7 +548,9 @@ def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
     ``_TABLE_PIECE_ROWS`` rows of the table) and written into one preallocated stack in place
     (a donated update), so no f32 copy of a whole leaf exists beside a quantized model, and an f32
     model is built with one piece's transients beside it (a whole-stack ``quantize`` would hold the
-    f32 stack and several host copies of it)."""
+    f32 stack and several host copies of it). It ends, as ``models.load`` of a GGUF file does, by
+    handing the allocator's freed pages back (``malloc_trim``): without it the pieces' freed host
+    transients kept ~100-200 MiB resident in both bases (runs 1-2, benchmarks/RESULTS.md)."""
     if base not in ("random", "f32", format):
         raise ValueError(f"base must be 'random', 'f32' or {format!r}, got {base!r}")
     flat = {}
@@ -578,6 +580,7 @@ def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
             layers[group][name] = {"w": leaf}
     params = {"embed": {"table": flat["embed/table"]}, "layers": layers,
               "norm": {"scale": jnp.ones((d,))}}
+    _gguf._release_freed_memory()  # as load_gguf ends: the pieces' freed transients back to the OS
     return models.Model(config=config, params=params, tokenizer=None, chat_template=None,
                         source=f"synthetic random ({base}, seed {seed})")
 
