@@ -22,6 +22,12 @@
   the child's VmHWM: ``getrusage``'s ru_maxrss survives exec, so a child of a large benchmark
   process reported the parent's peak for both bases (4913 MiB each, 2026-12-01).
 
+``--scaling`` (not part of the suite; ``[--sizes SIZE ...]``) asks how the QLoRA / f32 peak ratio
+behaves as the model grows: the lean step's per-phase peaks, in a fresh child per (size, base), on
+synthetic SmolLM2-shaped models of 135M, 360M and 1B parameters (1.5B by name) whose q4_1 base is
+built a piece at a time and whose f32 base holds the same weights decoded; each child first checked
+to fit in the memory available.
+
 Timings on a shared machine are noisy: variants are interleaved round by round, medians reported,
 and the 1-minute load average is recorded with each timing row. Every row checks its numerics in
 the same run (finite logits/loss; the bases give the same first greedy token, the fused kernel
