@@ -290,3 +290,76 @@ def test_measure_reports_compile_apart():
     res = harness.measure(jax.jit(lambda x: x @ x), jnp.ones((64, 64), jnp.float32), iters=3)
     assert res["iters"] == 3 and res["compile_s"] > 0 and res["min_s"] <= res["median_s"] <= res["max_s"]
     assert float(res["out"][0, 0]) == 64.0
+
+
+def test_quant_scaling_sizes_and_the_synthetic_base(monkeypatch):
+    """``quant --scaling``'s configs are SmolLM2's architecture at the size each is named (within
+    5%), every blocked axis a multiple of the formats' blocks; the piecewise q4_1 base is bitwise
+    what ``models.quantize`` gives on the same random weights (table pieces with a tail), and the
+    f32 base is those weights decoded."""
+    import jax
+    import numpy as np
+
+    from jaxla import models, quant
+    from jaxla.benchmarks import quant as qbench
+
+    for name in qbench.SCALING_SIZES:
+        c = qbench.scaling_config(name)
+        want = float(name[:-1]) * {"M": 1e6, "B": 1e9}[name[-1]]
+        assert abs(qbench.scaling_param_count(c) / want - 1) <= 0.05, name
+        assert (c.head_dim, c.num_heads // c.num_kv_heads, c.num_heads % c.num_kv_heads) == (64, 3, 0)
+        assert c.vocab_size == 49152 and c.tie_word_embeddings
+        for dim in (c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim):
+            assert dim % 64 == 0, (name, dim)
+    with pytest.raises(ValueError, match="size must be one of"):
+        qbench.scaling_config("7B")
+
+    tiny = models.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_layers=2,
+                              num_heads=2, num_kv_heads=1, head_dim=32, tie_word_embeddings=True)
+    monkeypatch.setattr(qbench, "_TABLE_PIECE_ROWS", 40)  # pieces of 40, 40 and 16 rows
+    targets = [*qbench.KERNELS, "embed/table"]
+    want = models.quantize(qbench._synthetic_model(tiny, "random"), format="q4_1", targets=targets)
+    got = qbench._synthetic_model(tiny, "q4_1")
+    dense = qbench._synthetic_model(tiny, "f32")
+    assert jax.tree.structure(got.params) == jax.tree.structure(want.params)
+    for g, w, d in zip(*(jax.tree.leaves(m.params, is_leaf=quant.is_qarray) for m in (got, want, dense)),
+                       strict=True):
+        if quant.is_qarray(w):
+            np.testing.assert_array_equal(np.asarray(g.codes), np.asarray(w.codes))
+            assert (g.format, g.axis, g.shape) == (w.format, w.axis, w.shape)
+            np.testing.assert_array_equal(np.asarray(d), np.asarray(quant.dequantize(w)))
+        else:
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert qbench.scaling_param_count(tiny) == sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(dense.params))
+
+
+def test_quant_scaling_flag_bounds_its_children_by_free_memory(tmp_path, capsys, monkeypatch):
+    """``python -m jaxla.benchmarks.quant --scaling --json FILE`` runs the scaling rows (not the
+    suite), and a child that would not fit in the memory available is skipped with a row saying so,
+    never started."""
+    from jaxla.benchmarks import quant as qbench
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a child was started although it does not fit")
+
+    monkeypatch.setattr(qbench, "_available_bytes", lambda: 2**30)
+    monkeypatch.setattr(qbench, "_child_json", no_child)
+    monkeypatch.setattr(qbench, "run", no_child)
+    assert qbench.main(["--scaling", "--json", str(tmp_path / "s.json")]) == 0
+    payload = json.loads((tmp_path / "s.json").read_text())
+    names = [r["name"] for r in payload["rows"]]
+    assert payload["suite"] == "quant_scaling"
+    for size in qbench.SCALING_RUN:
+        for kind in qbench.SCALING_KINDS:
+            assert any(n.startswith(f"synthetic {size}, {kind}: skipped, needs ~") for n in names)
+    assert [r["size"] for r in payload["rows"] if "size" in r] == [
+        f"none of {', '.join(qbench.SCALING_RUN)}"] * 2
+    capsys.readouterr()
+    assert qbench.main(["--scaling", "--sizes", "1.5B", "--json", str(tmp_path / "s.json")]) == 0
+    names = [r["name"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]]
+    assert names[0].startswith("synthetic 1.5B: D=2304") and "none of 1.5B" in capsys.readouterr().out
+    for argv in (["--sizes", "1B"], ["--scaling", "--sizes", "7B"]):
+        with pytest.raises(SystemExit) as info:
+            qbench.main(argv)
+        assert info.value.code == 2 and "--sizes" in capsys.readouterr().err

@@ -23,6 +23,12 @@
   the child's VmHWM: ``getrusage``'s ru_maxrss survives exec, so a child of a large benchmark
   process reported the parent's peak for both bases (4913 MiB each, 2026-12-01).
 
+``--scaling`` (not part of the suite; ``[--sizes SIZE ...]``) asks how the QLoRA / f32 peak ratio
+behaves as the model grows: the lean step's per-phase peaks, in a fresh child per (size, base), on
+synthetic SmolLM2-shaped models of 135M, 360M and 1B parameters (1.5B by name) whose q4_1 base is
+built a piece at a time and whose f32 base holds the same weights decoded; each child first checked
+to fit in the memory available.
+
 Timings on a shared machine are noisy: variants are interleaved round by round, medians reported,
 and the 1-minute load average is recorded with each timing row. Every row checks its numerics in
 the same run (finite logits/loss; the bases give the same first greedy token, the fused kernel
@@ -33,6 +39,7 @@ of the real file (no subprocesses).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -47,7 +54,7 @@ import optax
 
 from jaxla import lora, models, quant
 from jaxla.benchmarks import harness, specs_models
-from jaxla.models import _llama
+from jaxla.models import _gguf, _llama
 
 KERNELS = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
                                      "mlp/down")]
@@ -357,18 +364,44 @@ PEAKS = {"whole": "whole-process peak (VmHWM: load + compile + 4 steps)",
 STEP_KINDS = ("f32", "q4_1", "f32 lean", "q4_1 lean", "f32 lean trim", "q4_1 lean trim")
 
 
-def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS) -> list[dict]:
-    """One fresh child per base and step (``_step_child``): its peaks, and QLoRA / f32 per peak."""
-    peaks = {kind: _child_json("step", kind) for kind in kinds}
-    rows = []
+def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS, size: str | None = None,
+               quick: bool = False) -> list[dict]:
+    """One fresh child per base and step (``_step_child``): its peaks, and QLoRA / f32 per peak.
+    ``size``: a :data:`SCALING_SIZES` name, the synthetic model of that size instead of the file
+    (each child first checked to fit in the memory available now, and skipped with a row saying so
+    when it does not; progress on stderr)."""
+    peaks, rows = {}, []
+    for kind in kinds:
+        if size is None:
+            peaks[kind] = _child_json("step", kind)
+            continue
+        need, free = _scaling_child_bytes(size, kind.split(" ")[0]), _available_bytes()
+        if free is not None and need > 0.8 * free:
+            rows.append({"name": f"synthetic {size}, {kind}: skipped, needs ~{need / 2**30:.1f} "
+                                 f"GiB, {free / 2**30:.1f} GiB available", "ok": True})
+            peaks[kind] = None
+            continue
+        t0 = time.perf_counter()
+        print(f"quant --scaling: {size} {kind} (needs ~{need / 2**30:.1f} GiB) ...", end=" ",
+              file=sys.stderr, flush=True)
+        peaks[kind] = _child_json("step", kind, size, quick, timeout=SCALING_CHILD_TIMEOUT_S)
+        got = peaks[kind]
+        print(f"{time.perf_counter() - t0:.0f} s, " + (
+            f"steady {got['steady_peak'] / 2**20:.0f} MiB, whole {got['peak_rss'] / 2**20:.0f} MiB"
+            if got and got["steady_peak"] is not None else "failed" if not got else "done"),
+            file=sys.stderr, flush=True)
+    where = "fresh process" if size is None else f"synthetic {size}, fresh process"
+    load = "load" if size is None else "build"
     for kind, got in peaks.items():
         def mib(key, got=got):
             return got[key] / 2**20 if got and got[key] is not None else None
+        if size is not None and got is None and any(kind in r["name"] for r in rows):
+            continue  # skipped for memory: said so above
         base = kind.split(" ")[0]
         what = (f", lean (remat per layer, head in chunks of {HEAD_CHUNK} tokens)"
                 if "lean" in kind else "") + (
             "; probe: malloc_trim after compile and step 1" if "trim" in kind else "")
-        rows.append({"name": f"fresh process, {base} base: load + 4 train steps{what}",
+        rows.append({"name": f"{where}, {base} base: {load} + 4 train steps{what}",
                      "peak_rss_mib": mib("peak_rss"), "load_peak_mib": mib("load_peak"),
                      "compile_peak_mib": mib("compile_peak"), "steady_peak_mib": mib("steady_peak"),
                      "runtime_floor_mib": mib("floor_rss"), "after_load_mib": mib("loaded_rss"),
@@ -378,10 +411,12 @@ def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS) -> list[dict]:
                      "params_mib": mib("params_bytes"), "temp_mib": mib("temp_bytes"),
                      "outputs_mib": mib("output_bytes"), "step_s": got["step_s"] if got else None,
                      "loss": got["loss"] if got else None,
+                     **({"build_s": got["load_s"] if got else None} if size is not None else {}),
                      "ok": bool(got) and np.isfinite(got["loss"])})
     pairs = [("", "f32", "q4_1"), (" lean", "f32 lean", "q4_1 lean"),
              (" (lean QLoRA / plain f32)", "f32", "q4_1 lean"),
              (" lean, allocator trimmed (probe)", "f32 lean trim", "q4_1 lean trim")]
+    label = "" if size is None else f"synthetic {size}, "
     for suffix, f32_kind, q_kind in pairs:
         f32, q41 = peaks.get(f32_kind), peaks.get(q_kind)
         if not (f32 and q41):
@@ -393,7 +428,7 @@ def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS) -> list[dict]:
                 continue
             r = q41[field] / f32[field]
             above = (q41[field] - q41["floor_rss"]) / (f32[field] - f32["floor_rss"])
-            rows.append({"name": f"{what}: QLoRA / f32 LoRA{suffix}", "ratio": r,
+            rows.append({"name": f"{label}{what}: QLoRA / f32 LoRA{suffix}", "ratio": r,
                          "ratio_above_runtime_floor": above, "target": "<=0.5x", "met": r <= 0.5,
                          "ok": same})
     return rows
@@ -428,11 +463,14 @@ def _reset_peak() -> bool:
         return False
 
 
-def _step_child(kind: str) -> dict:
+def _step_child(kind: str, size: str | None = None, quick: bool = False) -> dict:
     """In a fresh process: load the base, compile the train step, run it 4 times. ``kind`` is
     ``"f32"`` or ``"q4_1"``, with `` lean`` for the rematerialised step with the chunked head, and
     `` trim`` for a probe that also hands the allocator's freed pages back to the OS (glibc's
-    ``malloc_trim``, as loading does) after the compile and after step 1.
+    ``malloc_trim``, as loading does) after the compile and after step 1. ``size``: None for
+    SmolLM2-135M's GGUF file (f32: decoded, q4_1: kept as stored), or a :data:`SCALING_SIZES` name
+    for the synthetic model of that size (``_synthetic_model``: q4_1 built a piece at a time, f32
+    the same weights decoded). ``quick``: the step on ``QUICK_STEP`` shapes.
 
     The high-water mark is read and reset between the phases, so each phase's peak is its own:
     loading, compiling (lowering + XLA), step 1, steps 2-4 (the steady state); the whole-process
@@ -443,11 +481,16 @@ def _step_child(kind: str) -> dict:
     trim = _release_freed_memory if "trim" in variants else (lambda: None)
     jax.block_until_ready(jnp.ones(8) + 1)  # the runtime started: the floor before any weights
     floor = _rss_bytes()
-    model = models.load(specs_models.smollm2_file(), keep_quantized=base == "q4_1")
+    t0 = time.perf_counter()
+    if size is None:
+        model = models.load(specs_models.smollm2_file(), keep_quantized=base == "q4_1")
+    else:
+        model = _synthetic_model(scaling_config(size), base)
+    load_s = time.perf_counter() - t0
     loaded, load_peak = _rss_bytes(), _peak_rss_bytes()
     resets = _reset_peak()
-    step, adapters, state, ids = _step_setup(model, model.params, (STEP_BATCH, STEP_TOKENS, STEP_RANK),
-                                             lean="lean" in variants)
+    shape = QUICK_STEP if quick else (STEP_BATCH, STEP_TOKENS, STEP_RANK)
+    step, adapters, state, ids = _step_setup(model, model.params, shape, lean="lean" in variants)
     lowered = step.lower(model.params, adapters, state, ids)
     lowered_rss = _rss_bytes()
     compiled = lowered.compile()
@@ -473,12 +516,190 @@ def _step_child(kind: str) -> dict:
             "compile_peak": compile_peak if resets else None,
             "steady_peak": steady_peak if resets else None,
             "first_step_peak": first_peak if resets else None,
-            "step_s": statistics.median(times), "loss": float(loss),
+            "step_s": statistics.median(times), "loss": float(loss), "load_s": load_s,
             "temp_bytes": getattr(memory, "temp_size_in_bytes", 0),
             "output_bytes": getattr(memory, "output_size_in_bytes", 0),
             "floor_rss": floor, "loaded_rss": loaded, "lowered_rss": lowered_rss,
             "compiled_rss": compiled_rss, "trimmed_rss": trimmed_rss, "stepped_rss": stepped_rss,
             "params_bytes": quant.tree_nbytes(model.params)}
+
+
+# --- Scaling: the QLoRA / f32 peak ratio as the model grows (``--scaling``) --------------------------
+# Synthetic Llama models of SmolLM2's architecture (head_dim 64, 3 query heads per KV head, SwiGLU,
+# tied embedding, vocabulary 49152): name -> (D hidden, L layers, N heads, K KV heads, F MLP width).
+# 135M and 360M are SmolLM2-135M's and SmolLM2-360M's shapes; 1B keeps the GQA ratio 3 (SmolLM2-1.7B
+# is 2048 wide with 32 heads, not a multiple of 3); every blocked axis (D, F, N·64, K·64) is a multiple
+# of 64, so q4_1 (blocks of 32) and nf4 (64) both divide it.
+SCALING_SIZES = {"135M": (576, 30, 9, 3, 1536), "360M": (960, 32, 15, 5, 2560),
+                 "1B": (1920, 24, 30, 10, 5120), "1.5B": (2304, 24, 36, 12, 6144)}
+SCALING_RUN = ("135M", "360M", "1B")          # what ``--scaling`` runs (1.5B: by name, ~9 GiB f32)
+SCALING_QUICK = {"tiny": (192, 2, 3, 1, 512)}  # ``--scaling --quick``: the machinery on a toy
+SCALING_FORMAT = "q4_1"
+SCALING_KINDS = ("f32 lean", "q4_1 lean", "f32 lean trim", "q4_1 lean trim")
+SCALING_CHILD_TIMEOUT_S = 1800
+_TABLE_PIECE_ROWS = 4096  # embedding-table rows drawn and quantized at a time
+
+
+def scaling_config(size: str) -> models.LlamaConfig:
+    """The synthetic config called ``size`` (a :data:`SCALING_SIZES` or :data:`SCALING_QUICK` name)."""
+    sizes = {**SCALING_SIZES, **SCALING_QUICK}
+    if size not in sizes:
+        raise ValueError(f"size must be one of {tuple(sizes)}, got {size!r}")
+    d, layers, heads, kv_heads, ff = sizes[size]
+    return models.LlamaConfig(vocab_size=49152, hidden_size=d, intermediate_size=ff,
+                              num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=64,
+                              rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+                              tie_word_embeddings=True)
+
+
+def _synthetic_leaves(config: models.LlamaConfig) -> dict[str, tuple[tuple[int, ...], float]]:
+    """The quantized leaves of a synthetic model: path -> (shape, std of its random values); the
+    kernels (L, I, O) with std 1/sqrt(I), the table (V, D) with std 1/sqrt(D)."""
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
+    nh, kh = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    dims = {"attn/q": (d, nh), "attn/k": (d, kh), "attn/v": (d, kh), "attn/o": (nh, d),
+            "mlp/gate": (d, f), "mlp/up": (d, f), "mlp/down": (f, d)}
+    leaves = {f"layers/{k}/w": ((n, i, o), float(1 / np.sqrt(i))) for k, (i, o) in dims.items()}
+    return {**leaves, "embed/table": ((config.vocab_size, d), float(1 / np.sqrt(d)))}
+
+
+def scaling_param_count(config: models.LlamaConfig) -> int:
+    """Parameters of the synthetic model (kernels, the tied table, the RMSNorm scales)."""
+    norms = (2 * config.num_layers + 1) * config.hidden_size
+    return norms + sum(int(np.prod(shape)) for shape, _ in _synthetic_leaves(config).values())
+
+
+_decode = jax.jit(quant.dequantize)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(whole: jax.Array, piece: jax.Array, start) -> jax.Array:
+    """``whole`` with ``piece`` written in place from row ``start`` of its first axis."""
+    return jax.lax.dynamic_update_slice_in_dim(whole, piece, start, 0)
+
+
+def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
+                     format: str = SCALING_FORMAT) -> models.Model:
+    """A model of ``config`` with random weights from ``jax.random.key(seed)``, the RMSNorm scales
+    ones. ``base``: ``"random"`` (the f32 weights as drawn), ``format`` (the 7 kernels and the table
+    quantized, exactly what ``models.quantize(random, format=format, targets=[*KERNELS,
+    "embed/table"])`` gives) or ``"f32"`` (those quantized weights decoded: the f32 base holding
+    the same values, as a GGUF file loaded without keep_quantized).
+
+    Each leaf is drawn, quantized and decoded a piece at a time (a layer of a kernel stack,
+    ``_TABLE_PIECE_ROWS`` rows of the table) and written into one preallocated stack in place
+    (a donated update), so no f32 copy of a whole leaf exists beside a quantized model, and an f32
+    model is built with one piece's transients beside it (a whole-stack ``quantize`` would hold the
+    f32 stack and several host copies of it). It ends, as ``models.load`` of a GGUF file does, by
+    handing the allocator's freed pages back (``malloc_trim``): without it the pieces' freed host
+    transients kept ~100-200 MiB resident in both bases (runs 1-2, benchmarks/RESULTS.md)."""
+    if base not in ("random", "f32", format):
+        raise ValueError(f"base must be 'random', 'f32' or {format!r}, got {base!r}")
+    flat = {}
+    for index, (path, (shape, std)) in enumerate(_synthetic_leaves(config).items()):
+        table = path == "embed/table"
+        step = _TABLE_PIECE_ROWS if table else 1
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        whole = None
+        for piece, start in enumerate(range(0, shape[0], step)):
+            w = std * jax.random.normal(jax.random.fold_in(key, piece),
+                                        (min(step, shape[0] - start), *shape[1:]), jnp.float32)
+            if base != "random":
+                q = quant.quantize(w, format=format, stack_axes=0 if table else 1,
+                                   axis=-1 if table else -2)
+                w = q if base == format else _decode(q)
+            if whole is None:
+                whole = jax.tree.map(lambda x, n=shape[0]: jnp.zeros((n, *x.shape[1:]), x.dtype), w)
+            whole = jax.tree.map(lambda whole, w, start=start: _put(whole, w, start), whole, w)
+            del w
+        flat[path] = jax.block_until_ready(whole)
+    n, d = config.num_layers, config.hidden_size
+    layers = {"attn_norm": {"scale": jnp.ones((n, d))}, "mlp_norm": {"scale": jnp.ones((n, d))},
+              "attn": {}, "mlp": {}}
+    for path, leaf in flat.items():
+        if path.startswith("layers/"):
+            _, group, name, _ = path.split("/")
+            layers[group][name] = {"w": leaf}
+    params = {"embed": {"table": flat["embed/table"]}, "layers": layers,
+              "norm": {"scale": jnp.ones((d,))}}
+    _gguf._release_freed_memory()  # as load_gguf ends: the pieces' freed transients back to the OS
+    return models.Model(config=config, params=params, tokenizer=None, chat_template=None,
+                        source=f"synthetic random ({base}, seed {seed})")
+
+
+def _scaling_child_bytes(size: str, base: str) -> int:
+    """A generous bound on one lean scaling child's peak: 1.5 GiB (runtime, compiles, the step's
+    activations at batch 8 x 64) plus twice its resident parameters (the params, one leaf's pieces
+    in flight, the step's per-layer decoded kernels)."""
+    config = scaling_config(size)
+    count = scaling_param_count(config)
+    params = 4 * count if base == "f32" else count * 5 // 8 + 4 * (2 * config.num_layers + 1) * (
+        config.hidden_size)
+    return int(1.5 * 2**30) + 2 * params
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_scaling(*, quick: bool, sizes: tuple[str, ...] | None = None,
+                kinds: tuple[str, ...] = SCALING_KINDS) -> list[dict]:
+    """``--scaling``: the lean QLoRA step (q4_1 base) vs the same step on the f32 base, a fresh child
+    per (size, base, probe) (``_step_child`` on ``_synthetic_model``): the params' MiB and every
+    phase's peak per child, each peak as QLoRA / f32 per size, and the first size whose QLoRA / f32
+    ratio is <= 0.5x for the steady state and for the whole process."""
+    sizes = tuple(SCALING_QUICK if quick else SCALING_RUN) if sizes is None else sizes
+    rows, first = [], {}
+    for size in sizes:
+        config = scaling_config(size)
+        count = scaling_param_count(config)
+        d, layers, heads, kv_heads, ff = {**SCALING_SIZES, **SCALING_QUICK}[size]
+        rows.append({"name": f"synthetic {size}: D={d} L={layers} heads {heads}/{kv_heads} F={ff} "
+                             f"V={config.vocab_size}, {SCALING_FORMAT} kernels + table",
+                     "params_m": count / 1e6, "ok": True})
+        got = _peak_rows(kinds, size=size, quick=quick)
+        rows += got
+        met = {r["name"] for r in got if r.get("met")}
+        for key in ("steady", "whole"):
+            if f"synthetic {size}, {PEAKS[key]}: QLoRA / f32 LoRA lean" in met:
+                first.setdefault(key, size)
+    for key in ("steady", "whole"):
+        rows.append({"name": f"first size whose {PEAKS[key]}, QLoRA / f32 lean, is <= 0.5x",
+                     "size": first.get(key, f"none of {', '.join(sizes)}"), "ok": True})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jaxla.benchmarks.quant [--quick] [--json FILE] [--scaling [--sizes SIZE ...]]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxla.benchmarks.quant",
+                                     description="jaxla quant benchmark suite")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--scaling", action="store_true",
+                        help="instead of the suite: QLoRA / f32 peak memory of the lean step on "
+                             f"synthetic SmolLM2-shaped models of {', '.join(SCALING_RUN)} "
+                             "parameters, a fresh process per child (minutes; needs ~9 GiB free)")
+    parser.add_argument("--sizes", nargs="+", metavar="SIZE", choices=[*SCALING_SIZES, *SCALING_QUICK],
+                        help=f"with --scaling: these sizes instead ({', '.join(SCALING_SIZES)}; "
+                             f"{', '.join(SCALING_QUICK)} is --quick's)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.sizes and not args.scaling:
+        parser.error("--sizes goes with --scaling")
+    rest = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+    if args.scaling:
+        sizes = tuple(dict.fromkeys(args.sizes)) if args.sizes else None
+        return harness.main("quant_scaling", functools.partial(run_scaling, sizes=sizes), rest)
+    return harness.main("quant", run, rest)
 
 
 def decode_breakdown(rounds: int = 7, tokens: int = 10) -> list[dict]:
@@ -650,19 +871,21 @@ def load_breakdown(kind: str = "q4_1") -> list[dict]:
     return rows
 
 
-_CHILDREN = {"step": _step_child, "decode_off": lambda _arg: _decode_off()}
+_CHILDREN = {"step": _step_child, "decode_off": _decode_off}
 
 
-def _child(which: str, arg: str) -> None:
-    print(json.dumps(_CHILDREN[which](arg)))
+def _child(which: str, *args) -> None:
+    print(json.dumps(_CHILDREN[which](*args)))
 
 
-def _child_json(which: str, arg: str = "", env: dict | None = None) -> dict | None:
-    """Runs ``_CHILDREN[which](arg)`` in a fresh Python process; its JSON line, or None on failure."""
-    code = f"from jaxla.benchmarks.quant import _child; _child({which!r}, {arg!r})"
+def _child_json(which: str, *args, env: dict | None = None, timeout: float = 900) -> dict | None:
+    """Runs ``_CHILDREN[which](*args)`` (literals: strings, numbers, None, bools) in a fresh Python
+    process; its JSON line, or None on failure."""
+    code = (f"from jaxla.benchmarks.quant import _child; "
+            f"_child({', '.join(map(repr, (which, *args)))})")
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=900, check=True, env={**os.environ, **(env or {})})
+                              timeout=timeout, check=True, env={**os.environ, **(env or {})})
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
         return None
@@ -682,4 +905,4 @@ def run(*, quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(harness.main("quant", run))
+    raise SystemExit(main())
