@@ -343,7 +343,7 @@ def test_quant_scaling_flag_bounds_its_children_by_free_memory(tmp_path, capsys,
     def no_child(*args, **kwargs):
         raise AssertionError("a child was started although it does not fit")
 
-    monkeypatch.setattr(qbench, "_available_bytes", lambda: 2**30)
+    monkeypatch.setattr(qbench._memory, "available_bytes", lambda: 2**30)
     monkeypatch.setattr(qbench, "_child_json", no_child)
     monkeypatch.setattr(qbench, "run", no_child)
     assert qbench.main(["--scaling", "--json", str(tmp_path / "s.json")]) == 0

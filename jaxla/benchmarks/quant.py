@@ -54,6 +54,7 @@ import optax
 
 from jaxla import lora, models, quant
 from jaxla.benchmarks import harness, specs_models
+from jaxla.finetune import _memory
 from jaxla.models import _gguf, _llama
 
 KERNELS = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
@@ -375,7 +376,7 @@ def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS, size: str | None = None,
         if size is None:
             peaks[kind] = _child_json("step", kind)
             continue
-        need, free = _scaling_child_bytes(size, kind.split(" ")[0]), _available_bytes()
+        need, free = _scaling_child_bytes(size, kind.split(" ")[0]), _memory.available_bytes()
         if free is not None and need > 0.8 * free:
             rows.append({"name": f"synthetic {size}, {kind}: skipped, needs ~{need / 2**30:.1f} "
                                  f"GiB, {free / 2**30:.1f} GiB available", "ok": True})
@@ -636,18 +637,6 @@ def _scaling_child_bytes(size: str, base: str) -> int:
     params = 4 * count if base == "f32" else count * 5 // 8 + 4 * (2 * config.num_layers + 1) * (
         config.hidden_size)
     return int(1.5 * 2**30) + 2 * params
-
-
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo; None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def run_scaling(*, quick: bool, sizes: tuple[str, ...] | None = None,

@@ -59,6 +59,7 @@ import optax
 from jaxla import models, quant
 from jaxla.benchmarks import harness, specs_models
 from jaxla.benchmarks import quant as quant_bench
+from jaxla.models import _gguf
 
 INSTALL = "pip install flax qwix"
 BLOCK = 64  # NF4/int4 block (qwix tile) size along d_in, both libraries
@@ -478,27 +479,12 @@ CHILD_KINDS = ("qwix nf4", "jaxla nf4", "jaxla nf4 lean")
 
 
 def _release_freed() -> None:
-    """Collects garbage and hands freed heap pages back to the OS (glibc ``malloc_trim``), so that
-    VmRSS after setup counts what is live, not what the allocator kept from the f32 load."""
-    import ctypes
-    import ctypes.util
+    """Collects garbage and hands freed heap pages back to the OS (what a GGUF load ends with), so
+    that VmRSS after setup counts what is live, not what the allocator kept from the f32 load."""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS keeps the freed pages
-        pass
-
-
-def _reset_peak() -> bool:
-    """Resets this process's VmHWM to its VmRSS (Linux ``clear_refs``); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    _gguf._release_freed_memory()
 
 
 def _child(kind: str) -> dict:
@@ -525,7 +511,7 @@ def _child(kind: str) -> dict:
     del dense
     _release_freed()
     setup, setup_peak = quant_bench._rss_bytes(), quant_bench._peak_rss_bytes()
-    reset = _reset_peak()
+    reset = quant_bench._reset_peak()
     compiled = v.step.lower(v.frozen, v.adapters, v.opt_state, v.ids).compile()
     temp = compiled.memory_analysis()
     adapters, state, times = v.adapters, v.opt_state, []
