@@ -6,16 +6,12 @@ test runs the real all-MiniLM-L6-v2 and VADER files for a few steps when they ar
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from bert_checkpoint import WORDS, write_checkpoint
+from cli_process import kill_at_first_checkpoint
 
 from jaxla import finetune, lora
 from jaxla.finetune import _text
@@ -120,24 +116,8 @@ def test_sigkill_then_resume_is_bitwise_exact(tiny_files, tmp_path):
     reference = tmp_path / "reference"
     _run(_cfg(model_dir, data_file, *extra), reference)
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "jaxla", "finetune", str(ROOT / "configs" / "minilm_sentiment.toml"),
-            "--no-progress", "--out", str(out)]
-    for o in _overrides(model_dir, data_file, *extra):
-        args += ["--set", o]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints" / "adapt").glob("step_*.npz")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "adapter.safetensors").exists()
+    kill_at_first_checkpoint(ROOT / "configs" / "minilm_sentiment.toml",
+                             _overrides(model_dir, data_file, *extra), out)
     resumed = _run(_cfg(model_dir, data_file, *extra), out, resume=True)
     assert resumed["metrics"]["steps"] == 400
     assert (out / "adapter.safetensors").read_bytes() == (

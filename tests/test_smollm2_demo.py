@@ -7,11 +7,6 @@ SmolLM2 zero-shot on a few held-out prompts when the files are cached.
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +15,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
+from cli_process import kill_at_first_checkpoint  # noqa: E402
 from llama_checkpoint import TINY, random_weights, tiny_tokenizer, write_gguf  # noqa: E402
 
 from jaxla import finetune, lora, models  # noqa: E402
@@ -170,26 +166,10 @@ def test_sigkill_then_resume_is_bitwise_exact(tiny_files, whole, tmp_path):
     model_file, data_file = tiny_files
     reference = whole[1]
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "jaxla", "finetune", str(ROOT / "configs" / "smollm2_sentiment.toml"),
-            "--no-progress", "--out", str(out)]
     # Generations are operational (not in the fingerprint): skipped here to save their compile.
     quick = ("run.plots=false", "smollm2_sentiment.generations=0")
-    for o in _overrides(model_file, data_file, *quick):
-        args += ["--set", o]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints" / "adapt").glob("step_*.npz")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "adapter.safetensors").exists()
+    kill_at_first_checkpoint(ROOT / "configs" / "smollm2_sentiment.toml",
+                             _overrides(model_file, data_file, *quick), out)
     resumed = _run(_cfg(model_file, data_file, *quick), out, resume=True)
     assert resumed["metrics"]["steps"] == STEPS
     for name in ("adapter.safetensors", "peft/adapter_model.safetensors"):
