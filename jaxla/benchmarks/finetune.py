@@ -134,26 +134,26 @@ def run(*, quick: bool) -> list[dict]:
     return rows
 
 
-def _minilm_rows() -> list[dict]:
-    """The real-data demo, in-process and as a fresh process, when its files are downloaded."""
-    name = "minilm_sentiment"
-    missing = minilm_missing_files()
+def _real_demo_rows(name: str, missing: str | None, overrides: list[str],
+                    target_s: float) -> list[dict]:
+    """A real-data demo, in-process and as a fresh process, when its files are downloaded."""
     if missing:
         return [{"name": f"{name} (not run)", "skipped": missing}]
     cfg = demo_config_path(name)
-    return [*_in_process(name, cfg, specs_finetune.FULL_MINILM, check=True),
-            _fresh_process(name, cfg, specs_finetune.FULL_MINILM, specs_finetune.TARGET_MINILM_S)]
+    return [*_in_process(name, cfg, overrides, check=True),
+            _fresh_process(name, cfg, overrides, target_s)]
+
+
+def _minilm_rows() -> list[dict]:
+    """The MiniLM demo."""
+    return _real_demo_rows("minilm_sentiment", minilm_missing_files(), specs_finetune.FULL_MINILM,
+                           specs_finetune.TARGET_MINILM_S)
 
 
 def _smollm2_rows() -> list[dict]:
-    """The QLoRA demo, in-process and as a fresh process, when its files are downloaded."""
-    name = "smollm2_sentiment"
-    missing = smollm2_missing_files()
-    if missing:
-        return [{"name": f"{name} (not run)", "skipped": missing}]
-    cfg = demo_config_path(name)
-    return [*_in_process(name, cfg, specs_finetune.FULL_SMOLLM2, check=True),
-            _fresh_process(name, cfg, specs_finetune.FULL_SMOLLM2, specs_finetune.TARGET_SMOLLM2_S)]
+    """The QLoRA demo."""
+    return _real_demo_rows("smollm2_sentiment", smollm2_missing_files(),
+                           specs_finetune.FULL_SMOLLM2, specs_finetune.TARGET_SMOLLM2_S)
 
 
 def smollm2_missing_files() -> str | None:
