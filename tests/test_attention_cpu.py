@@ -167,6 +167,11 @@ PATH_CASES = [
     dict(shape=(2, 101, 6, 2, 16, 24), kw=dict(is_causal=True, local_window_size=(33, 0),
                                               lengths=True),
          tiles=(jaxla.ChunkedBlockSizes(block_q=40, block_k=96),)),
+    # Head dims that are multiples of 16 (32 for K, 48 for V): AVX-512 packs whole 32-key panels of
+    # both as 16 x 16 transposed blocks (the forward's prepacked K, the backward's K and V panels),
+    # and the 77 keys leave a partial panel to the key-by-key tail.
+    dict(shape=(1, 77, 4, 2, 32, 48), kw=dict(is_causal=True),
+         tiles=(jaxla.ChunkedBlockSizes(block_q=16, block_k=64), None)),
 ]
 
 
