@@ -415,5 +415,11 @@ def test_attention_paths_compares_another_build(tmp_path):
     assert len(lines) == 5 and all("CPU" in line for line in lines[1:]), lines
     # Each variant's causal line (the second of its two) compares its rate with the non-causal one.
     assert [("x non-causal per FLOP" in line) for line in lines[1:]] == [False, True] * 2, lines
+    assert "bf16 ceiling" not in lines[0], lines
+    if "avx512" in _cpu.supported_paths() and _cpu.bf16_dot():
+        # A bf16 variant is held to the bf16 matmul ceiling, measured in the same rounds.
+        lines = ap.compare("fwd", 32, 1, [ap.parse_variant("avx512:bf16"), ap.parse_variant("portable")])
+        assert "bf16 ceiling" in lines[0], lines
+        assert ["of bf16 ceiling" in line for line in lines[1:]] == [True, True, False, False], lines
     with pytest.raises(ValueError, match="is not a file"):
         ap.parse_variant(f"{tmp_path}/missing.so:portable")

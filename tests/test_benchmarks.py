@@ -62,6 +62,9 @@ def test_suite_quick(name, tmp_path, capsys, monkeypatch):
     assert all(r["ok"] for r in checked), [r["name"] for r in checked if not r["ok"]]
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["out.json"]  # no temp file or run directory left behind
+    # bf16 kernels are also held to the bf16 matmul ceiling measured in the same run.
+    bf16 = [r for r in rows if r["name"].startswith("bf16 ")]
+    assert all(r["frac_of_bf16_matmul_ceiling"] > 0 for r in bf16), bf16
 
 
 def test_registry_lists_exactly_the_suite_and_tool_modules():

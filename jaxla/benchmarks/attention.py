@@ -13,8 +13,10 @@ Linux). ``ok`` checks jaxla's output (or dQ) against jax.nn's.
 The machine's ceilings are measured in the same run (first rows): the best of XLA's and NumPy's
 2048³ f32 matmul (``harness.matmul_ceilings``; bf16 through XLA) and the best of XLA's and NumPy's
 large array copy; every row's ``frac_of_matmul_ceiling`` divides by the f32 one (above 1 means the
-ceiling was measured low: a loaded machine). The CPU model, its vector flags and the compiled kernel's
-code path are in the JSON's ``machine``. On CPU the suite also times: the kernel's other code paths
+ceiling was measured low: a loaded machine), and bf16 rows also give
+``frac_of_bf16_matmul_ceiling`` against the bf16 one (a bf16 kernel may exceed the f32 ceiling:
+AMX, AVX512-BF16). The CPU model, its vector flags and the compiled kernel's code path are in the
+JSON's ``machine``. On CPU the suite also times: the kernel's other code paths
 (``path avx2 ...``: forced through ``_cpu.attend(path=...)``, the same kernel an AVX2-only machine
 runs), bf16 inputs (``bf16 fwd ...``, ``speedup_vs_f32`` against the f32 row of the same T and mask),
 and decoding (``decode ...``: one query position against a long cache, whose rate is the bytes of K
@@ -195,7 +197,7 @@ def _ceiling_rows(quick):
         {"name": "ceiling copy", "xla_GBps": copy.xla / 1e9,
          "numpy_GBps": None if copy.numpy is None else copy.numpy / 1e9, "ceiling_GBps": copy.best / 1e9},
     ]
-    return rows, f32.best, copy.best
+    return rows, f32.best, bf16.best, copy.best
 
 
 def _decode_row(b, s, n, k, h, *, iters, copy_bw):
@@ -242,7 +244,7 @@ def run(*, quick: bool) -> list[dict]:
                                     specs.MEMORY_T)
     iters = 2 if quick else 3
     # The achievable rates on this machine now, measured in the same run.
-    rows, ceiling, copy_bw = _ceiling_rows(quick)
+    rows, ceiling, ceiling16, copy_bw = _ceiling_rows(quick)
     for t in fwd_t:
         for causal in (False, True):
             rows.append(_row(f"fwd T={t}", b, t, n, k, h, causal=causal, backward=False,
@@ -273,6 +275,8 @@ def run(*, quick: bool) -> list[dict]:
             for causal in (False, True):
                 row = _row(f"bf16 fwd T={t}", b, t, n, k, h, causal=causal, backward=False,
                            iters=iters, ceiling=ceiling, dtype=jnp.bfloat16)
+                row["frac_of_bf16_matmul_ceiling"] = (row["jaxla_gflops"] * 1e9 / ceiling16
+                                                      if ceiling16 else None)
                 f32_row = by_key.get((f"fwd T={t}", causal))
                 if f32_row is not None:
                     row["speedup_vs_f32"] = f32_row["jaxla_ms"] / row["jaxla_ms"]

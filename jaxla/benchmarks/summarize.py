@@ -24,7 +24,8 @@ DEFAULT_RESULTS = Path("benchmarks") / "results"
 
 # The columns worth reading at a glance; each row keeps those it has.
 KEY_COLUMNS = ("name", "causal", "impl", "ok", "ms", "median_ms", "jaxla_ms", "anchor_ms", "speedup",
-               "tflops", "gflops", "frac_of_matmul_ceiling", "steps_per_s", "wall_s", "compile_s",
+               "tflops", "gflops", "frac_of_matmul_ceiling", "frac_of_bf16_matmul_ceiling", "steps_per_s",
+               "wall_s", "compile_s",
                "max_abs_err")
 
 
