@@ -405,8 +405,7 @@ def _flash_bwd(cfg, res, cotangents):
     t, s, kh, g = q.shape[1], k.shape[1], k.shape[2], cfg.groups
     tp = ops.q.shape[2] // g
     do = _q_layout(d_out.astype(v.dtype), kh, tp)
-    # d lse / d logits is the probability row, so a residual cotangent just shifts delta.
-    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
+    delta = _reference.output_delta(d_out, out, d_lse, acc)
     bops = _BackwardOperands(
         lse2=lse2, do=do, q_t=jnp.swapaxes(ops.q, 2, 3), do_t=jnp.swapaxes(do, 2, 3),
         delta=_q_layout(delta[..., None], kh, tp)[..., 0],

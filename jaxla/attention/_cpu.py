@@ -167,8 +167,7 @@ def _attention_bwd(cfg, res, cotangents):
     else:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         d_out = d_out.astype(jnp.float32)
-    # d lse / d logits is the probability row, so the residual's cotangent shifts delta.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1) - d_lse.astype(jnp.float32)
+    delta = _reference.output_delta(d_out, out, d_lse, jnp.float32)
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
               jax.ShapeDtypeStruct(v.shape, jnp.float32))
     call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="broadcast_all")

@@ -35,6 +35,19 @@ def lse_from_base2(lse2: jax.Array) -> jax.Array:
     return jnp.where(lse2 == jnp.inf, jnp.asarray(-jnp.inf, lse2.dtype), lse2 * math.log(2.0))
 
 
+def output_delta(d_out: jax.Array, out: jax.Array, d_lse: jax.Array, acc) -> jax.Array:
+    """The backward pass's per-row softmax correction Σ_h dO·O − d lse, in ``acc``.
+
+    d_out, out (..., Hv); d_lse (...) → (...). d lse / d logits is the probability row, so the
+    residual lse's cotangent just shifts it. Written as a contraction: XLA:CPU ran the equivalent
+    ``sum(d_out * out, axis=-1)`` over a 64-wide minor axis as a reduction 10× slower than the dot
+    (3.5–4.2 vs 0.27–0.36 ms at (1, 2048, 8, 64) f32, 2026-12-02), a fixed cost of every backward call.
+    """
+    prod = jnp.einsum("...h,...h->...", d_out.astype(acc), out.astype(acc),
+                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+    return prod - d_lse.astype(acc)
+
+
 def unsupported_reason(args: AttentionArgs, *, platform: str) -> str | None:
     """The definition runs every argument on every platform."""
     del args, platform
