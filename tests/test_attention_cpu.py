@@ -263,6 +263,7 @@ def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
 
     info = harness.cpu_features()
     assert info["cpu_kernel_path"] == _cpu.kernel_path()
+    assert info["cpu_bf16_kernel"] == (_cpu.bf16_kernel() if _cpu.kernel_path() == "avx512" else None)
     if platform.system() != "Linux" or platform.machine() != "x86_64" or REASON is not None:
         pytest.skip("needs the kernel on Linux x86-64 (/proc/cpuinfo flags)")
     flags = set(info["cpu_flags"].split())

@@ -22,7 +22,9 @@
 //   1 "avx2"     (AVX2 + FMA; x86-64 only), 2 "avx512" (AVX-512 F/BW/DQ/VL; x86-64 only).
 // On a CPU with AVX512-BF16 the avx512 path also takes bf16 q, k, v (and dout) in the forward and
 // backward passes (a fourth copy, compiled with avx512bf16, holds that code: forward_bf16,
-// backward_bf16); everything else is f32.
+// backward_bf16); everything else is f32. Where the CPU and OS also have AMX-BF16 tiles, the calls'
+// `amx` attribute runs those passes' GEMMs on tiles instead (_cpu_amx.inc, added to that copy with
+// amx-tile and amx-bf16: forward_amx, backward_amx; jaxla_dispatch::amx_bf16_supported()).
 // paths() lists those this CPU can run, best first; jaxla picks the first (or the one the
 // JAXLA_CPU_KERNEL environment variable names) and passes it to every call as the `path` attribute,
 // which the handlers check again, so no call runs instructions the CPU lacks.
