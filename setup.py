@@ -34,7 +34,8 @@ def _ext_modules():
         Extension(
             "jaxla.attention._cpu_ext",
             sources=["jaxla/attention/_cpu_ext.cc"],
-            depends=["jaxla/attention/_cpu_kernels.inc", "jaxla/_cpu_dispatch.h", "jaxla/_cpu_parallel.h"],
+            depends=["jaxla/attention/_cpu_kernels.inc", "jaxla/attention/_cpu_amx.inc",
+                     "jaxla/_cpu_dispatch.h", "jaxla/_cpu_parallel.h"],
             include_dirs=[include],
             language="c++",
             extra_compile_args=flags,

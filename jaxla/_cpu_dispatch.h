@@ -16,8 +16,13 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define JAXLA_X86 1
+#include <cpuid.h>
 #else
 #define JAXLA_X86 0
+#endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace jaxla_dispatch {
@@ -45,6 +50,32 @@ inline bool bf16_dot_supported() {
   return path_supported(kAvx512) && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
+#endif
+}
+
+// Whether the bf16 kernels may also use AMX tile matmuls (AMX-TILE and AMX-BF16) here, besides the
+// AVX-512 and AVX512-BF16 instructions of bf16_dot_supported() that their softmax uses. Three
+// conditions, checked once per process: the CPU has the instructions (CPUID leaf 7, EDX bits 22
+// and 24), the OS saves the tile state (XCR0 bits 17 and 18), and on Linux, which hands the 8 KiB of
+// tile data only to processes that ask, the request (arch_prctl ARCH_REQ_XCOMP_PERM for the
+// XTILEDATA feature) succeeds; it covers every thread of the process. Any failure: not supported.
+inline bool amx_bf16_supported() {
+#if defined(__x86_64__) && defined(__linux__)
+  static const bool ok = [] {
+    if (!bf16_dot_supported()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE: xgetbv works
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1))
+      return false;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));  // XCR0 (no -mxsave needed)
+    if (((lo >> 17) & 3) != 3) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+#else
+  return false;  // (elsewhere: no way here to ask the OS for the tile state)
 #endif
 }
 

@@ -268,6 +268,7 @@ def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
 
     info = harness.cpu_features()
     assert info["cpu_kernel_path"] == _cpu.kernel_path()
+    assert info["cpu_bf16_kernel"] == (_cpu.bf16_kernel() if _cpu.kernel_path() == "avx512" else None)
     if platform.system() != "Linux" or platform.machine() != "x86_64" or REASON is not None:
         pytest.skip("needs the kernel on Linux x86-64 (/proc/cpuinfo flags)")
     flags = set(info["cpu_flags"].split())
@@ -275,9 +276,24 @@ def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
     assert ("avx512" in _cpu.supported_paths()) == ({"avx512f", "avx512bw", "avx512dq",
                                                      "avx512vl"} <= flags)
     assert _cpu.supported_paths()[-1] == "portable"
+    if _cpu.amx_bf16():  # (the converse also needs the OS to grant the tile state)
+        assert {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
 
 
 needs_bf16_dot = pytest.mark.skipif(not _cpu.bf16_dot(), reason="this CPU lacks AVX512-BF16")
+# The bf16 GEMM kernels: AMX tiles, AVX512-BF16 dot products. Each bf16 test runs both where the CPU
+# has them, as the default kernel (what jaxla.dot_product_attention calls use) or through attend.
+BF16_KERNELS = ("amx", "avx512bf16")
+
+
+@pytest.fixture(params=BF16_KERNELS)
+def bf16_kernel(request, monkeypatch):
+    """Each bf16 kernel this CPU runs, made the default for the test (skipped where it lacks it)."""
+    if request.param not in _cpu.bf16_kernels():
+        pytest.skip(f"this CPU cannot run the {request.param} bf16 kernel "
+                    f"(it runs {list(_cpu.bf16_kernels())})")
+    monkeypatch.setattr(_cpu, "_BF16_KERNEL", request.param)
+    return request.param
 
 
 @needs_bf16_dot
@@ -285,7 +301,7 @@ needs_bf16_dot = pytest.mark.skipif(not _cpu.bf16_dot(), reason="this CPU lacks 
     (dict(is_causal=True), dict(causal=True), False),
     (dict(local_window_size=(20, 7)), dict(window=(20, 7)), True),
 ])
-def test_bf16_dot_path_matches_the_reference(kw, ref, seg, rng):
+def test_bf16_dot_path_matches_the_reference(kw, ref, seg, rng, bf16_kernel):
     from jaxla.attention._args import canonical_args
     from tests.attention_cases import np_attention
 
@@ -318,7 +334,7 @@ def test_bf16_dot_path_matches_the_reference(kw, ref, seg, rng):
 
 
 @needs_bf16_dot
-def test_bf16_dot_path_propagates_nan(rng):
+def test_bf16_dot_path_propagates_nan(rng, bf16_kernel):
     q, k, v = (jnp.asarray(rng.normal(size=(1, 40, 2, 32)), jnp.bfloat16) for _ in range(3))
     q = q.at[0, 7, 1, 0].set(jnp.nan)
     v = v.at[0, 30, 0, 5].set(jnp.nan)
@@ -354,7 +370,7 @@ def test_every_path_decodes_against_the_reference(path, rng):
 
 
 @needs_bf16_dot
-def test_bf16_backward_matches_the_reference(rng):
+def test_bf16_backward_matches_the_reference(rng, bf16_kernel):
     """bf16 inputs run the backward GEMMs in bf16 too (P and dS rounded to bf16): gradients within
     bf16 tolerance of the float64 ones. Heads (N, K) = (3, 1): q rows read in place and tiles of an
     odd number of rows (pairs of rows with a missing partner); (2, 2): in place at a stride; (4, 2):
@@ -388,6 +404,7 @@ def test_bf16_backward_matches_the_reference(rng):
         call = [line for line in f.lower(q, k, v, d_out).as_text().splitlines()
                 if "@jaxla_attention_bwd" in line]
         assert len(call) == 1 and "x32xbf16>" in call[0], call  # the kernel got bf16 operands
+        assert f"amx = {str(bf16_kernel == 'amx').lower()}" in call[0], call
         f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, d_out)]
         want = np_attention(*f64[:3], d_out=f64[3], **ref)
         for got, exp in zip(f(q, k, v, d_out), (want.dq, want.dk, want.dv), strict=True):
@@ -396,6 +413,78 @@ def test_bf16_backward_matches_the_reference(rng):
             scale = np.abs(exp).max()
             np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3 * scale)
             assert np.sqrt(np.mean((got - exp) ** 2)) < 4e-3 * np.sqrt(np.mean(exp ** 2))
+
+
+@needs_bf16_dot
+def test_bf16_kernels_on_default_tiles_with_empty_rows(rng, bf16_kernel):
+    """The default tiles (several 32-row blocks a tile; AMX C blocks are 32 x 32), T and S a multiple
+    of neither, GQA (g = 2, H 64 = two AMX contraction chunks, Hv 32 = one), a fully masked batch
+    row (kv length 0) and padding query rows: values, logsumexp and gradients against float64, and
+    zeros, not NaN, where a row sees no key."""
+    from jaxla.attention._args import canonical_args
+    from tests.attention_cases import np_attention
+
+    b, t, n, kh, h, hv = 3, 151, 4, 2, 64, 32
+    q, k, v, d_out = (jnp.asarray(rng.normal(size=sh), jnp.bfloat16)
+                      for sh in ((b, t, n, h), (b, t, kh, h), (b, t, kh, hv), (b, t, n, hv)))
+    q_len, kv_len = np.array([t, 100, t], np.int32), np.array([t, 77, 0], np.int32)
+    kw = dict(is_causal=True, local_window_size=(120, 0), query_seq_lengths=q_len,
+              key_value_seq_lengths=kv_len)
+    ref = dict(causal=True, window=(120, 0), q_len=q_len, kv_len=kv_len)
+    assert _cpu._bf16_forward(canonical_args(q, k, v, **kw), "avx512")
+    out, lse, grads = _run_path("avx512", q, k, v, d_out, None, **kw)
+    f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, d_out)]
+    want = np_attention(*f64[:3], d_out=f64[3], **ref)
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all()
+    assert not out[2].any() and not out[1, 100:].any()  # rows that see no key: exactly 0
+    np.testing.assert_allclose(out, want.out, atol=1.5e-2, rtol=1e-2)
+    seen = np.isfinite(want.lse)
+    np.testing.assert_allclose(np.asarray(lse)[seen], want.lse[seen], atol=1e-5, rtol=1e-5)
+    assert np.isposinf(np.asarray(lse)[~seen]).all()
+    for got, exp in zip(grads, (want.dq, want.dk, want.dv), strict=True):
+        got = np.asarray(got.astype(jnp.float32))
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, exp, rtol=2e-2, atol=5e-3 * np.abs(exp).max())
+    assert not np.asarray(grads[0][2]).any() and not np.asarray(grads[1][1, 77:]).any()
+
+
+def test_bf16_kernel_choice_and_the_environment_variable():
+    supported = _cpu.bf16_kernels()
+    assert set(supported) <= set(BF16_KERNELS) and _cpu.amx_bf16() == ("amx" in supported)
+    assert bool(supported) == (_cpu._cpu_ext is not None and _cpu.bf16_dot())
+    assert _cpu.bf16_kernel() in (supported[0] if supported else None, *supported)
+    choose = functools.partial(_cpu._cpu_dispatch.choose_path, ids=BF16_KERNELS, var="JAXLA_CPU_BF16")
+    assert choose(None, supported=("amx", "avx512bf16")) == ("amx", None)
+    assert choose(" AVX512BF16 ", supported=("amx", "avx512bf16")) == ("avx512bf16", None)
+    kernel, why = choose("amx", supported=("avx512bf16",))
+    assert kernel is None and "JAXLA_CPU_BF16='amx' asks for a path this CPU cannot run" in why
+    kernel, why = choose("tiles", supported=())
+    assert kernel is None and "JAXLA_CPU_BF16='tiles' is not a CPU kernel path" in why
+    if REASON is None:
+        q = jnp.zeros((1, 4, 1, 32), jnp.bfloat16)
+        from jaxla.attention._args import canonical_args
+        with pytest.raises(ValueError, match="not a bf16 kernel this CPU runs"):
+            _cpu.attend(canonical_args(q, q, q), path="avx512", bf16_kernel="tiles")
+
+
+@needs_bf16_dot
+def test_bf16_environment_variable_forces_the_kernel_in_a_fresh_process():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from jaxla.attention import _cpu; import sys; "
+            "sys.stdout.write(repr((_cpu.bf16_kernel(), _cpu.available())))")
+    env = dict(os.environ, JAXLA_CPU_BF16="avx512bf16")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert got == repr(("avx512bf16", None))
+    env["JAXLA_CPU_BF16"] = "nonsense"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.startswith("(None, \"JAXLA_CPU_BF16='nonsense' is not a CPU kernel path")
+    assert "RuntimeWarning: the compiled CPU attention kernel is off" in proc.stderr
 
 
 @needs_kernel

@@ -6,7 +6,11 @@ causal/window band, per-batch lengths and segment ids; arguments they do not cov
 array, a logit soft cap, head dims that are not a multiple of 8, float64) go to ``"chunked"``.
 bfloat16/float16 inputs are computed in float32 and cast back, except that on a CPU with AVX512-BF16
 the avx512 path takes bfloat16 q, k, v as they are in both passes (bf16 dot products accumulated in
-float32, float32 softmax; ``_bf16_forward``).
+float32, float32 softmax; ``_bf16_forward``). Those bf16 GEMMs run on AMX tiles where the CPU and OS
+have AMX-BF16 (Intel Sapphire Rapids and later: ``_cpu_amx.inc``), else with AVX512-BF16 dot
+products (``vdpbf16ps``); ``bf16_kernels()`` lists what this CPU runs, best first, and the
+environment variable ``JAXLA_CPU_BF16`` (``amx`` or ``avx512bf16``) picks one, by the same rule as
+``JAXLA_CPU_KERNEL``.
 
 The extension is built by ``pip install`` (setup.py; optional, so an install without a C++ compiler
 still works and uses ``"chunked"``). ``unsupported_reason`` says why the kernel cannot run.
@@ -57,6 +61,9 @@ _SUPPORTED = tuple(_SUPPORTED)
 # Whether the backward kernel takes bf16 operands where the forward one does (_bf16_forward); a
 # build without the attribute computes the backward pass in f32.
 _BF16_BACKWARD = bool(getattr(_cpu_ext, "BF16_BACKWARD", 0))
+BF16_ENV_VAR = "JAXLA_CPU_BF16"
+# The bf16 GEMM kernels of the avx512 path, best first: AMX tiles, AVX512-BF16 dot products.
+_BF16_KERNELS = ("amx", "avx512bf16")
 
 
 def _choose_path(env: str | None) -> tuple[str | None, str | None]:
@@ -65,7 +72,24 @@ def _choose_path(env: str | None) -> tuple[str | None, str | None]:
     return _cpu_dispatch.choose_path(env, _PATH_IDS, _SUPPORTED)
 
 
+def _has_amx_attr(ext) -> bool:
+    """Whether the extension's calls take the ``amx`` attribute (builds before it do not)."""
+    return ext is not None and hasattr(ext, "amx_bf16")
+
+
+def _supported_bf16_kernels(ext) -> tuple[str, ...]:
+    """The bf16 GEMM kernels of ``ext`` this CPU runs, best first."""
+    if ext is None or not ext.bf16_dot():
+        return ()
+    return ("amx",) * bool(_has_amx_attr(ext) and ext.amx_bf16()) + ("avx512bf16",)
+
+
 _PATH, _PATH_ERROR = _choose_path(os.environ.get(ENV_VAR)) if _cpu_ext is not None else (None, None)
+_BF16_SUPPORTED = _supported_bf16_kernels(_cpu_ext)
+_BF16_KERNEL, _BF16_ERROR = _cpu_dispatch.choose_path(
+    os.environ.get(BF16_ENV_VAR), _BF16_KERNELS, _BF16_SUPPORTED, var=BF16_ENV_VAR)
+if _PATH_ERROR is None:
+    _PATH_ERROR = _BF16_ERROR
 if _PATH_ERROR is not None:  # implementation=None would quietly fall back to "chunked": say so once
     warnings.warn(f"the compiled CPU attention kernel is off: {_PATH_ERROR}", RuntimeWarning,
                   stacklevel=2)
@@ -128,12 +152,16 @@ class _Config:
     block_q: int
     block_k: int
     path: int  # the extension's number for the code path (``_PATH_IDS``)
+    amx: bool | None = None  # bf16 GEMMs on AMX tiles; None: a build without the attribute
 
     def attrs(self):
-        return dict(scale=np.float32(self.scale), left=np.int64(self.left),
-                    right=np.int64(self.right), has_seg=self.has_seg,
-                    block_q=np.int64(self.block_q), block_k=np.int64(self.block_k),
-                    path=np.int64(self.path))
+        attrs = dict(scale=np.float32(self.scale), left=np.int64(self.left),
+                     right=np.int64(self.right), has_seg=self.has_seg,
+                     block_q=np.int64(self.block_q), block_k=np.int64(self.block_k),
+                     path=np.int64(self.path))
+        if self.amx is not None:
+            attrs["amx"] = self.amx
+        return attrs
 
 
 def _call_fwd(cfg, q, k, v, q_len, kv_len, q_seg, kv_seg):
@@ -186,6 +214,22 @@ def bf16_dot() -> bool:
     return _cpu_ext is not None and bool(_cpu_ext.bf16_dot())
 
 
+def amx_bf16() -> bool:
+    """Whether the bf16 GEMMs can run on AMX tiles here (AMX-TILE and AMX-BF16, granted by the OS)."""
+    return "amx" in _BF16_SUPPORTED
+
+
+def bf16_kernels() -> tuple[str, ...]:
+    """The bf16 GEMM kernels of the avx512 path this CPU runs, best first: ``"amx"`` (AMX tiles),
+    ``"avx512bf16"`` (AVX512-BF16 dot products); empty without AVX512-BF16."""
+    return _BF16_SUPPORTED
+
+
+def bf16_kernel() -> str | None:
+    """The bf16 GEMM kernel bf16 calls use: the best one, or the one ``JAXLA_CPU_BF16`` names."""
+    return _BF16_KERNEL
+
+
 def _bf16_forward(args: AttentionArgs, path: str) -> bool:
     """Whether this call's forward pass runs on bf16 q, k, v with AVX512-BF16 dot products.
 
@@ -193,7 +237,8 @@ def _bf16_forward(args: AttentionArgs, path: str) -> bool:
     probabilities are rounded to bf16 for P·V (2^-9 relative), below the bf16 output's own rounding.
     The backward pass then runs its GEMMs in bf16 too (q, k, v, dO as they are; P and dS rounded to
     bf16 for Pᵀ·dO, dSᵀ·Q and dS·K; f32 softmax and accumulation). Needs H and Hv multiples of 32
-    and a positive scale.
+    and a positive scale. The GEMMs run on AMX tiles or with AVX512-BF16 dot products
+    (``bf16_kernel()``, or ``attend``'s ``bf16_kernel``), with the same roundings.
     """
     return (path == "avx512" and args.dtype == jnp.bfloat16 and bf16_dot()
             and args.head_dim % 32 == 0 and args.value_head_dim % 32 == 0 and args.scale > 0)
@@ -215,8 +260,8 @@ def default_block_sizes(g: int, path: str | None = None) -> tuple[int, int]:
     return max(1, 96 // g), 512 if path == "avx512" else 256
 
 
-def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
-           ) -> tuple[jax.Array, jax.Array]:
+def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None,
+           bf16_kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
     """The backend entry point (see ``_base``) on arguments ``unsupported_reason`` accepted.
 
     Args:
@@ -224,9 +269,11 @@ def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
       block_sizes: a ``ChunkedBlockSizes`` whose ``(block_q, block_k)`` are the kernel's tiles, or
         None for ``default_block_sizes``.
       path: a code path from ``supported_paths()``, or None for ``kernel_path()``.
+      bf16_kernel: for bf16 inputs on the avx512 path, a GEMM kernel from ``bf16_kernels()``, or
+        None for ``bf16_kernel()``.
 
     Raises:
-      ValueError: ``path`` is not one this CPU runs.
+      ValueError: ``path`` or ``bf16_kernel`` is not one this CPU runs.
 
     Returns:
       ``(out, lse)``: out (B, T, N, Hv) in the compute dtype; lse (B, T, N) float32.
@@ -238,6 +285,11 @@ def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
     elif path not in _SUPPORTED:
         raise ValueError(f"path={path!r} is not a CPU kernel path this CPU runs; expected one of "
                          f"{list(_SUPPORTED)}")
+    if bf16_kernel is None:
+        bf16_kernel = _BF16_KERNEL
+    elif bf16_kernel not in _BF16_SUPPORTED:
+        raise ValueError(f"bf16_kernel={bf16_kernel!r} is not a bf16 kernel this CPU runs; expected "
+                         f"one of {list(_BF16_SUPPORTED)}")
     _register()
     b, t, n, _ = args.query.shape
     s, kh = args.kv_len, args.num_kv_heads
@@ -254,6 +306,7 @@ def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
         block_q=int(block_q),
         block_k=int(block_k),
         path=_PATH_IDS[path],
+        amx=(_bf16_forward(args, path) and bf16_kernel == "amx") if _has_amx_attr(_cpu_ext) else None,
     )
     q_len, kv_len = args.query_seq_lengths, args.key_value_seq_lengths
     q_len = jnp.full((b,), t, jnp.int32) if q_len is None else q_len
@@ -268,5 +321,6 @@ def attend(args: AttentionArgs, *, block_sizes=None, path: str | None = None
     return out.astype(args.dtype), lse
 
 
-__all__ = ["ENV_VAR", "attend", "available", "bf16_dot", "default_block_sizes", "kernel_path",
-           "supported_paths", "unsupported_reason"]
+__all__ = ["BF16_ENV_VAR", "ENV_VAR", "amx_bf16", "attend", "available", "bf16_dot", "bf16_kernel",
+           "bf16_kernels", "default_block_sizes", "kernel_path", "supported_paths",
+           "unsupported_reason"]

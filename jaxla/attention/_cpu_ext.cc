@@ -22,7 +22,9 @@
 //   1 "avx2"     (AVX2 + FMA; x86-64 only), 2 "avx512" (AVX-512 F/BW/DQ/VL; x86-64 only).
 // On a CPU with AVX512-BF16 the avx512 path also takes bf16 q, k, v (and dout) in the forward and
 // backward passes (a fourth copy, compiled with avx512bf16, holds that code: forward_bf16,
-// backward_bf16); everything else is f32.
+// backward_bf16); everything else is f32. Where the CPU and OS also have AMX-BF16 tiles, the calls'
+// `amx` attribute runs those passes' GEMMs on tiles instead (_cpu_amx.inc, added to that copy with
+// amx-tile and amx-bf16: forward_amx, backward_amx; jaxla_dispatch::amx_bf16_supported()).
 // paths() lists those this CPU can run, best first; jaxla picks the first (or the one the
 // JAXLA_CPU_KERNEL environment variable names) and passes it to every call as the `path` attribute,
 // which the handlers check again, so no call runs instructions the CPU lacks.
@@ -204,12 +206,41 @@ using namespace jaxla_common;
 }  // namespace path_avx512bf16
 #undef JAXLA_VBYTES
 #undef JAXLA_MR
-#undef JAXLA_BF16
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
 #pragma GCC pop_options
 #endif
+
+// The AMX kernels for bf16 inputs (forward_amx, backward_amx), added to that copy with the tile
+// instructions on top of its target; only called where the CPU and OS provide AMX.
+#if defined(__x86_64__)
+#if defined(__clang__)
+#pragma clang attribute push(                                                                    \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,"      \
+                          "amx-bf16"))),                                                         \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16")
+#endif
+#define JAXLA_VBYTES 64
+#define JAXLA_MR 12
+namespace path_avx512bf16 {
+#include "_cpu_amx.inc"
+}  // namespace path_avx512bf16
+#undef JAXLA_VBYTES
+#undef JAXLA_MR
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#define JAXLA_AMX 1
+#else
+#define JAXLA_AMX 0
+#endif  // __x86_64__
+#undef JAXLA_BF16
 #endif  // JAXLA_X86
 
 namespace jaxla_common {
@@ -233,6 +264,7 @@ const Path kPaths[] = {
 constexpr int64_t kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
 
 // The CPU-feature checks are shared with the quantized-matmul kernel (jaxla/_cpu_dispatch.h).
+using jaxla_dispatch::amx_bf16_supported;
 using jaxla_dispatch::bf16_dot_supported;
 using jaxla_dispatch::path_supported;
 
@@ -242,11 +274,18 @@ ffi::Error check_path(int64_t path) {
                                      " is not one this CPU supports");
 }
 
+// The `amx` attribute: bf16 GEMMs on AMX tiles instead of AVX512-BF16 dot products.
+ffi::Error check_amx(bool amx) {
+  if (!amx || amx_bf16_supported()) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument("jaxla attention kernel: amx=true on a CPU (or OS) without "
+                                     "AMX-BF16 tiles");
+}
+
 ffi::Error ForwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
                        ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::AnyBuffer> lse2, float scale, int64_t left, int64_t right,
-                       bool has_seg, int64_t block_q, int64_t block_k, int64_t path) {
+                       bool has_seg, int64_t block_q, int64_t block_k, int64_t path, bool amx) {
   if (auto err = check_path(path); !err.success()) return err;
   Problem pr{};
   if (auto err = setup_problem(pr, q, k, v, q_len, kv_len, q_seg, kv_seg, scale, left, right, has_seg,
@@ -263,12 +302,15 @@ ffi::Error ForwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
       return ffi::Error::InvalidArgument(
           "jaxla attention kernel: bf16 inputs need the avx512 path on a CPU with AVX512-BF16, "
           "H and Hv multiples of 32 and a positive scale");
+    if (auto err = check_amx(amx); !err.success()) return err;
     using path_avx512bf16::bf16;
-    path_avx512bf16::forward_bf16(pool, pr, reinterpret_cast<const bf16*>(q.untyped_data()),
-                                  reinterpret_cast<const bf16*>(k.untyped_data()),
-                                  reinterpret_cast<const bf16*>(v.untyped_data()),
-                                  reinterpret_cast<float*>(out->untyped_data()),
-                                  reinterpret_cast<float*>(lse2->untyped_data()));
+    auto* run = path_avx512bf16::forward_bf16;
+#if JAXLA_AMX
+    if (amx) run = path_avx512bf16::forward_amx;
+#endif
+    run(pool, pr, reinterpret_cast<const bf16*>(q.untyped_data()),
+        reinterpret_cast<const bf16*>(k.untyped_data()), reinterpret_cast<const bf16*>(v.untyped_data()),
+        reinterpret_cast<float*>(out->untyped_data()), reinterpret_cast<float*>(lse2->untyped_data()));
     return ffi::Error::Success();
 #else
     return ffi::Error::InvalidArgument("jaxla attention kernel: bf16 inputs need AVX512-BF16");
@@ -288,7 +330,7 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, float scale,
                         int64_t left, int64_t right, bool has_seg, int64_t block_q, int64_t block_k,
-                        int64_t path) {
+                        int64_t path, bool amx) {
   if (auto err = check_path(path); !err.success()) return err;
   Problem pr{};
   if (auto err = setup_problem(pr, q, k, v, q_len, kv_len, q_seg, kv_seg, scale, left, right, has_seg,
@@ -315,6 +357,7 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return ffi::Error::InvalidArgument(
         "jaxla attention backward kernel: bf16 operands need the avx512 path on a CPU with "
         "AVX512-BF16 and H, Hv multiples of 32");
+  if (auto err = check_amx(is_bf16 && amx); !err.success()) return err;
   BwdArgs a{};
   a.q = reinterpret_cast<const float*>(q.untyped_data());
   a.k = reinterpret_cast<const float*>(k.untyped_data());
@@ -359,7 +402,12 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     ab.scale = a.scale;
     ab.dk = a.dk;
     ab.dv = a.dv;
-    path_avx512bf16::backward_bf16(pool, pr, ab, bufs.data());
+#if JAXLA_AMX
+    if (amx)
+      path_avx512bf16::backward_amx(pool, pr, ab, bufs.data());
+    else
+#endif
+      path_avx512bf16::backward_bf16(pool, pr, ab, bufs.data());
 #endif
   } else {
     kern.backward(pool, pr, a, bufs.data());
@@ -381,10 +429,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
                        ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::AnyBuffer> lse2, float scale, int64_t left, int64_t right,
-                       bool has_seg, int64_t block_q, int64_t block_k, int64_t path) {
+                       bool has_seg, int64_t block_q, int64_t block_k, int64_t path, bool amx) {
   try {
     return ForwardBody(pool, q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse2, scale, left, right,
-                       has_seg, block_q, block_k, path);
+                       has_seg, block_q, block_k, path, amx);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxla attention forward kernel: ") + e.what());
   }
@@ -395,10 +443,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_seg,
                         ffi::AnyBuffer kv_seg, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, float scale,
-                        int64_t left, int64_t right, bool has_seg, int64_t block_q, int64_t block_k, int64_t path) {
+                        int64_t left, int64_t right, bool has_seg, int64_t block_q, int64_t block_k,
+                        int64_t path, bool amx) {
   try {
     return BackwardBody(pool, q, k, v, dout, lse2, delta, q_len, kv_len, q_seg, kv_seg, dq, dk, dv,
-                        scale, left, right, has_seg, block_q, block_k, path);
+                        scale, left, right, has_seg, block_q, block_k, path, amx);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxla attention backward kernel: ") + e.what());
   }
@@ -418,7 +467,8 @@ auto with_attrs(Binding binding) {
       .template Attr<bool>("has_seg")
       .template Attr<int64_t>("block_q")
       .template Attr<int64_t>("block_k")
-      .template Attr<int64_t>("path");
+      .template Attr<int64_t>("path")
+      .template Attr<bool>("amx");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlaAttentionForward, ForwardImpl,
@@ -486,9 +536,16 @@ PyObject* bf16_dot(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+PyObject* amx_bf16(PyObject*, PyObject*) {
+  if (amx_bf16_supported()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"bf16_dot", bf16_dot, METH_NOARGS,
      "Whether the avx512 path takes bf16 q, k, v in the forward pass (AVX512-BF16 dot products)."},
+    {"amx_bf16", amx_bf16, METH_NOARGS,
+     "Whether bf16 calls may take the `amx` attribute here: GEMMs on AMX-BF16 tiles."},
     {"registrations", registrations, METH_NOARGS, "FFI targets: {name: capsule}."},
     {"cpu_supported", cpu_supported, METH_NOARGS,
      "Whether this CPU can run at least one compiled code path (always: the portable one)."},

@@ -5,12 +5,15 @@ here every round runs each variant (and the XLA and NumPy matmul that set the ce
 best of the rounds is reported, so the ratios between variants are taken under the same load.
 
     python -m jaxla.benchmarks._attention_paths fwd 2048 5 avx512 avx512:bf16 avx2
+    python -m jaxla.benchmarks._attention_paths fwd 2048 5 avx512 avx512:amx avx512:avx512bf16
     python -m jaxla.benchmarks._attention_paths fwd+bwd 2048 3 avx512@96x256 avx512@96x512
 
-A variant is ``[BUILD.so:]PATH[:bf16][@ROWSxKEYS]``: another build of the extension to run instead of
-this checkout's (e.g. a copy of the previous ``_cpu_ext*.so``, so old and new kernels are compared
-under the same load), a code path from ``supported_paths()``, bf16 inputs instead of f32, and the
-kernel's tiles (query rows × keys; default: the path's own).
+A variant is ``[BUILD.so:]PATH[:bf16|:amx|:avx512bf16][@ROWSxKEYS]``: another build of the extension
+to run instead of this checkout's (e.g. a copy of the previous ``_cpu_ext*.so``, so old and new
+kernels are compared under the same load), a code path from ``supported_paths()``, bf16 inputs
+instead of f32 (``:bf16`` with the build's default bf16 GEMMs, ``:amx`` on AMX tiles,
+``:avx512bf16`` with AVX512-BF16 dot products), and the kernel's tiles (query rows × keys; default:
+the path's own).
 
     python -m jaxla.benchmarks._attention_paths fwd 2048 5 /tmp/old/_cpu_ext.so:avx512 avx512
 Shapes: B = 1, N = K = 8, H = 64 (the suite's headline case), causal and not. Prints one line per
@@ -43,7 +46,8 @@ from jaxla.benchmarks import specs_attention as specs
 _OPENBLAS_SPIN_S = 0.3  # longer than OpenBLAS's spin after a call (2^28 cycles by default)
 
 USAGE = ("usage: python -m jaxla.benchmarks._attention_paths fwd|fwd+bwd T ROUNDS "
-         "[BUILD.so:]PATH[:bf16][@ROWSxKEYS] ...")
+         "[BUILD.so:]PATH[:bf16|:amx|:avx512bf16][@ROWSxKEYS] ...")
+_BF16_SUFFIXES = ("bf16", "amx", "avx512bf16")  # bf16 inputs: the default kernel, or this one
 
 
 class Variant(NamedTuple):
@@ -51,12 +55,14 @@ class Variant(NamedTuple):
     bf16: bool
     tiles: tuple[int, int] | None
     build: str | None = None  # another build's .so file, or None for this checkout's
+    bf16_kernel: str | None = None  # "amx" or "avx512bf16"; None: the build's default
 
     @property
     def label(self) -> str:
         tiles = "" if self.tiles is None else f"@{self.tiles[0]}x{self.tiles[1]}"
         build = "" if self.build is None else os.path.basename(os.path.dirname(self.build)) + ":"
-        return f"{build}{self.path}{':bf16' if self.bf16 else ''}{tiles}"
+        dtype = "" if not self.bf16 else f":{self.bf16_kernel or 'bf16'}"
+        return f"{build}{self.path}{dtype}{tiles}"
 
 
 _BUILDS: dict[str, object] = {}  # .so file -> the copy of jaxla.attention._cpu bound to it
@@ -87,6 +93,8 @@ def _backend(build: str | None):
         jax.ffi.register_ffi_target(names[name], capsule, platform="cpu")
     mod._cpu_ext, mod._PATH_IDS, mod._SUPPORTED = ext, ids, tuple(supported)
     mod._BF16_BACKWARD = bool(getattr(ext, "BF16_BACKWARD", 0))
+    mod._BF16_SUPPORTED = mod._supported_bf16_kernels(ext)
+    mod._BF16_KERNEL = mod._BF16_SUPPORTED[0] if mod._BF16_SUPPORTED else None
     mod._FWD, mod._BWD = names["jaxla_attention_fwd"], names["jaxla_attention_bwd"]
     mod._PATH, mod._PATH_ERROR, mod._registered = mod._SUPPORTED[0], None, True
     _BUILDS[build] = mod
@@ -104,8 +112,13 @@ def parse_variant(text: str) -> Variant:
     if path not in cpu.supported_paths():
         raise ValueError(f"variant {text!r}: path {path!r} is not one this CPU runs "
                          f"({list(cpu.supported_paths())})")
-    if dtype not in ("", "bf16"):
-        raise ValueError(f"variant {text!r}: the dtype suffix must be ':bf16', got {dtype!r}")
+    if dtype not in ("",) + _BF16_SUFFIXES:
+        raise ValueError(f"variant {text!r}: the dtype suffix must be one of "
+                         f"{[':' + x for x in _BF16_SUFFIXES]}, got {dtype!r}")
+    kernel = None if dtype in ("", "bf16") else dtype
+    if kernel is not None and kernel not in cpu.bf16_kernels():
+        raise ValueError(f"variant {text!r}: bf16 kernel {kernel!r} is not one this build runs here "
+                         f"({list(cpu.bf16_kernels())})")
     block = None
     if tiles:
         try:
@@ -115,7 +128,7 @@ def parse_variant(text: str) -> Variant:
         if not (1 <= rows <= 4096 and 16 <= keys <= 8192):
             raise ValueError(f"variant {text!r}: tiles {rows}x{keys} out of range (1-4096 x 16-8192)")
         block = (rows, keys)
-    return Variant(path, dtype == "bf16", block, build)
+    return Variant(path, dtype != "", block, build, kernel)
 
 
 def _compiled(variant: Variant, t: int, causal: bool, backward: bool):
@@ -128,7 +141,9 @@ def _compiled(variant: Variant, t: int, causal: bool, backward: bool):
     q, k, v, do = (jnp.asarray(rng.standard_normal((hd["B"], t, n, hd["H"]), np.float32), dtype)
                    for n in (hd["N"], hd["K"], hd["K"], hd["N"]))
     tiles = None if variant.tiles is None else jaxla.ChunkedBlockSizes(*variant.tiles)
-    attend = functools.partial(_backend(variant.build).attend, path=variant.path, block_sizes=tiles)
+    kw = {} if variant.bf16_kernel is None else dict(bf16_kernel=variant.bf16_kernel)
+    attend = functools.partial(_backend(variant.build).attend, path=variant.path, block_sizes=tiles,
+                               **kw)
 
     def fwd(q, k, v):
         return _base.run(attend, canonical_args(q, k, v, is_causal=causal))[0]

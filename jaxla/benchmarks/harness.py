@@ -227,7 +227,8 @@ def cpu_features() -> dict[str, Any]:
 
     Linux reads /proc/cpuinfo; elsewhere the model is ``platform.processor()`` and the flags are
     unknown (None). ``cpu_kernel_path`` is what ``implementation="cpu"`` runs here (None when the
-    kernel is unavailable).
+    kernel is unavailable), ``cpu_bf16_kernel`` the GEMMs its bf16 calls use (``"amx"`` or
+    ``"avx512bf16"``; None without AVX512-BF16).
     """
     model, flags = platform.processor() or None, None
     try:
@@ -247,10 +248,11 @@ def cpu_features() -> dict[str, Any]:
         from jaxla.attention import _cpu
 
         path = _cpu.kernel_path()
+        bf16 = _cpu.bf16_kernel() if path == "avx512" else None
     except Exception:  # an unbuilt or broken extension must not stop a benchmark
-        path = None
+        path = bf16 = None
     return {"cpu_model": model, "cpu_flags": None if flags is None else " ".join(flags),
-            "cpu_kernel_path": path}
+            "cpu_kernel_path": path, "cpu_bf16_kernel": bf16}
 
 
 def peak_rss_bytes() -> int:
