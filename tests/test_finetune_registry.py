@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from jaxla import finetune
-from jaxla.finetune import _memory, _registry, demos
+from jaxla.finetune import _memory, _registry, _runner, demos
 from jaxla.finetune._demo import Demo, MemoryTerm
 
 
@@ -173,9 +173,19 @@ def test_a_new_demo_is_one_module(tmp_path, monkeypatch):
             "run.fast_compile=true"])
         assert cfg.toydemo.width == 3
         assert "[toydemo]" in finetune.config_to_toml(cfg)
+        # The loop hands glibc's freed pages back after the compile and after the first step only,
+        # with the step's state in hand (trimming is a syscall: not every step).
+        trims = []
+        monkeypatch.setattr(_runner, "release_freed_memory",
+                            lambda: trims.append(len(steps_seen)))
+        steps_seen = []
+        real_update = _runner._Progress.update
+        monkeypatch.setattr(_runner._Progress, "update",
+                            lambda self, step, m: (steps_seen.append(step), real_update(self, step, m)))
         summary = finetune.run_finetune(cfg, out=tmp_path / "run", progress=False,
                                         echo=lambda s: None)
         assert summary["metrics"]["loss"] < 3.0  # started at |w - 0|² = 3
+        assert trims == [0, 0] and steps_seen == [0, 1, 2], (trims, steps_seen)
         assert (tmp_path / "run" / "checkpoints" / "toy").is_dir()
     finally:
         _registry._all.cache_clear()

@@ -112,7 +112,7 @@ def parse_variant(text: str) -> Variant:
     if path not in cpu.supported_paths():
         raise ValueError(f"variant {text!r}: path {path!r} is not one this CPU runs "
                          f"({list(cpu.supported_paths())})")
-    if dtype not in ("",) + _BF16_SUFFIXES:
+    if dtype not in ("", *_BF16_SUFFIXES):
         raise ValueError(f"variant {text!r}: the dtype suffix must be one of "
                          f"{[':' + x for x in _BF16_SUFFIXES]}, got {dtype!r}")
     kernel = None if dtype in ("", "bf16") else dtype

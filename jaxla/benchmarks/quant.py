@@ -53,9 +53,10 @@ import numpy as np
 import optax
 
 from jaxla import lora, models, quant
+from jaxla._host_memory import release_freed_memory
 from jaxla.benchmarks import harness, specs_models
 from jaxla.finetune import _memory
-from jaxla.models import _gguf, _llama
+from jaxla.models import _llama
 
 KERNELS = [f"layers/{p}/w" for p in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
                                      "mlp/down")]
@@ -476,10 +477,9 @@ def _step_child(kind: str, size: str | None = None, quick: bool = False) -> dict
     The high-water mark is read and reset between the phases, so each phase's peak is its own:
     loading, compiling (lowering + XLA), step 1, steps 2-4 (the steady state); the whole-process
     peak is the largest of them (the VmHWM a run without resets would report)."""
-    from jaxla.models._gguf import _release_freed_memory
 
     base, *variants = kind.split(" ")
-    trim = _release_freed_memory if "trim" in variants else (lambda: None)
+    trim = release_freed_memory if "trim" in variants else (lambda: None)
     jax.block_until_ready(jnp.ones(8) + 1)  # the runtime started: the floor before any weights
     floor = _rss_bytes()
     t0 = time.perf_counter()
@@ -623,7 +623,7 @@ def _synthetic_model(config: models.LlamaConfig, base: str, *, seed: int = 0,
             layers[group][name] = {"w": leaf}
     params = {"embed": {"table": flat["embed/table"]}, "layers": layers,
               "norm": {"scale": jnp.ones((d,))}}
-    _gguf._release_freed_memory()  # as load_gguf ends: the pieces' freed transients back to the OS
+    release_freed_memory()  # as load_gguf ends: the pieces' freed transients back to the OS
     return models.Model(config=config, params=params, tokenizer=None, chat_template=None,
                         source=f"synthetic random ({base}, seed {seed})")
 
@@ -851,10 +851,10 @@ def load_breakdown(kind: str = "q4_1") -> list[dict]:
     del reader, meta, source
     gc.collect()
     row("reader dropped")
-    _gguf._release_freed_memory()
+    release_freed_memory()
     row("allocator trimmed (the end of load_gguf)")
     del tokenizer
-    _gguf._release_freed_memory()
+    release_freed_memory()
     row("tokenizer dropped, trimmed")
     del params
     return rows

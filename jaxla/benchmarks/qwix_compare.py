@@ -57,9 +57,9 @@ import numpy as np
 import optax
 
 from jaxla import models, quant
+from jaxla._host_memory import release_freed_memory
 from jaxla.benchmarks import harness, specs_models
 from jaxla.benchmarks import quant as quant_bench
-from jaxla.models import _gguf
 
 INSTALL = "pip install flax qwix"
 BLOCK = 64  # NF4/int4 block (qwix tile) size along d_in, both libraries
@@ -484,7 +484,7 @@ def _release_freed() -> None:
     import gc
 
     gc.collect()
-    _gguf._release_freed_memory()
+    release_freed_memory()
 
 
 def _child(kind: str) -> dict:

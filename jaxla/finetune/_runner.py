@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxla import spectral
+from jaxla._host_memory import release_freed_memory
 from jaxla.finetune import _checkpoints, _mesh
 from jaxla.finetune._errors import NonFiniteLossError
 
@@ -274,6 +275,7 @@ def train_phase(
         return PhaseResult(state, False, start, start, 0.0, 0.0, done[-1] if done else float("nan"))
     ctx.metrics.rewind(phase, start)
     compiled, compile_s = _compile(ctx, step_fn, state, frozen, start, sharding)
+    release_freed_memory()  # XLA's compile-time allocations, freed but kept resident by glibc
     state, end, loss, interrupted, run_s = _loop(
         ctx, phase, compiled, state, frozen, start, steps, ckpts, items_per_step, unit)
     return PhaseResult(state, interrupted, start, end, compile_s, run_s, loss)
@@ -293,6 +295,11 @@ def _loop(ctx, phase, compiled, state, frozen, start, steps, ckpts, items_per_st
             _check_finite(ctx, phase, step, m, ckpts)
             saver.confirmed()
             state, loss, done = new_state, m["loss"], step + 1
+            if step == start:
+                # The first run of the step allocates what later steps reuse or free; glibc keeps
+                # the freed pages resident unless trimmed. Trimmed after the compile and here, a
+                # lean SmolLM2-135M step's steady state was 178 MiB (QLoRA) / 146 MiB (f32) lower.
+                release_freed_memory()
             m[f"{unit}_per_s"] = items_per_step / max(time.perf_counter() - t_step, 1e-9)
             ctx.metrics.append({"phase": phase, "step": step, **m})
             progress.update(step, m)

@@ -10,13 +10,13 @@ interleaved RoPE, and that permutation is undone here for the rotate-half layout
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxla._host_memory import release_freed_memory
 from jaxla.models import _registry
 from jaxla.models._family import Model, TensorSource, take
 
@@ -359,23 +359,8 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32, keep_quantized: boo
         unsupported tensor type, tokenizer or option, a missing or mis-shaped tensor (named).
     """
     model = _load(Path(path), dtype, keep_quantized)  # the reader and its parsed fields die here
-    _release_freed_memory()
+    release_freed_memory()  # the reader's parsed vocabulary and host copies of the tensors
     return model
-
-
-def _release_freed_memory() -> None:
-    """Hands the heap pages freed while loading back to the OS (glibc's ``malloc_trim``; nothing
-    where the C library has none). The reader parses every vocabulary entry into its own NumPy view
-    (~160 MiB of short-lived objects for SmolLM2's 49152 tokens and merges) and the tensors pass
-    through host copies; once freed, glibc kept 35 MiB of those pages resident after a
-    keep_quantized load and 137 MiB after an f32 one (measured: benchmarks/RESULTS.md, 2026-12-02
-    02:40–03:13 UTC, ``benchmarks/quant.py: load_breakdown``)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
 
 
 def _load(path: Path, dtype: Any, keep_quantized: bool) -> Model:
