@@ -244,23 +244,28 @@ def test_path_choice_and_the_environment_variable():
         _cpu.attend(canonical_args(q, q, q), path="sse9")
 
 
-@needs_kernel
-def test_environment_variable_forces_the_path_in_a_fresh_process():
+def _check_variable_in_fresh_processes(var: str, getter: str, value: str):
+    """A fresh process with ``var=value`` reports ``value`` from ``_cpu.<getter>()`` and keeps the
+    kernel on; with ``var=nonsense`` it reports None, says why, and warns that the kernel is off."""
     import os
     import subprocess
     import sys
 
     code = ("from jaxla.attention import _cpu; import sys; "
-            "sys.stdout.write(repr((_cpu.kernel_path(), _cpu.available())))")
-    env = dict(os.environ, JAXLA_CPU_KERNEL="portable")
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    assert got == repr(("portable", None))
-    env["JAXLA_CPU_KERNEL"] = "nonsense"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True)
-    assert proc.stdout.startswith("(None, \"JAXLA_CPU_KERNEL='nonsense' is not a CPU kernel path")
-    assert "RuntimeWarning: the compiled CPU attention kernel is off" in proc.stderr
+            f"sys.stdout.write(repr((_cpu.{getter}(), _cpu.available())))")
+    results = []
+    for setting in (value, "nonsense"):
+        env = dict(os.environ, **{var: setting})
+        results.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                      text=True, check=True))
+    assert results[0].stdout == repr((value, None))
+    assert results[1].stdout.startswith(f"(None, \"{var}='nonsense' is not a CPU kernel path")
+    assert "RuntimeWarning: the compiled CPU attention kernel is off" in results[1].stderr
+
+
+@needs_kernel
+def test_environment_variable_forces_the_path_in_a_fresh_process():
+    _check_variable_in_fresh_processes("JAXLA_CPU_KERNEL", "kernel_path", "portable")
 
 
 def test_detected_paths_agree_with_the_cpu_flags_the_benchmarks_record():
@@ -470,21 +475,7 @@ def test_bf16_kernel_choice_and_the_environment_variable():
 
 @needs_bf16_dot
 def test_bf16_environment_variable_forces_the_kernel_in_a_fresh_process():
-    import os
-    import subprocess
-    import sys
-
-    code = ("from jaxla.attention import _cpu; import sys; "
-            "sys.stdout.write(repr((_cpu.bf16_kernel(), _cpu.available())))")
-    env = dict(os.environ, JAXLA_CPU_BF16="avx512bf16")
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    assert got == repr(("avx512bf16", None))
-    env["JAXLA_CPU_BF16"] = "nonsense"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True)
-    assert proc.stdout.startswith("(None, \"JAXLA_CPU_BF16='nonsense' is not a CPU kernel path")
-    assert "RuntimeWarning: the compiled CPU attention kernel is off" in proc.stderr
+    _check_variable_in_fresh_processes("JAXLA_CPU_BF16", "bf16_kernel", "avx512bf16")
 
 
 @needs_kernel
@@ -512,3 +503,16 @@ def test_attention_paths_compares_another_build(tmp_path):
         assert ["of bf16 ceiling" in line for line in lines[1:]] == [True, True, False, False], lines
     with pytest.raises(ValueError, match="is not a file"):
         ap.parse_variant(f"{tmp_path}/missing.so:portable")
+
+
+def test_attention_paths_per_round_causal_ratios():
+    """The per-round ratio pairs each round's causal time with the same round's non-causal one."""
+    from jaxla.benchmarks import _attention_paths as ap
+
+    r = ap.causal_ratios([2.0, 4.0, 3.0], [1.0, 1.0, 2.0], 0.5)
+    np.testing.assert_allclose(r, [1.0, 2.0, 0.75])
+    with pytest.raises(ValueError, match=r"equal-length 1-D time lists, got \(2,\) and \(3,\)"):
+        ap.causal_ratios([1.0, 2.0], [1.0, 2.0, 3.0], 0.5)
+    if REASON is None:
+        lines = ap.compare("fwd", 16, 3, [ap.parse_variant("portable")])
+        assert "(rounds: median " in lines[2] and "(rounds:" not in lines[1], lines

@@ -157,6 +157,19 @@ def _compiled(variant: Variant, t: int, causal: bool, backward: bool):
     return functools.partial(jax.jit(f).lower(q, k, v, do).compile(), q, k, v, do)
 
 
+def causal_ratios(noncausal_s, causal_s, flop_ratio: float) -> np.ndarray:
+    """Per-round causal rate over non-causal rate (per useful FLOP) from paired round times.
+
+    ``flop_ratio`` is causal FLOPs / non-causal FLOPs (about 1/2); round i's ratio is
+    ``flop_ratio * noncausal_s[i] / causal_s[i]``.
+    """
+    nc, c = np.asarray(noncausal_s, np.float64), np.asarray(causal_s, np.float64)
+    if nc.shape != c.shape or nc.ndim != 1 or nc.size == 0:
+        raise ValueError(f"causal_ratios: need two equal-length 1-D time lists, got {nc.shape} "
+                         f"and {c.shape}")
+    return flop_ratio * nc / c
+
+
 def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str]:
     if mode not in ("fwd", "fwd+bwd"):
         raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
@@ -177,12 +190,14 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
             fns[(var, causal)] = _compiled(var, t, causal, mode == "fwd+bwd")
     best = dict.fromkeys(fns, float("inf"))
     cpu = dict.fromkeys(fns, float("inf"))  # the process's CPU time (all threads) of the same calls
+    times = {key: [] for key in fns}  # every round's time, for the per-round causal ratios
     for _ in range(rounds):
         for key, fn in fns.items():
             jax.block_until_ready(fn())  # warm: caches and thread pool
             t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
-            best[key] = min(best[key], time.perf_counter() - t0)
+            times[key].append(time.perf_counter() - t0)
+            best[key] = min(best[key], times[key][-1])
             cpu[key] = min(cpu[key], time.process_time() - c0)
             if key == "numpy":
                 # OpenBLAS's threads spin for a while (~0.1 s) after each call before they sleep:
@@ -210,6 +225,14 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
                     f"{'bf16 ' if var.bf16 else ''}ceiling (CPU {cpu[(var, causal)] * 1e3:8.1f} ms)")
             if causal:  # issue 20: causal at least as efficient per useful FLOP as non-causal
                 line += f" {rate[True] / rate[False]:.2f}x non-causal per FLOP"
+                if rounds >= 3:
+                    # The same ratio round by round (the two masks run back to back in each
+                    # round): its median and range show how much of a best-of ratio is load noise.
+                    r = causal_ratios(times[(var, False)], times[(var, True)],
+                                      flops / harness.attention_flops(
+                                          hd["B"], hd["N"], t, t, hd["H"], causal=False,
+                                          backward=mode == "fwd+bwd"))
+                    line += f" (rounds: median {np.median(r):.2f}, {r.min():.2f}-{r.max():.2f})"
             lines.append(line)
     return lines
 
