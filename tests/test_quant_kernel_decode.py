@@ -67,3 +67,41 @@ def test_decode_rows_every_format_and_path(rng):
                     assert np.all(np.isnan(y[7])), (fmt, path, "NaN laundered")
     for path, y in zip(paths, large, strict=True):
         _assert_close(y, big[1], big[0], ("q4_1 threaded", path))
+
+
+def test_small_products_split_over_the_spinning_team_are_bitwise_the_serial_ones(tmp_path):
+    """Small products run on the calling thread and the spinning helper team
+    (jaxla/_cpu_parallel.h); each stored row is one thread's work either way, so the result is the
+    same bits with no helpers (JAXLA_CPU_TEAM_THREADS=0), the default team, and more helpers than
+    cores (3), in fresh processes."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np, jax
+from jaxla import quant
+from jaxla.quant import _fused
+rng = np.random.default_rng(5)
+out = []
+for fmt, kw in (("q4_1", {{}}), ("nf4", {{"block_size": 64}})):
+    w = rng.standard_normal((576, 1000)).astype(np.float32)
+    q = quant.quantize(w, format=fmt, **kw)
+    x = rng.standard_normal((3, 576)).astype(np.float32)
+    f = jax.jit(lambda x, q: [_fused.rows_product(x[:m], q) for m in (1, 3)])
+    for _ in range(3):  # repeated calls: the helpers spin, sleep and wake between them
+        ys = f(x, q)
+    out += [np.asarray(y) for y in ys]
+np.savez({str(tmp_path)!r} + "/" + __import__("os").environ.get("JAXLA_CPU_TEAM_THREADS", "default"), *out)
+"""
+    for threads in ("0", "3", None):
+        env = dict(os.environ)
+        env.pop("JAXLA_CPU_TEAM_THREADS", None)
+        if threads is not None:
+            env["JAXLA_CPU_TEAM_THREADS"] = threads
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    runs = [np.load(tmp_path / f"{name}.npz") for name in ("0", "3", "default")]
+    for key in runs[0].files:
+        assert runs[0][key].shape in ((1, 1000), (3, 1000))
+        for other in runs[1:]:
+            np.testing.assert_array_equal(other[key], runs[0][key])

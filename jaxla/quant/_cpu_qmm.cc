@@ -6,7 +6,8 @@
 // the f32 copy it writes. Here every thread takes whole groups of stored rows, decodes each chunk of
 // 32 values into registers and multiplies it into every row of X at once (f32 fused multiply-adds,
 // f32 accumulation): the blocks stream from memory once per call and no decoded matrix exists.
-// Small products (a decode step's, kSerialWork) run on the calling thread alone.
+// Small products (a decode step's, kSerialWork) run on the calling thread and jaxla's spinning
+// helper team (jaxla_parallel::team_for), not on XLA's pool.
 //
 // Layouts (row-major): x (..., C) f32, every leading dimension folded into M rows; the stored rows
 // of the QArray: GGUF q8_0/q4_0/q4_1 blocks uint8 (R, C/32, bytes per block), int8 codes (R, C) with
@@ -49,11 +50,13 @@ namespace jaxla_qmm {
 constexpr int64_t kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3, kInt4 = 4, kNF4 = 5;
 constexpr int64_t kNumFormats = 6;
 constexpr int64_t kRowsPerItem = 16;  // stored rows per work item (a multiple of every JAXLA_RO)
-// Products of fewer weights x rows of X than this run on the calling thread alone. Handing work to
-// XLA's pool costs a wake-up of a helper and of the caller (tens of microseconds in a VM), more
-// than a decode product takes: SmolLM2's 210 per-token layer products (M = 1, 0.1-0.9 M weights
-// each) took 7.9 ms per token split over 2 threads and 4.9 ms on one (same kernel, same process,
-// interleaved). 4 M is ~0.15 ms of work on one AVX-512 core.
+// Products of fewer weights x rows of X than this do not go to XLA's pool. Handing work to it
+// costs a wake-up of a helper and of the caller (tens of microseconds in a VM), more than a decode
+// product takes: SmolLM2's 210 per-token layer products (M = 1, 0.1-0.9 M weights each) took 7.9 ms
+// per token split over 2 threads and 4.9 ms on one (same kernel, same process, interleaved). 4 M
+// is ~0.15 ms of work on one AVX-512 core. They are split over the spinning team instead, whose
+// helpers are already awake between the products of a decode step: SmolLM2 Q4_1 decode 138-157 ->
+// 186-195 tok/s on the 2-core AMD EPYC of 2026-12-02 (fresh processes, alternated; RESULTS.md).
 constexpr int64_t kSerialWork = int64_t{1} << 22;
 
 // QLoRA's NormalFloat-4 values (jaxla.quant.NF4_TABLE).
@@ -74,6 +77,16 @@ struct QmmArgs {
 
 using jaxla_parallel::num_workers;
 using jaxla_parallel::parallel_for;
+using jaxla_parallel::SpinTeam;
+using jaxla_parallel::team_for;
+
+// A small product's pieces per thread of the spinning team (the threads finish at different times:
+// a few pieces each balance them at a few atomic increments per product).
+constexpr int64_t kTeamItems = 4;
+
+// Stored rows per piece rounded up to kRowsPerItem's granularity (a multiple of every JAXLA_RO,
+// so each piece runs whole register tiles).
+inline int64_t round_up_rows(int64_t rows) { return (rows + 7) / 8 * 8; }
 
 }  // namespace jaxla_qmm
 

@@ -26,7 +26,9 @@ its slices.
 
 The code path (``avx512``, ``avx2``, ``portable``) is chosen like the attention kernel's
 (``jaxla/_cpu_dispatch.py``: ``JAXLA_CPU_KERNEL`` names one); ``JAXLA_FUSED_QMM=0`` turns the fused
-kernel off (read once at import; benchmarks use it to time the jnp path).
+kernel off (read once at import; benchmarks use it to time the jnp path). Products too small for
+XLA's pool (a decode step's) share their rows with jaxla's spinning helper threads;
+``JAXLA_CPU_TEAM_THREADS`` sets how many (``0``: the calling thread alone; read at the first one).
 """
 
 from __future__ import annotations
