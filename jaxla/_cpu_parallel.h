@@ -97,10 +97,12 @@ class SpinTeam {
   // the number instead, 0 to run small products on the calling thread alone (e.g. many processes
   // sharing a machine, where spinning helpers would take others' cores).
   static int helpers() {
+    // Digits only (anything else keeps the default; jaxla.quant._fused warns about it at import).
     if (const char* env = std::getenv("JAXLA_CPU_TEAM_THREADS"); env != nullptr && *env != 0) {
-      char* end = nullptr;
-      const long v = std::strtol(env, &end, 10);
-      if (*end == 0 && v >= 0) return static_cast<int>(std::min<long>(v, 64));
+      long v = 0;
+      const char* c = env;
+      for (; *c >= '0' && *c <= '9'; ++c) v = std::min<long>(v * 10 + (*c - '0'), 64);
+      if (*c == 0) return static_cast<int>(v);
     }
     const unsigned hw = std::thread::hardware_concurrency();
     return hw <= 1 ? 0 : static_cast<int>(std::min<unsigned>(hw - 1, 7));

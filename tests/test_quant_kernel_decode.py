@@ -100,6 +100,10 @@ np.savez({str(tmp_path)!r} + "/" + __import__("os").environ.get("JAXLA_CPU_TEAM_
         if threads is not None:
             env["JAXLA_CPU_TEAM_THREADS"] = threads
         subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    env = dict(os.environ, JAXLA_CPU_TEAM_THREADS="two")
+    proc = subprocess.run([sys.executable, "-c", "import jaxla.quant._fused"], env=env,
+                          check=True, capture_output=True, text=True)
+    assert "JAXLA_CPU_TEAM_THREADS='two' is not a non-negative integer" in proc.stderr
     runs = [np.load(tmp_path / f"{name}.npz") for name in ("0", "3", "default")]
     for key in runs[0].files:
         assert runs[0][key].shape in ((1, 1000), (3, 1000))

@@ -71,6 +71,13 @@ _SUPPORTED = tuple(_SUPPORTED)
 _PATH, _PATH_ERROR = (_cpu_dispatch.choose_path(os.environ.get(_cpu_dispatch.ENV_VAR), _PATH_IDS,
                                                 _SUPPORTED) if _ext is not None else (None, None))
 _OFF = os.environ.get(OFF_VAR, "").strip() == "0"
+# Helper threads of the spinning team for small products (jaxla/_cpu_parallel.h reads it).
+TEAM_VAR = "JAXLA_CPU_TEAM_THREADS"
+_TEAM = os.environ.get(TEAM_VAR, "")
+if _TEAM and not (_TEAM.isascii() and _TEAM.isdigit()):
+    warnings.warn(f"{TEAM_VAR}={_TEAM!r} is not a non-negative integer (digits only); small "
+                  "quantized products use the default helper team (cores - 1, at most 7)",
+                  RuntimeWarning, stacklevel=2)
 if _PATH_ERROR is not None:
     warnings.warn(f"the fused quantized matmul kernel is off: {_PATH_ERROR}", RuntimeWarning,
                   stacklevel=2)
