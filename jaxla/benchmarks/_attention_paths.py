@@ -214,11 +214,11 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
              + f"; {rounds} rounds, best of each"]
     for var in variants:
         own = ceiling16 if var.bf16 else ceiling
-        rate = {}
+        rate, flops_of = {}, {}
         for causal in (False, True):
             s = best[(var, causal)]
-            flops = harness.attention_flops(hd["B"], hd["N"], t, t, hd["H"], causal=causal,
-                                            backward=mode == "fwd+bwd")
+            flops = flops_of[causal] = harness.attention_flops(
+                hd["B"], hd["N"], t, t, hd["H"], causal=causal, backward=mode == "fwd+bwd")
             rate[causal] = flops / s
             line = (f"{var.label:22s} {mode} T={t} causal={causal!s:5s} {s * 1e3:8.1f} ms "
                     f"{flops / s / 1e9:6.0f} GFLOP/s {flops / s / own:5.2f} of "
@@ -229,9 +229,7 @@ def compare(mode: str, t: int, rounds: int, variants: list[Variant]) -> list[str
                     # The same ratio round by round (the two masks run back to back in each
                     # round): its median and range show how much of a best-of ratio is load noise.
                     r = causal_ratios(times[(var, False)], times[(var, True)],
-                                      flops / harness.attention_flops(
-                                          hd["B"], hd["N"], t, t, hd["H"], causal=False,
-                                          backward=mode == "fwd+bwd"))
+                                      flops / flops_of[False])
                     line += f" (rounds: median {np.median(r):.2f}, {r.min():.2f}-{r.max():.2f})"
             lines.append(line)
     return lines

@@ -84,8 +84,8 @@ using jaxla_parallel::team_for;
 // a few pieces each balance them at a few atomic increments per product).
 constexpr int64_t kTeamItems = 4;
 
-// Stored rows per piece rounded up to kRowsPerItem's granularity (a multiple of every JAXLA_RO,
-// so each piece runs whole register tiles).
+// Stored rows per piece rounded up to a multiple of 8 (of every JAXLA_RO and of the AVX-512 wide
+// tile's 2 rows, so only a product's last piece has a partial register tile).
 inline int64_t round_up_rows(int64_t rows) { return (rows + 7) / 8 * 8; }
 
 }  // namespace jaxla_qmm
