@@ -87,6 +87,54 @@ struct BwdArgs {
   float *dk, *dv;
 };
 
+// The backward pass's work items and their dQ. An item is one group of key blocks of one (batch
+// row, kv head): it zeroes that head's rows of its group's dQ slot, then adds every block's part of
+// dQ into them. No two items share a slot's rows, so no item waits on another, and with one group
+// (slot 0 is the dq output) nothing is zeroed, allocated or summed outside the items. More groups
+// (slots 1 .. groups - 1 extra (Bt, T, N, H) arrays, summed into dq by the caller) split heads
+// when there are too few for the workers. (A dQ buffer per worker would cost a full dQ each: at
+// T = 32k, N = 32, H = 128, 512 MiB per worker, plus a pass to zero them and one to sum them.)
+struct DqSlots {
+  int64_t groups;
+  float* const* slots;  // slots[grp]: the (Bt, T, N, H) array group grp accumulates into
+};
+
+// Groups for `heads` (batch row, kv head) pairs of `key_blocks` blocks on `threads` threads: one
+// when there are at least four heads per thread (whole heads balance by themselves), else enough
+// for four items per thread, at most one per thread (so never more dQ memory than a buffer per
+// worker) and per key block.
+inline int64_t dq_groups(int64_t threads, int64_t heads, int64_t key_blocks) {
+  if (threads <= 1 || heads >= 4 * threads) return 1;
+  const int64_t want = (4 * threads + heads - 1) / heads;
+  return std::max<int64_t>(1, std::min(std::min(want, threads), key_blocks));
+}
+
+// Key block kbi's group: blocks dealt to the groups in rounds, each round in the reverse order of
+// the one before, so under a causal band every group gets early (long) and late (short) blocks.
+inline int64_t dq_group_of(int64_t kbi, int64_t groups) {
+  const int64_t round = kbi / groups, j = kbi % groups;
+  return round % 2 == 0 ? j : groups - 1 - j;
+}
+
+// Runs block(dq_slot, bh, kbi) for every (batch row, kv head) bh and key block kbi of pr (block_k
+// already rounded by the path), one item per (group, bh) as described at DqSlots.
+template <typename Block>
+void for_backward_items(ffi::ThreadPool& pool, const Problem& pr, const DqSlots& dq, const Block& block) {
+  const int64_t nbh = pr.bt * pr.kh, nkb = (pr.s + pr.block_k - 1) / pr.block_k;
+  const int64_t width = pr.g * pr.h;  // one head's query heads in a (Bt, T, N, H) row
+  parallel_for(pool, nbh * dq.groups, [&](int64_t item, int64_t) {
+    const int64_t grp = item / nbh, bh = item % nbh;
+    const int64_t kvh = bh % pr.kh, b = bh / pr.kh;
+    float* slot = dq.slots[grp];
+    for (int64_t t = 0; t < pr.t; ++t) {
+      float* row = slot + ((b * pr.t + t) * pr.n + kvh * pr.g) * pr.h;
+      std::fill(row, row + width, 0.0f);
+    }
+    for (int64_t kbi = 0; kbi < nkb; ++kbi)
+      if (dq_group_of(kbi, dq.groups) == grp) block(slot, bh, kbi);
+  });
+}
+
 int64_t leading(const ffi::AnyBuffer::Dimensions& dims, int keep) {
   int64_t p = 1;
   for (size_t i = 0; i + keep < dims.size(); ++i) p *= dims[i];
@@ -249,16 +297,16 @@ struct Path {
   const char* name;
   void (*forward)(ffi::ThreadPool&, const Problem&, const float*, const float*, const float*, float*,
                   float*);
-  void (*backward)(ffi::ThreadPool&, const Problem&, const BwdArgs&, float* const*);
-  int64_t (*backward_workers)(ffi::ThreadPool&, const Problem&);
+  void (*backward)(ffi::ThreadPool&, const Problem&, const BwdArgs&, const DqSlots&);
+  int64_t (*backward_groups)(ffi::ThreadPool&, const Problem&);
 };
 
 // Indexed by the `path` attribute; names as JAXLA_CPU_KERNEL spells them.
 const Path kPaths[] = {
-    {"portable", path_portable::forward, path_portable::backward, path_portable::backward_workers},
+    {"portable", path_portable::forward, path_portable::backward, path_portable::backward_groups},
 #if JAXLA_X86
-    {"avx2", path_avx2::forward, path_avx2::backward, path_avx2::backward_workers},
-    {"avx512", path_avx512::forward, path_avx512::backward, path_avx512::backward_workers},
+    {"avx2", path_avx2::forward, path_avx2::backward, path_avx2::backward_groups},
+    {"avx512", path_avx512::forward, path_avx512::backward, path_avx512::backward_groups},
 #endif
 };
 constexpr int64_t kNumPaths = sizeof(kPaths) / sizeof(kPaths[0]);
@@ -377,18 +425,14 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return ffi::Error::Success();
   }
   const Path& kern = kPaths[path];
-  const int64_t workers = kern.backward_workers(pool, pr);
-  // Worker 0 accumulates into dq itself; the others into their own buffers, summed at the end.
-  std::unique_ptr<float[]> extra(workers > 1 ? new float[(workers - 1) * dq_size] : nullptr);
-  std::vector<float*> bufs(workers);
+  // Group 0 accumulates into dq itself, the others into their own arrays, summed at the end.
+  const int64_t groups = kern.backward_groups(pool, pr);
+  std::unique_ptr<float[]> extra(groups > 1 ? new float[(groups - 1) * dq_size] : nullptr);
+  std::vector<float*> bufs(groups);
   bufs[0] = dqp;
-  for (int64_t i = 1; i < workers; ++i) bufs[i] = extra.get() + (i - 1) * dq_size;
+  for (int64_t i = 1; i < groups; ++i) bufs[i] = extra.get() + (i - 1) * dq_size;
+  const DqSlots slots{groups, bufs.data()};
   const int64_t chunk = 1 << 16, nchunks = (dq_size + chunk - 1) / chunk;
-  parallel_for(pool, nchunks * workers, [&](int64_t c, int64_t) {
-    float* base = bufs[c / nchunks];
-    const int64_t lo = (c % nchunks) * chunk;
-    std::fill(base + lo, base + std::min(dq_size, lo + chunk), 0.0f);
-  });
   if (is_bf16) {
 #if JAXLA_X86
     using path_avx512bf16::bf16;
@@ -404,18 +448,18 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     ab.dv = a.dv;
 #if JAXLA_AMX
     if (amx)
-      path_avx512bf16::backward_amx(pool, pr, ab, bufs.data());
+      path_avx512bf16::backward_amx(pool, pr, ab, slots);
     else
 #endif
-      path_avx512bf16::backward_bf16(pool, pr, ab, bufs.data());
+      path_avx512bf16::backward_bf16(pool, pr, ab, slots);
 #endif
   } else {
-    kern.backward(pool, pr, a, bufs.data());
+    kern.backward(pool, pr, a, slots);
   }
-  if (workers > 1) {
+  if (groups > 1) {
     parallel_for(pool, nchunks, [&](int64_t c, int64_t) {
       const int64_t lo = c * chunk, hi = std::min(dq_size, lo + chunk);
-      for (int64_t i = 1; i < workers; ++i) {
+      for (int64_t i = 1; i < groups; ++i) {
         const float* src = bufs[i];
         for (int64_t e = lo; e < hi; ++e) dqp[e] += src[e];
       }
