@@ -337,6 +337,25 @@ def test_quant_scaling_sizes_and_the_synthetic_base(monkeypatch):
         int(np.prod(x.shape)) for x in jax.tree.leaves(dense.params))
 
 
+def test_quant_step_buffers_count_an_aliased_output_once():
+    """The step-buffer bytes beside the peaks: XLA's arguments + outputs + temporaries of the
+    compiled step, an output donated into its argument's buffer counted once."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxla.benchmarks import quant as qbench
+
+    w, a = jnp.ones((256, 512)), jnp.ones((512,))
+    step = jax.jit(lambda w, a: (a + jnp.tanh(w).sum(0), jnp.tanh(w) @ a), donate_argnums=1)
+    m = step.lower(w, a).compile().memory_analysis()
+    child = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+             "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes}
+    assert m.alias_size_in_bytes == a.nbytes and m.argument_size_in_bytes == w.nbytes + a.nbytes
+    held = w.nbytes + a.nbytes + 256 * 4 + m.temp_size_in_bytes  # the new `a` lives in the old one's
+    assert held <= qbench.step_buffer_bytes(child) <= held + 64  # (+ the output tuple's table)
+    assert qbench.step_buffer_bytes({"argument_bytes": 0}) == 0  # no memory analysis here
+
+
 def test_quant_scaling_flag_bounds_its_children_by_free_memory(tmp_path, capsys, monkeypatch):
     """``python -m jaxla.benchmarks.quant --scaling --json FILE`` runs the scaling rows (not the
     suite), and a child that would not fit in the memory available is skipped with a row saying so,

@@ -19,7 +19,9 @@
   (remat per layer, the head in chunks): the whole-process peak and, by resetting the high-water
   mark between phases (``/proc/self/clear_refs``), the load-, compile- and steady-state (steps 2-4)
   peaks, each as QLoRA / f32, also above the runtime floor; a probe pair of lean children hands
-  the allocator's freed pages back (``malloc_trim``) after the compile and step 1. The peaks are
+  the allocator's freed pages back (``malloc_trim``) after the compile and step 1. Beside them,
+  for context, the bytes the compiled step itself holds (XLA's memory analysis: arguments, outputs
+  and temporaries), what a device allocator would hold without the runtime. The peaks are
   the child's VmHWM: ``getrusage``'s ru_maxrss survives exec, so a child of a large benchmark
   process reported the parent's peak for both bases (4913 MiB each, 2026-12-01).
 
@@ -433,7 +435,28 @@ def _peak_rows(kinds: tuple[str, ...] = STEP_KINDS, size: str | None = None,
             rows.append({"name": f"{label}{what}: QLoRA / f32 LoRA{suffix}", "ratio": r,
                          "ratio_above_runtime_floor": above, "target": "<=0.5x", "met": r <= 0.5,
                          "ok": same})
+        if step_buffer_bytes(q41) and step_buffer_bytes(f32):
+            rows.append({"name": f"{label}{STEP_BUFFERS}: QLoRA / f32 LoRA{suffix}",
+                         "ratio": step_buffer_bytes(q41) / step_buffer_bytes(f32),
+                         "qlora_mib": step_buffer_bytes(q41) / 2**20,
+                         "f32_mib": step_buffer_bytes(f32) / 2**20, "ok": same})
     return rows
+
+
+# Beside the resident-memory peaks (the target), what the compiled step itself holds: context for
+# them, since a device allocator holds these buffers and not the Python/XLA runtime around them.
+STEP_BUFFERS = ("step buffers, no runtime (XLA memory_analysis: arguments + outputs - aliased + "
+                "temporaries)")
+
+
+def step_buffer_bytes(child: dict) -> int:
+    """Bytes the compiled train step of a ``_step_child`` result holds while it runs: its
+    arguments (base weights, adapters, optimizer state, batch), outputs not aliased to an argument,
+    and XLA's temporaries; 0 when the backend reports no memory analysis."""
+    if not child.get("argument_bytes"):
+        return 0
+    return (child["argument_bytes"] + child["output_bytes"] - child.get("alias_bytes", 0)
+            + child["temp_bytes"])
 
 
 def _rss_bytes() -> int:
@@ -520,6 +543,8 @@ def _step_child(kind: str, size: str | None = None, quick: bool = False) -> dict
             "step_s": statistics.median(times), "loss": float(loss), "load_s": load_s,
             "temp_bytes": getattr(memory, "temp_size_in_bytes", 0),
             "output_bytes": getattr(memory, "output_size_in_bytes", 0),
+            "argument_bytes": getattr(memory, "argument_size_in_bytes", 0),
+            "alias_bytes": getattr(memory, "alias_size_in_bytes", 0),
             "floor_rss": floor, "loaded_rss": loaded, "lowered_rss": lowered_rss,
             "compiled_rss": compiled_rss, "trimmed_rss": trimmed_rss, "stepped_rss": stepped_rss,
             "params_bytes": quant.tree_nbytes(model.params)}
