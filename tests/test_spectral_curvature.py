@@ -140,6 +140,50 @@ def test_slq_under_caller_jit_and_options(rng, key):
     assert float(res.sigma) == pytest.approx(0.05)
 
 
+def test_curvature_summary_against_the_dense_hessian_and_hessian_trace(x64, rng, key):
+    """One loop serves both estimates: the Lanczos λ_max is the dense Hessian's largest
+    eigenvalue, and the trace is hessian_trace's on the same probes (the same key)."""
+    params, batch, loss, dense = mlp_problem(rng)
+    _, k_trace = jax.random.split(key)
+
+    def summary(p):
+        return spectral.curvature_summary(loss, p, batch, key=key, learning_rate=0.1, num_probes=4)
+
+    got = summary(params)
+    assert bool(got.converged)
+    np.testing.assert_allclose(float(got.sharpness), np.linalg.eigvalsh(dense)[-1], rtol=1e-8)
+    assert float(got.threshold) == pytest.approx(20.0)
+    assert float(got.ratio) == pytest.approx(float(got.sharpness) / 20.0)
+    want = spectral.hessian_trace(loss, params, batch, key=k_trace, num_probes=4)
+    np.testing.assert_allclose(float(got.trace), float(want.trace), rtol=1e-12)
+    np.testing.assert_allclose(float(got.trace_stderr), float(want.stderr), rtol=1e-10)
+    # Under vmap over two points (the demos' start and end), each equals its own call.
+    half = jax.tree_util.tree_map(lambda x: 0.5 * x, params)
+    pair = jax.jit(jax.vmap(summary))(jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
+                                                             params, half))
+    for i, one in enumerate((got, summary(half))):
+        for a, b in zip(pair, one, strict=True):
+            np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), rtol=1e-10)
+
+
+def test_curvature_summary_caps_its_steps_and_keeps_nan(key):
+    """More Lanczos steps than parameters are capped at P (the Krylov space is all of R^P, so
+    λ_max is exact); a NaN loss gives NaN estimates and not converged, never a plausible number."""
+    def loss(p, scale):  # H = diag(4, 1, 0.5): every Rademacher probe gives z·Hz = tr H exactly
+        return scale * (2.0 * p[0] ** 2 + 0.5 * p[1] ** 2 + 0.25 * p[2] ** 2)
+
+    got = spectral.curvature_summary(loss, jnp.ones(3), jnp.float32(1.0), key=key,
+                                     learning_rate=0.5, num_probes=3, num_iters=48)
+    assert bool(got.converged)
+    np.testing.assert_allclose(float(got.sharpness), 4.0, rtol=1e-6)
+    np.testing.assert_allclose(float(got.trace), 5.5, rtol=1e-6)
+    assert float(got.trace_stderr) == pytest.approx(0.0, abs=1e-6)
+    bad = spectral.curvature_summary(loss, jnp.ones(3), jnp.float32(jnp.nan), key=key,
+                                     learning_rate=0.5, num_probes=3)
+    assert np.isnan(float(bad.sharpness)) and np.isnan(float(bad.trace))
+    assert not bool(bad.converged)
+
+
 def test_nan_loss_gives_nan_not_a_number(key):
     def loss(p, batch):
         return jnp.sum(p * p) * batch

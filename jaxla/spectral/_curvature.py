@@ -238,9 +238,10 @@ def curvature_summary(
     Costs ``num_iters + num_probes`` Hessian-vector products: ``num_iters`` Lanczos steps (fixed,
     full reorthogonalisation; ``converged`` compares the Ritz residual estimate
     ``β_m |s_m|`` with ``tol · |θ|_max``, tol 1e-4 in f32, 1e-8 in f64) and ``num_probes``
-    Rademacher probes. Meant for the start and the end of a fine-tune (e.g. of the LoRA loss over
-    the adapter parameters); jit it at the call site (it vmaps, e.g. over stacked start and end
-    parameters, in one program).
+    Rademacher probes (those of :func:`hessian_trace` with the same key), one after another in
+    the same loop, so the compiled program holds a single HVP. Meant for the start and the end of
+    a fine-tune (e.g. of the LoRA loss over the adapter parameters); jit it at the call site (it
+    vmaps, e.g. over stacked start and end parameters, in one program).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -272,11 +273,15 @@ def _summary_core(loss_fn, params, batch, key, *, learning_rate, num_probes, ste
         hv = _hessian.hvp(loss_fn, params, batch, unravel(v.astype(flat.dtype)))
         return ravel_pytree(hv)[0].astype(acc)
 
+    def probe(i):  # the Rademacher probes of hessian_trace(key=k_trace), as one flat vector
+        return ravel_pytree(_rademacher_tree(jax.random.fold_in(k_trace, i), params))[0].astype(acc)
+
+    # The Lanczos steps and the Hutchinson probes share one loop and so one HVP in the program
+    # (each HVP of a model costs seconds of compile; this halved the summary's on the tiny LM).
     q0 = jax.random.normal(k_top, flat.shape, acc)
-    top, ok = _density._lanczos_top(matvec, q0, steps, _iterative.default_tol(acc))
-    tr = _trace_core(loss_fn, params, batch, k_trace, num_probes=num_probes, names=(),
-                     masks=np.zeros((0, len(jax.tree_util.tree_leaves(params)))),
-                     probe_batch=None)
+    *tri, samples = _density._lanczos_tridiag_and_probes(matvec, q0, steps, probe, num_probes)
+    top, ok = _density._top_ritz(*tri, steps, _iterative.default_tol(acc))
     threshold = jnp.asarray(2.0 / learning_rate, acc)
     ratio = top / threshold
-    return CurvatureSummary(top, threshold, ratio, tr.trace, tr.stderr, ok)
+    stderr = jnp.std(samples, ddof=1) / jnp.sqrt(jnp.asarray(num_probes, acc))
+    return CurvatureSummary(top, threshold, ratio, jnp.mean(samples), stderr, ok)

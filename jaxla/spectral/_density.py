@@ -132,6 +132,41 @@ def hessian_density(
         sigma=None if sigma is None else float(sigma), grid_range=grid_range)(params, batch, key)
 
 
+class _LanczosState(NamedTuple):
+    basis: jax.Array    # (m + 1, P) orthonormal vectors so far, zero past the last
+    alpha: jax.Array    # (m,) the tridiagonal's diagonal
+    beta: jax.Array     # (m,) its off-diagonal
+    anorm: jax.Array    # running estimate of ‖A‖ (for the breakdown test)
+    used: jax.Array     # index of the last step taken before an invariant subspace was found
+    stopped: jax.Array  # an invariant subspace was found: later steps are zeroed
+
+
+def _lanczos_start(q0, m) -> _LanczosState:
+    dtype = q0.dtype
+    basis = jnp.zeros((m + 1, q0.shape[0]), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
+    zeros = jnp.zeros((m,), dtype)
+    return _LanczosState(basis, zeros, zeros, jnp.zeros((), dtype), jnp.int32(0), jnp.bool_(False))
+
+
+def _lanczos_step(state: _LanczosState, j, w) -> _LanczosState:
+    """Step j given ``w = A q_j``: full reorthogonalisation (twice), α_j, β_j and q_{j+1}."""
+    eps = jnp.finfo(w.dtype).eps
+    q = state.basis[j]
+    a = jnp.dot(q, w, precision=HIGHEST)
+    for _ in range(2):
+        w = w - jnp.matmul(jnp.matmul(state.basis, w, precision=HIGHEST), state.basis,
+                           precision=HIGHEST)
+    b = jnp.linalg.norm(w)
+    anorm = jnp.maximum(state.anorm, jnp.abs(a) + b)
+    live = ~state.stopped
+    breakdown = b <= 100.0 * eps * anorm
+    nxt = jnp.where(breakdown | state.stopped, 0.0, w / jnp.where(breakdown, 1.0, b))
+    return _LanczosState(state.basis.at[j + 1].set(nxt),
+                         state.alpha.at[j].set(jnp.where(live, a, 0.0)),
+                         state.beta.at[j].set(jnp.where(live, b, 0.0)), anorm,
+                         jnp.where(live, j, state.used), state.stopped | breakdown)
+
+
 def _lanczos_tridiag(matvec, q0, m):
     """m Lanczos steps from ``q0`` with full reorthogonalisation (a ``fori_loop``).
 
@@ -139,34 +174,30 @@ def _lanczos_tridiag(matvec, q0, m):
     index of the last step taken before an invariant subspace was found (steps after it are
     zeroed, so they decouple from the used block).
     """
-    dim = q0.shape[0]
-    dtype = q0.dtype
-    eps = jnp.finfo(dtype).eps
-    q0 = q0 / jnp.linalg.norm(q0)
-    basis = jnp.zeros((m + 1, dim), dtype).at[0].set(q0)
-    zeros = jnp.zeros((m,), dtype)
+    state = lax.fori_loop(0, m, lambda j, st: _lanczos_step(st, j, matvec(st.basis[j])),
+                          _lanczos_start(q0, m))
+    return state.alpha, state.beta, state.used
 
-    def body(j, state):
-        basis, alpha, beta, anorm, used, stopped = state
-        q = basis[j]
-        w = matvec(q)
-        a = jnp.dot(q, w, precision=HIGHEST)
-        for _ in range(2):  # full reorthogonalisation, twice
-            w = w - jnp.matmul(jnp.matmul(basis, w, precision=HIGHEST), basis, precision=HIGHEST)
-        b = jnp.linalg.norm(w)
-        anorm = jnp.maximum(anorm, jnp.abs(a) + b)
-        live = ~stopped
-        alpha = alpha.at[j].set(jnp.where(live, a, 0.0))
-        beta = beta.at[j].set(jnp.where(live, b, 0.0))
-        used = jnp.where(live, j, used)
-        breakdown = b <= 100.0 * eps * anorm
-        nxt = jnp.where(breakdown | stopped, 0.0, w / jnp.where(breakdown, 1.0, b))
-        basis = basis.at[j + 1].set(nxt)
-        return basis, alpha, beta, anorm, used, stopped | breakdown
 
-    init = (basis, zeros, zeros, jnp.zeros((), dtype), jnp.int32(0), jnp.bool_(False))
-    _, alpha, beta, _, used, _ = lax.fori_loop(0, m, body, init)
-    return alpha, beta, used
+def _lanczos_tridiag_and_probes(matvec, q0, m, probe, num_probes):
+    """:func:`_lanczos_tridiag`, then the quadratic forms ``z_i · A z_i`` of ``num_probes`` probe
+    vectors ``z_i = probe(i)``, all in one loop of ``m + num_probes`` iterations around one
+    ``matvec``: the program holds one copy of it (an HVP costs seconds of XLA compile) instead of
+    one per loop. Returns ``(alpha, beta, used, forms (num_probes,))``.
+    """
+    def body(i, carry):
+        state, forms = carry
+        lanczos, j, k = i < m, jnp.minimum(i, m - 1), jnp.maximum(i - m, 0)
+        z = jnp.where(lanczos, state.basis[j], probe(k))
+        w = matvec(z)
+        stepped = _lanczos_step(state, j, w)
+        state = jax.tree_util.tree_map(lambda new, old: jnp.where(lanczos, new, old), stepped, state)
+        form = jnp.dot(z, w, precision=HIGHEST)
+        return state, jnp.where(lanczos, forms, forms.at[k].set(form))
+
+    state, forms = lax.fori_loop(0, m + num_probes, body,
+                                 (_lanczos_start(q0, m), jnp.zeros((num_probes,), q0.dtype)))
+    return state.alpha, state.beta, state.used, forms
 
 
 def _lanczos_quadrature(matvec, q0, m):
@@ -179,7 +210,11 @@ def _lanczos_quadrature(matvec, q0, m):
 
 def _lanczos_top(matvec, q0, m, tol):
     """Largest Ritz value after m steps and whether its residual estimate is ``<= tol · ‖A‖``."""
-    alpha, beta, used = _lanczos_tridiag(matvec, q0, m)
+    return _top_ritz(*_lanczos_tridiag(matvec, q0, m), m, tol)
+
+
+def _top_ritz(alpha, beta, used, m, tol):
+    """:func:`_lanczos_top` from the tridiagonal of m steps."""
     theta, s, real = _iterative._tridiag_ritz(alpha, beta, used, m)
     top = jnp.argmax(jnp.where(real, theta, -jnp.inf))
     resid = jnp.abs(beta[used] * s[used, top])
