@@ -99,14 +99,21 @@ struct DqSlots {
   float* const* slots;  // slots[grp]: the (Bt, T, N, H) array group grp accumulates into
 };
 
-// Groups for `heads` (batch row, kv head) pairs of `key_blocks` blocks on `threads` threads: one
-// when there are at least four heads per thread (whole heads balance by themselves), else enough
-// for four items per thread, at most one per thread (so never more dQ memory than a buffer per
-// worker) and per key block.
+// Groups for `heads` (batch row, kv head) pairs of `key_blocks` blocks on `threads` threads: the
+// fewest that give at least four items per thread and keep the threads at least 90 % busy when the
+// items cost alike (items / (rounds · threads), rounds = ceil(items / threads)), else as many as
+// there are threads (or key blocks), so never more dQ memory than a buffer per worker. So whole
+// heads (one group) when they balance: 8 or 9 heads on 2 threads (9 items fill 0.9 of 5 rounds),
+// but two groups for 65 heads on 16 threads (65 items would fill 0.81 of 5 rounds, 130 fill 0.90
+// of 9), and for 4 heads on 2 threads (fewer than four items per thread).
 inline int64_t dq_groups(int64_t threads, int64_t heads, int64_t key_blocks) {
-  if (threads <= 1 || heads >= 4 * threads) return 1;
-  const int64_t want = (4 * threads + heads - 1) / heads;
-  return std::max<int64_t>(1, std::min(std::min(want, threads), key_blocks));
+  if (threads <= 1) return 1;
+  const int64_t cap = std::max<int64_t>(1, std::min(threads, key_blocks));
+  for (int64_t g = 1; g < cap; ++g) {
+    const int64_t items = heads * g, rounds = (items + threads - 1) / threads;
+    if (items >= 4 * threads && 10 * items >= 9 * rounds * threads) return g;
+  }
+  return cap;
 }
 
 // Key block kbi's group: blocks dealt to the groups in rounds, each round in the reverse order of
