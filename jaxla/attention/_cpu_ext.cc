@@ -439,7 +439,6 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   bufs[0] = dqp;
   for (int64_t i = 1; i < groups; ++i) bufs[i] = extra.get() + (i - 1) * dq_size;
   const DqSlots slots{groups, bufs.data()};
-  const int64_t chunk = 1 << 16, nchunks = (dq_size + chunk - 1) / chunk;
   if (is_bf16) {
 #if JAXLA_X86
     using path_avx512bf16::bf16;
@@ -464,6 +463,7 @@ ffi::Error BackwardBody(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     kern.backward(pool, pr, a, slots);
   }
   if (groups > 1) {
+    const int64_t chunk = 1 << 16, nchunks = (dq_size + chunk - 1) / chunk;
     parallel_for(pool, nchunks, [&](int64_t c, int64_t) {
       const int64_t lo = c * chunk, hi = std::min(dq_size, lo + chunk);
       for (int64_t i = 1; i < groups; ++i) {

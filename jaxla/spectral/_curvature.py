@@ -273,8 +273,8 @@ def _summary_core(loss_fn, params, batch, key, *, learning_rate, num_probes, ste
         hv = _hessian.hvp(loss_fn, params, batch, unravel(v.astype(flat.dtype)))
         return ravel_pytree(hv)[0].astype(acc)
 
-    def probe(i):  # the Rademacher probes of hessian_trace(key=k_trace), as one flat vector
-        return ravel_pytree(_rademacher_tree(jax.random.fold_in(k_trace, i), params))[0].astype(acc)
+    def probe(i):  # hessian_trace(key=k_trace)'s probe i (_rademacher_tree), as the flat vector
+        return jax.random.rademacher(jax.random.fold_in(k_trace, i), flat.shape, flat.dtype).astype(acc)
 
     # The Lanczos steps and the Hutchinson probes share one loop and so one HVP in the program
     # (each HVP of a model costs seconds of compile; this halved the summary's on the tiny LM).
