@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxla import _checks
+from jaxla import _checks, _eager
 from jaxla.quant import _qarray, _use
 
 __all__ = ["init_linear", "init_mlp", "linear", "mlp"]
@@ -29,6 +29,7 @@ Params = dict[str, Any]
 Initializer = Callable[..., jax.Array]
 
 
+@_eager.compiled
 def init_linear(
     key: jax.Array,
     d_in: int,
@@ -116,6 +117,7 @@ def check_linear_input(w: jax.Array, x: ArrayLike, dtype, preferred_element_type
     return x, compute, out_dtype
 
 
+@_eager.compiled
 def linear(
     params: Params,
     x: ArrayLike,
@@ -156,6 +158,7 @@ def linear(
     return y.astype(out_dtype)
 
 
+@_eager.compiled
 def init_mlp(
     key: jax.Array,
     d_model: int,
@@ -216,6 +219,7 @@ def _check_mlp_widths(params: Params, gated: bool) -> None:
         )
 
 
+@_eager.compiled
 def mlp(
     params: Params,
     x: ArrayLike,

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxla import _checks
+from jaxla import _checks, _eager
 
 __all__ = ["embed", "init_embedding", "init_layer_norm", "layer_norm", "rms_norm"]
 
 Params = dict[str, Any]
 
 
+@_eager.compiled
 def init_layer_norm(d: int, *, use_bias: bool = True, dtype: DTypeLike = jnp.float32) -> Params:
     """Parameters of a layer norm over D features: ``{"scale": ones (D,), "bias": zeros (D,)}``."""
     d = _checks.check_positive_int(d, "d")
@@ -57,6 +58,7 @@ def _affine(y: jax.Array, params: Params, acc) -> jax.Array:
     return y
 
 
+@_eager.compiled
 def layer_norm(params: Params, x: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
     """Layer normalisation over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``.
 
@@ -79,6 +81,7 @@ def layer_norm(params: Params, x: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
     return _affine(y, params, acc).astype(x.dtype)
 
 
+@_eager.compiled
 def rms_norm(params: Params, x: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
     """RMS normalisation over the last axis: ``x / sqrt(mean(x²) + eps) * scale`` (no centring).
 
@@ -98,6 +101,7 @@ def rms_norm(params: Params, x: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
     return _affine(y, params, acc).astype(x.dtype)
 
 
+@_eager.compiled
 def init_embedding(
     key: jax.Array, vocab_size: int, d: int, *, stddev: float = 0.02, dtype: DTypeLike = jnp.float32
 ) -> Params:
@@ -108,6 +112,7 @@ def init_embedding(
     return {"table": stddev * jax.random.normal(key, (vocab_size, d), dtype)}
 
 
+@_eager.compiled
 def embed(params: Params, tokens: ArrayLike) -> jax.Array:
     """Looks up token embeddings.
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxla import _checks
+from jaxla import _checks, _eager
 
 __all__ = [
     "cosine_similarity",
@@ -86,6 +86,7 @@ def _safe_norm_scaled(xs: jax.Array, s: jax.Array, axis: int, eps: float, acc) -
     return jnp.sqrt(jnp.maximum(jnp.sum(xs * xs, axis=axis, keepdims=True), floor * floor))
 
 
+@_eager.compiled
 def dot(a: ArrayLike, b: ArrayLike, *, axis: int = -1) -> jax.Array:
     """Dot product of vectors along ``axis``, with leading dimensions broadcast.
 
@@ -106,6 +107,7 @@ def dot(a: ArrayLike, b: ArrayLike, *, axis: int = -1) -> jax.Array:
     return jnp.sum(a.astype(acc) * b.astype(acc), axis=axis).astype(out_dtype)
 
 
+@_eager.compiled
 def normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """Scales vectors to unit L2 norm: ``x / max(||x||, eps)``; a zero vector stays zero.
 
@@ -127,6 +129,7 @@ def normalize(x: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     return (xs / _safe_norm_scaled(xs, s, axis, eps, acc)).astype(x.dtype)
 
 
+@_eager.compiled
 def cosine_similarity(
     a: ArrayLike, b: ArrayLike, *, axis: int = -1, eps: float = 1e-8
 ) -> jax.Array:
@@ -155,6 +158,7 @@ def cosine_similarity(
     return jnp.clip(num / den, -1.0, 1.0).astype(out_dtype)
 
 
+@_eager.compiled
 def project(u: ArrayLike, onto: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """Vector projection of ``u`` onto ``onto``: ``(u·v / v·v) v``; projecting onto zero gives zero.
 
@@ -173,10 +177,13 @@ def project(u: ArrayLike, onto: ArrayLike, *, axis: int = -1, eps: float = 1e-12
     u, v, out_dtype = _float_pair(u, onto, "u", "onto", axis)
     _checks.check_eps(eps)
     acc = _accum_dtype(out_dtype)
-    # (u·v / max(v·v, eps)) v = (u·v̂ / max(v̂·v̂, eps / s²)) v̂ for v = s v̂, without overflowing v·v.
+    # (u·v / max(v·v, eps)) v = (u·v̂ / max(v̂·v̂, (√eps / s)²)) v̂ for v = s v̂, without overflowing
+    # v·v. The floor is squared after the division: XLA rewrites eps / s / s into eps / (s · s),
+    # which is 0 / 0 = NaN under jit once s² underflows.
     v_s, s = _rescaled(v, axis, acc)
     uv = jnp.sum(u.astype(acc) * v_s, axis=axis, keepdims=True)
-    vv = jnp.maximum(jnp.sum(v_s * v_s, axis=axis, keepdims=True), jnp.asarray(eps, acc) / s / s)
+    root = jnp.sqrt(jnp.asarray(eps, acc)) / s
+    vv = jnp.maximum(jnp.sum(v_s * v_s, axis=axis, keepdims=True), root * root)
     return (uv / vv * v_s).astype(out_dtype)
 
 
@@ -233,6 +240,7 @@ def _rank_key(scores: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(scores), jnp.asarray(info.min, int_dtype), ordered)
 
 
+@_eager.compiled
 def pairwise_cosine(x: ArrayLike, y: ArrayLike, *, eps: float = 1e-8) -> jax.Array:
     """All-pairs cosine similarity between two sets of vectors.
 
@@ -248,6 +256,7 @@ def pairwise_cosine(x: ArrayLike, y: ArrayLike, *, eps: float = 1e-8) -> jax.Arr
     return _scores(x, y, _accum_dtype(out_dtype), cosine=True, eps=eps).astype(out_dtype)
 
 
+@_eager.compiled
 def top_k_similar(
     queries: ArrayLike,
     keys: ArrayLike,

@@ -143,6 +143,15 @@ def test_bad_input():
         jaxla.pairwise_cosine(f, jnp.ones((8,), jnp.float32))
 
 
+def test_project_of_tiny_vectors_inside_the_callers_jit():
+    """XLA rewrites eps / s / s into eps / (s · s): for s = 2^-100 that was 0 / 0 = NaN under jit."""
+    base_a, base_b = np.array([1.0, 2.0, -1.0, 3.0]), np.array([2.0, -1.0, 0.5, 1.0])
+    a, b = (jnp.asarray(v * 1e-30, jnp.float32) for v in (base_a, base_b))
+    want = base_a @ base_b / (base_b @ base_b) * base_b
+    got = jax.jit(lambda a, b: jaxla.project(a, b, eps=1e-80))(a, b)
+    np.testing.assert_allclose(np.asarray(got, np.float64) / 1e-30, want, rtol=1e-6)
+
+
 def test_huge_and_tiny_vectors_do_not_overflow(x64):
     """1e30² overflows float32: norms are taken of x / 2^k, so cosines stay exact (issue 16)."""
     base_a = np.array([1.0, 2.0, -1.0, 3.0])

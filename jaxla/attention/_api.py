@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxla import _checks
+from jaxla import _checks, _eager
 from jaxla.attention import _base, _partition, _reference
 from jaxla.attention._args import AttentionArgs, canonical_args
 from jaxla.attention._chunked import ChunkedBlockSizes
@@ -184,6 +184,7 @@ def select_implementation(
     return chosen[0]
 
 
+@_eager.compiled
 def dot_product_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -272,6 +273,7 @@ def dot_product_attention(
     return (out, lse) if return_residual else out
 
 
+@_eager.compiled
 def attention_weights(
     query: ArrayLike,
     key: ArrayLike,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxla import _checks
+from jaxla import _checks, _eager
 from jaxla._linear import check_linear_params, init_linear, linear
 from jaxla.attention._api import dot_product_attention
 from jaxla.attention._rope import apply_rope
@@ -28,6 +28,7 @@ from jaxla.attention._rope import apply_rope
 Params = dict[str, Any]
 
 
+@_eager.compiled
 def init_mha(
     key: jax.Array,
     d_model: int,
@@ -118,6 +119,7 @@ def _project(layer, x, heads, dim, **kw):
     return y.reshape((*y.shape[:-1], heads, dim))
 
 
+@_eager.compiled
 def multi_head_attention(
     params: Params,
     x: ArrayLike,
@@ -183,6 +185,7 @@ def multi_head_attention(
     return linear(params["o"], out.reshape((*out.shape[:2], num_heads * hv)), **kw)
 
 
+@_eager.compiled
 def init_kv_cache(
     batch: int,
     max_len: int,
@@ -239,6 +242,7 @@ def _check_cache(cache: Params, kh: int, h: int, hv: int) -> tuple[int, int]:
     return b, length
 
 
+@_eager.compiled
 def multi_head_attention_decode(
     params: Params,
     x: ArrayLike,

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxla import _checks
+from jaxla import _checks, _eager
 
 
+@_eager.compiled
 def rope_frequencies(head_dim: int, *, theta: float = 10000.0, dtype=jnp.float32) -> jax.Array:
     """Angular frequency of each rotated pair: ``theta^(-2k / head_dim)`` for k = 0 .. R - 1.
 
@@ -38,6 +39,7 @@ def rope_frequencies(head_dim: int, *, theta: float = 10000.0, dtype=jnp.float32
     return jnp.asarray(theta, dtype) ** -exponents
 
 
+@_eager.compiled
 def apply_rope(
     x: ArrayLike, positions: ArrayLike | None = None, *, theta: float = 10000.0
 ) -> jax.Array:
