@@ -8,8 +8,8 @@ a function so that an eager call goes through ``jax.jit`` instead, once per argu
 
 The wrapped function is the same function: its trace-time checks raise the same errors while it is
 traced, and Python values (ints, floats, strings, dtypes, callables, None) reach it unchanged as
-static arguments, so ``jaxla.dot(3.0, ...)`` sees exactly what an eager call sees. Arguments whose
-leaves are all arrays become the compiled program's inputs. The wrapper steps aside, calling the
+static arguments, so ``jaxla.dot(3.0, ...)`` sees exactly what an eager call sees (NumPy scalars
+too). Arguments whose leaves are all arrays become the compiled program's inputs. The wrapper steps aside, calling the
 function directly, when
 
 - any argument holds a tracer (the caller is already inside ``jit``, ``grad`` or ``vmap``: the
@@ -34,7 +34,8 @@ import numpy as np
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_ARRAY = (jax.Array, np.ndarray, np.generic)
+# NumPy scalars (np.float32(1e-6)) count as Python values: options given that way keep their checks.
+_ARRAY = (jax.Array, np.ndarray)
 try:  # public in jax 0.10 and 0.11
     from jax.core import Tracer as _Tracer
 except ImportError:  # pragma: no cover - a later jax that moves it

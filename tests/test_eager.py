@@ -94,6 +94,13 @@ def test_python_values_lists_and_unhashable_options_keep_their_eager_meaning():
     # Python numbers reach the function as themselves (static), so weak typing is unchanged.
     x = jnp.ones(4, jnp.bfloat16)
     assert jaxla.dot(x, x).dtype == jnp.bfloat16
+    # NumPy scalar options are static too: they are still checked, and still usable as floats.
+    a = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="eps must be finite"):
+        jaxla.cosine_similarity(a, a, eps=np.float32(np.nan))
+    q = jnp.ones((1, 4, 2, 8))
+    out = jaxla.dot_product_attention(q, q, q, logits_soft_cap=np.float32(30.0))
+    np.testing.assert_allclose(out, q, rtol=1e-6)
     # An unhashable option runs op by op and gets the function's own error.
     with pytest.raises((TypeError, ValueError), match="k"):
         jaxla.top_k_similar(jnp.ones((2, 4)), jnp.ones((3, 4)), [2])
