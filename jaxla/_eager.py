@@ -9,8 +9,8 @@ a function so that an eager call goes through ``jax.jit`` instead, once per argu
 The wrapped function is the same function: its trace-time checks raise the same errors while it is
 traced, and Python values (ints, floats, strings, dtypes, callables, None) reach it unchanged as
 static arguments, so ``jaxla.dot(3.0, ...)`` sees exactly what an eager call sees (NumPy scalars
-too). Arguments whose leaves are all arrays become the compiled program's inputs. The wrapper steps aside, calling the
-function directly, when
+too). Arguments whose leaves are all arrays become the compiled program's inputs. The wrapper
+steps aside, calling the function directly, when
 
 - any argument holds a tracer (the caller is already inside ``jit``, ``grad`` or ``vmap``: the
   function is traced into the caller's program as before, with no nested call in its jaxpr);
