@@ -286,6 +286,16 @@ def test_check_close_and_table():
     assert "name" in table and "x" in table and "y" in table and "1.5" in table
 
 
+def test_bf16_ceiling_includes_the_f32_product_of_the_bf16_values():
+    """Without bf16 units XLA's bf16 matmul ran at 0.54x of NumPy's f32 one on the upcast values,
+    which computes the same products: a bf16 ceiling from XLA alone was one a kernel could pass."""
+    import jax.numpy as jnp
+
+    c = harness.matmul_ceilings(jnp.bfloat16, quick=True)
+    assert c.numpy is not None and c.numpy > 0 and c.xla > 0
+    assert c.best == max(c.xla, c.numpy)
+
+
 def test_measure_reports_compile_apart():
     import jax
     import jax.numpy as jnp

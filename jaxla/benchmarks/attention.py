@@ -11,7 +11,8 @@ process's peak resident memory during the run in a fresh process (``run_peak_MB`
 Linux). ``ok`` checks jaxla's output (or dQ) against jax.nn's.
 
 The machine's ceilings are measured in the same run (first rows): the best of XLA's and NumPy's
-2048³ f32 matmul (``harness.matmul_ceilings``; bf16 through XLA) and the best of XLA's and NumPy's
+2048³ f32 matmul (``harness.matmul_ceilings``; for bf16, XLA's bf16 matmul or NumPy's f32 one on the
+bf16 values, the better) and the best of XLA's and NumPy's
 large array copy; every row's ``frac_of_matmul_ceiling`` divides by the f32 one (above 1 means the
 ceiling was measured low: a loaded machine), and bf16 rows also give
 ``frac_of_bf16_matmul_ceiling`` against the bf16 one (a bf16 kernel may exceed the f32 ceiling:
@@ -193,6 +194,7 @@ def _ceiling_rows(quick):
         {"name": f"ceiling matmul {n}^3 f32", "xla_gflops": f32.xla / 1e9,
          "numpy_gflops": None if f32.numpy is None else f32.numpy / 1e9, "ceiling_gflops": f32.best / 1e9},
         {"name": f"ceiling matmul {n}^3 bf16", "xla_gflops": bf16.xla / 1e9,
+         "numpy_f32_gflops": None if bf16.numpy is None else bf16.numpy / 1e9,
          "ceiling_gflops": bf16.best / 1e9},
         {"name": "ceiling copy", "xla_GBps": copy.xla / 1e9,
          "numpy_GBps": None if copy.numpy is None else copy.numpy / 1e9, "ceiling_GBps": copy.best / 1e9},

@@ -163,7 +163,12 @@ def matmul_ceilings(dtype: Any = jnp.float32, *, quick: bool = False) -> Ceiling
 
     The ceiling a kernel's rate is compared with is the better of the two: on CPU, XLA's matmul
     (Eigen or oneDNN) and NumPy's BLAS (OpenBLAS or MKL) differ by up to 2× on the same machine, and
-    either may be the faster one. NumPy has no bfloat16, so a bf16 ceiling is XLA's alone.
+    either may be the faster one. NumPy has no bfloat16: for a bf16 ceiling on CPU its entry is
+    NumPy's f32 BLAS on the same bf16 values (each product of two bf16 numbers is exact in f32, and
+    the sum accumulates in f32: the same result a bf16 GEMM with f32 accumulation computes). That is
+    how a CPU without bf16 units multiplies bf16 fastest; XLA's own bf16 matmul was measured at
+    0.54× of it on such a machine (Intel Ice Lake, 2026-12-02), so a bf16 ceiling from XLA alone
+    was a ceiling a kernel could exceed.
     """
     on_cpu = jax.devices()[0].platform == "cpu"
     n = (1024 if quick else 2048) if on_cpu else (4096 if quick else 8192)
@@ -174,8 +179,10 @@ def matmul_ceilings(dtype: Any = jnp.float32, *, quick: bool = False) -> Ceiling
     fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
     xla = matmul_flops(n, n, n) / measure(fn, a, b, iters=iters)["median_s"]
     np_rate = None
-    if on_cpu and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
-        na, nb = np.asarray(a), np.asarray(b)
+    if on_cpu and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64),
+                                       jnp.dtype(jnp.bfloat16)):
+        wide = np.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) else None
+        na, nb = np.asarray(a, wide), np.asarray(b, wide)
         out = np.empty_like(na)
         np.matmul(na, nb, out=out)  # warm-up (BLAS thread start-up)
         times = []
