@@ -7,7 +7,7 @@ a function so that an eager call goes through ``jax.jit`` instead, once per argu
 (shapes, dtypes and option values), as ``jax.nn``'s functions do.
 
 The wrapped function is the same function: its trace-time checks raise the same errors while it is
-traced, and Python values (ints, floats, strings, dtypes, callables, None) reach it unchanged as
+traced, and Python values (ints, floats, strings, dtypes, None) reach it unchanged as
 static arguments, so ``jaxla.dot(3.0, ...)`` sees exactly what an eager call sees (NumPy scalars
 too). Arguments whose leaves are all arrays become the compiled program's inputs. The wrapper
 steps aside, calling the function directly, when
@@ -16,6 +16,8 @@ steps aside, calling the function directly, when
   function is traced into the caller's program as before, with no nested call in its jaxpr);
 - an argument mixes arrays with other leaves, or a Python value cannot be hashed (a list of floats):
   the eager call converts it exactly as before;
+- an option is a function (``kernel_init``, ``activation``): typical code makes a new one per call
+  (``jax.nn.initializers.normal(0.02)``), which as a static argument would compile every time;
 - the arguments do not bind to the signature (Python's own TypeError is raised by the direct call).
 
 Only functions whose checks read shapes and dtypes, never array values, are wrapped: a check that
@@ -45,6 +47,11 @@ except ImportError:  # pragma: no cover - a later jax that moves it
 def _classify(value: Any) -> str:
     """``"array"`` (all leaves concrete arrays), ``"static"`` (no array leaf, hashable), ``"tracer"``
     (a leaf is traced) or ``"mixed"`` (anything else: the call runs eagerly as written)."""
+    if callable(value) and not isinstance(value, type):
+        # A function option (kernel_init=jax.nn.initializers.normal(0.02), activation=...) is a new
+        # object at every call in typical code: as a static argument it would compile again each
+        # time, where op by op the per-shape programs are reused.
+        return "mixed"
     leaves = jax.tree.leaves(value)
     if any(isinstance(leaf, _Tracer) for leaf in leaves):
         return "tracer"

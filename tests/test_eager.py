@@ -101,6 +101,10 @@ def test_python_values_lists_and_unhashable_options_keep_their_eager_meaning():
     q = jnp.ones((1, 4, 2, 8))
     out = jaxla.dot_product_attention(q, q, q, logits_soft_cap=np.float32(30.0))
     np.testing.assert_allclose(out, q, rtol=1e-6)
+    # A function option runs op by op: a fresh initializer per call must not compile per call.
+    names = _compiled_names(lambda: [jaxla.init_linear(jax.random.key(i), 6, 10, kernel_init=(
+        jax.nn.initializers.normal(0.02)))["w"] for i in range(3)])
+    assert "jit(init_linear)" not in names, names
     # An unhashable option runs op by op and gets the function's own error.
     with pytest.raises((TypeError, ValueError), match="k"):
         jaxla.top_k_similar(jnp.ones((2, 4)), jnp.ones((3, 4)), [2])
